@@ -1,0 +1,232 @@
+"""Procedural landscape paintings: bigan's built-in demo dataset, no download needed.
+
+Each image is a pure function of (seed, index): a sky gradient with clouds, a sun or moon
+with a glow, layered mountain ridgelines fading into aerial haze, an optional lake that
+reflects everything above it with ripples, trees on the shore, and a brush-stroke texture,
+in a palette after a classic landscape style. The first time the demo set is asked for it is
+rendered into shards under a cache dir (`$BIGAN_CACHE`, default `~/.cache/bigan`), by the
+same shard writer `bigan-shards` uses, and reused from then on.
+
+    bigan-demo-data --n 10000 --resolution 64      # prints the manifest path
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# name: sky top, sky at the horizon, far ridge, near ridge, water, foliage, sun or moon (RGB 0-1)
+PALETTES = {
+    "hudson_river": ["#3d6ea8", "#f4d9a0", "#8a7f9a", "#3f4a36", "#6d8aa8", "#24301c", "#fff1c0"],
+    "hiroshige": ["#1d3f74", "#e8d7b0", "#6d86a3", "#2c4a5a", "#2f5f86", "#1e2e25", "#e3553c"],
+    "monet": ["#9fb7d9", "#f2d6dc", "#b7a6c9", "#7b8f8a", "#8fb3c6", "#4f6b4f", "#fff6e0"],
+    "turner": ["#c9a55a", "#fbe6a2", "#b99a6b", "#7a5a3a", "#c7a26a", "#4a3a22", "#fffbe8"],
+    "nocturne": ["#0b1430", "#34507e", "#23304f", "#111a2c", "#1c2c4c", "#070c16", "#f0f0d8"],
+    "sunset": ["#2a1f5c", "#ff9a4d", "#7a3f6b", "#3a1f3a", "#b0586a", "#1a0f1a", "#ffd27a"],
+    "autumn": ["#5d8fc2", "#f7e3b5", "#a08a74", "#7a3e1e", "#5e7f9c", "#8a3b12", "#fff0c8"],
+    "alpine": ["#2f6fb5", "#d9ecf7", "#c8d3de", "#5b6b73", "#4f86ad", "#1f3b26", "#ffffff"],
+}
+_PALETTE_RGB = {
+    name: np.array([[int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)] for c in colors], np.float32)
+    for name, colors in PALETTES.items()
+}
+_PALETTE_NAMES = sorted(PALETTES)
+
+
+def _smoothstep(t):
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def _noise2d(rng, h, w, cells_y, cells_x):
+    """Value noise in [0, 1]: a random (cells_y+1)x(cells_x+1) lattice, smoothly interpolated."""
+    lattice = rng.random((cells_y + 1, cells_x + 1), dtype=np.float32)
+    ys, xs = np.linspace(0, cells_y, h, endpoint=False), np.linspace(0, cells_x, w, endpoint=False)
+    y0, x0 = ys.astype(int), xs.astype(int)
+    fy, fx = _smoothstep(ys - y0)[:, None], _smoothstep(xs - x0)[None, :]
+    top = lattice[y0][:, x0] * (1 - fx) + lattice[y0][:, x0 + 1] * fx
+    bottom = lattice[y0 + 1][:, x0] * (1 - fx) + lattice[y0 + 1][:, x0 + 1] * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.float32)
+
+
+def _ridge(rng, w, base_cells, octaves=4):
+    """Fractal 1-D profile in about [-1, 1]: octaves of value noise, halving in amplitude."""
+    profile, amp = np.zeros(w, np.float32), 1.0
+    for k in range(octaves):
+        profile += amp * (_noise2d(rng, 1, w, 1, base_cells * 2**k)[0] * 2 - 1)
+        amp *= 0.5
+    return profile / 1.875
+
+
+def _blend(img, color, mask):
+    """Paint `color` (3,) or (H, W, 3) onto img with an (H, W) alpha mask."""
+    return img + (color - img) * mask[..., None]
+
+
+def _sky(rng, pal, yy, xx, horizon):
+    t = (yy / horizon) ** rng.uniform(0.6, 1.4)
+    sky = pal[0] + (pal[1] - pal[0]) * np.clip(t, 0, 1)[..., None]
+    h, w = yy.shape
+    clouds = _noise2d(rng, h, w, 3, 4) * 0.6 + _noise2d(rng, h, w, 6, 12) * 0.4
+    cover = rng.uniform(0.35, 0.75)
+    cloud_mask = _smoothstep((clouds - cover) / 0.15) * np.clip(1.2 - yy / horizon, 0, 1)
+    cloud_color = np.clip(pal[1] * 1.1 + 0.08, 0, 1)
+    return _blend(sky, cloud_color, cloud_mask * rng.uniform(0.3, 0.8))
+
+
+def _sun(rng, pal, img, yy, xx, horizon):
+    cx, cy = rng.uniform(0.15, 0.85), rng.uniform(0.1, horizon * 0.8)
+    radius = rng.uniform(0.04, 0.09)
+    dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+    glow = np.exp(-dist / (radius * rng.uniform(2, 4))) * rng.uniform(0.3, 0.6)
+    img = img + (pal[6] - img) * glow[..., None]
+    return _blend(img, pal[6], _smoothstep((radius - dist) / 0.01))
+
+
+def _mountains(rng, pal, img, yy, xx, horizon):
+    h, w = yy.shape
+    layers = rng.integers(2, 5)
+    for k in range(layers):
+        near = k / max(layers - 1, 1)                      # 0 = farthest ridge, 1 = nearest
+        height = rng.uniform(0.12, 0.35) * (1 - 0.4 * near)
+        top = horizon - height + _ridge(rng, w, rng.integers(2, 5)) * height * 0.6
+        top = top + near * (1 - horizon) * 0.3
+        color = pal[2] + (pal[3] - pal[2]) * near
+        haze = (1 - near) * rng.uniform(0.2, 0.5)           # aerial perspective
+        color = color + (pal[1] - color) * haze
+        shade = 1 - 0.25 * _smoothstep((yy - top[None, :]) / 0.3)[..., None]
+        texture = 1 + 0.12 * (_noise2d(rng, h, w, 8, 16)[..., None] - 0.5)
+        mask = _smoothstep((yy - top[None, :]) / 0.012)
+        img = img + (color * shade * texture - img) * mask[..., None]
+    return img
+
+
+def _trees(rng, pal, img, yy, xx, ground):
+    count = rng.integers(3, 14)
+    for _ in range(count):
+        tx, size = rng.uniform(0, 1), rng.uniform(0.05, 0.16)
+        base = ground + rng.uniform(0.0, 0.05)
+        if rng.random() < 0.6:                              # conifer: a triangle
+            width = (yy - (base - size)) * rng.uniform(0.25, 0.4)
+            mask = _smoothstep((width - np.abs(xx - tx)) / 0.006) * (yy < base)
+        else:                                               # broadleaf: a round crown on a trunk
+            crown = np.sqrt((xx - tx) ** 2 + ((yy - (base - size * 0.7)) * 1.2) ** 2)
+            mask = _smoothstep((size * 0.45 - crown) / 0.01)
+            mask = np.maximum(mask, (np.abs(xx - tx) < 0.008) * (yy < base) * (yy > base - size * 0.5))
+        color = pal[5] * rng.uniform(0.7, 1.2)
+        img = _blend(img, np.clip(color, 0, 1), mask.astype(np.float32))
+    return img
+
+
+def _water(rng, pal, img, yy, xx, waterline):
+    """Mirror the picture above `waterline` into the lake below it, rippled and tinted."""
+    h, w = yy.shape
+    rows = np.arange(h)
+    line_row = int(waterline * h)
+    src_rows = np.clip(2 * line_row - rows - 1, 0, h - 1)
+    ripple = np.sin(rows * rng.uniform(0.8, 1.6) + rng.uniform(0, 6.28)) * rng.uniform(0.5, 2.0)
+    cols = (np.arange(w)[None, :] + ripple[:, None] * ((rows - line_row) / h * 4)[:, None]).astype(int)
+    reflection = img[src_rows[:, None], np.clip(cols, 0, w - 1)]
+    reflection = reflection + (pal[4] - reflection) * rng.uniform(0.25, 0.5)
+    mask = (rows >= line_row).astype(np.float32)[:, None].repeat(w, 1)
+    return _blend(img, reflection * 0.9, mask)
+
+
+def _ground(rng, pal, img, yy, xx, groundline):
+    h, w = yy.shape
+    top = groundline + _ridge(rng, w, 2) * 0.03
+    mask = _smoothstep((yy - top[None, :]) / 0.01)
+    color = pal[5] * 1.3 + (pal[3] - pal[5]) * 0.3
+    return _blend(img, np.clip(color, 0, 1), mask)
+
+
+def _brush(rng, img):
+    """Multiplicative brush-stroke texture: noise stretched along a random stroke direction."""
+    h, w = img.shape[:2]
+    if rng.random() < 0.75:  # mostly horizontal strokes, as a landscape painter lays them
+        strokes = _noise2d(rng, h, w, h // 2, max(w // 16, 2))
+    else:
+        strokes = _noise2d(rng, h, w, max(h // 16, 2), w // 2)
+    return img * (1 + rng.uniform(0.03, 0.09) * (strokes[..., None] - 0.5) * 2)
+
+
+def render_landscape(seed: int, index: int, resolution: int = 64) -> np.ndarray:
+    """One landscape painting as uint8 (resolution, resolution, 3); the same for the same arguments."""
+    rng = np.random.default_rng([seed, index])
+    pal = _PALETTE_RGB[_PALETTE_NAMES[rng.integers(len(_PALETTE_NAMES))]]
+    pal = np.clip(pal * rng.uniform(0.9, 1.1, size=(1, 3)).astype(np.float32), 0, 1)
+    coords = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    horizon = rng.uniform(0.45, 0.7)
+    img = _sky(rng, pal, yy, xx, horizon)
+    img = _sun(rng, pal, img, yy, xx, horizon)
+    img = _mountains(rng, pal, img, yy, xx, horizon)
+    shore = rng.uniform(horizon + 0.05, 0.85)
+    if rng.random() < 0.6:
+        img = _water(rng, pal, img, yy, xx, shore)
+        if rng.random() < 0.5:
+            img = _trees(rng, pal, img, yy, xx, shore)
+    else:
+        img = _ground(rng, pal, img, yy, xx, shore)
+        img = _trees(rng, pal, img, yy, xx, shore + 0.04)
+    img = _brush(rng, img)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BIGAN_CACHE", Path.home() / ".cache" / "bigan"))
+
+
+def ensure_demo_shards(n: int = 10_000, resolution: int = 64, seed: int = 0, root: Path | None = None,
+                       workers: int | None = None, progress: bool = True) -> Path:
+    """Render the demo set into shards once and return its manifest path.
+
+    The set is built in a temporary folder and renamed into place when complete, so a crash
+    leaves nothing half-made and concurrent callers end up sharing one copy.
+    """
+    from bigan.data.shards import ShardOptions, write_shards
+
+    root = Path(root) if root is not None else cache_dir()
+    final = root / f"landscapes-{resolution}px-n{n}-seed{seed}-v1"
+    manifest = final / "manifest.json"
+    if manifest.exists():
+        return manifest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
+    try:
+        options = ShardOptions(resolution=resolution, format="jpg", quality=95, maxcount=2000,
+                               workers=workers or os.cpu_count() or 1, progress=progress)
+        items = [(seed, i, resolution) for i in range(n)]
+        write_shards(items, _load_demo_item, tmp, options, source=f"bigan demo landscapes (seed {seed})")
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished first: use its copy
+            if not manifest.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _load_demo_item(item):
+    seed, index, resolution = item
+    return render_landscape(seed, index, resolution), None, f"{index:08d}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Render the built-in landscape demo set into shards.")
+    parser.add_argument("--n", type=int, default=10_000, help="number of images")
+    parser.add_argument("--resolution", type=int, default=64, help="pixels per side")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--root", type=Path, default=None, help="cache dir (default $BIGAN_CACHE or ~/.cache/bigan)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    args = parser.parse_args(argv)
+    print(ensure_demo_shards(args.n, args.resolution, args.seed, args.root, args.workers))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""bigan-shards: turn a folder of images or a Hugging Face dataset into WebDataset shards.
+
+    bigan-shards ~/paintings shards/ --resolution 256 --workers 8
+    bigan-shards hf_saved_dataset/ shards/ --image-column image --label-column label
+
+Each of `--workers` processes writes its own range of inputs into its own shards
+(`data-WWW-NNNNNN.tar`, one sample per image: `KEY.jpg` and, with labels, `KEY.cls`), and
+`manifest.json` lists them with their sample counts. Inputs that cannot be read are skipped,
+counted and listed at the end; one bad file never stops the run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+import bigan
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TABLE_SUFFIXES = (".parquet", ".arrow")
+MANIFEST = "manifest.json"
+
+
+class ShardError(Exception):
+    """Bad input for bigan-shards; the message is meant for the user as it is."""
+
+
+@dataclass
+class ShardOptions:
+    resolution: int | None = None   # shorter side resized to this, then center-cropped square; None keeps originals
+    format: str = "jpg"             # jpg | png | webp
+    quality: int = 95               # jpg/webp quality, 1-100
+    maxcount: int = 10_000          # samples per shard at most
+    maxsize: int = 1_000_000_000    # bytes per shard at most
+    workers: int = 1                # processes, each writing its own shard range
+    progress: bool = True           # show a progress bar
+
+
+# ---------------------------------------------------------------- sources
+
+
+def folder_items(root: Path, labels_from_dirs: bool):
+    """(path, label) for every image under root, sorted; labels are the first-level sub-folder."""
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ShardError(f"no images found in {root} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    if not labels_from_dirs:
+        return [(p, None) for p in paths], None
+    names = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
+    if not names:
+        raise ShardError(f"--labels-from-dirs: {root} has no sub-folders with images")
+    index = {name: i for i, name in enumerate(names)}
+    items = [(p, index[p.relative_to(root).parts[0]]) for p in paths if len(p.relative_to(root).parts) > 1]
+    return items, names
+
+
+def open_hf_dataset(source: Path, split: str):
+    """A `datasets.Dataset` from a save_to_disk folder or from local parquet/arrow files."""
+    import datasets
+
+    if source.is_dir() and any((source / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(str(source))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ShardError(f"{source}: no split {split!r} (has {', '.join(ds)}); pick one with --split")
+            ds = ds[split]
+        return ds
+    files = sorted(source.rglob("*")) if source.is_dir() else [source]
+    files = [f for f in files if f.suffix in TABLE_SUFFIXES]
+    if any(f.suffix == ".parquet" for f in files):
+        return datasets.Dataset.from_parquet([str(f) for f in files if f.suffix == ".parquet"])
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
+
+
+def hf_items(ds, source: Path, image_column: str, label_column: str | None):
+    import datasets
+
+    for column in (image_column, label_column):
+        if column is not None and column not in ds.column_names:
+            raise ShardError(f"{source}: no column {column!r} (has {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise ShardError(f"{source}: the dataset is empty")
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # raw bytes: bad images fail per item
+    names = None
+    if label_column is not None and isinstance(ds.features[label_column], datasets.ClassLabel):
+        names = list(ds.features[label_column].names)
+    columns = [image_column] + ([label_column] if label_column else [])
+    return _HFRows(ds.select_columns(columns), image_column, label_column), names
+
+
+class _HFRows:
+    """Indexable rows of a dataset, so workers can each take a range without copying it."""
+
+    def __init__(self, ds, image_column, label_column):
+        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [(self, i) for i in range(*index.indices(len(self)))]
+        return (self, index)
+
+
+# ---------------------------------------------------------------- per-item work
+
+
+def load_item(item):
+    """(image, label, key) for a folder path or a dataset row; raises on unreadable input."""
+    source, index = item
+    if isinstance(source, _HFRows):
+        row = source.ds[index]
+        value = row[source.image_column]
+        if isinstance(value, dict):  # datasets.Image(decode=False)
+            value = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
+        image = value if isinstance(value, Image.Image) else Image.open(io.BytesIO(value))
+        label = row[source.label_column] if source.label_column else None
+        return image, label, f"{index:09d}"
+    return Image.open(source), index, None
+
+
+def _fit(image: Image.Image, resolution: int | None) -> Image.Image:
+    if resolution is not None:
+        image.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale when possible
+    image = image.convert("RGB")
+    if resolution is None or image.size == (resolution, resolution):
+        return image
+    return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.BICUBIC)
+
+
+def encode_image(image, options: ShardOptions) -> bytes:
+    """Encoded bytes of a PIL image or a uint8 HxWx3 array, resized and cropped per options."""
+    if isinstance(image, np.ndarray):
+        if options.format == "jpg" and options.resolution in (None, image.shape[0]) and image.shape[0] == image.shape[1]:
+            import simplejpeg
+
+            return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=options.quality, colorspace="RGB")
+        image = Image.fromarray(image)
+    image = _fit(image, options.resolution)
+    buffer = io.BytesIO()
+    pil_format = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[options.format]
+    kwargs = {} if options.format == "png" else {"quality": options.quality}
+    image.save(buffer, format=pil_format, **kwargs)
+    return buffer.getvalue()
+
+
+def _describe(item) -> str:
+    source, index = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
+    return f"row {index}" if isinstance(source, _HFRows) else str(source)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions, tick) -> tuple[dict, list]:
+    """Write items into out_dir/data-WORKER-NNNNNN.tar; return ({shard: count}, [(input, reason)])."""
+    import webdataset as wds
+
+    counts, failures = {}, []
+    ext = options.format
+    with wds.ShardWriter(str(out_dir / f"data-{worker:03d}-%06d.tar"), maxcount=options.maxcount,
+                         maxsize=options.maxsize, verbose=0) as sink:
+        for n, item in enumerate(items):
+            try:
+                image, label, key = load(item)
+                data = encode_image(image, options)
+            except Exception as exc:  # one bad input never stops the run
+                failures.append((_describe(item), f"{type(exc).__name__}: {exc}"))
+                tick(1)
+                continue
+            sample = {"__key__": key or f"{worker:03d}{n:09d}", ext: data}
+            if label is not None:
+                sample["cls"] = int(label)
+            sink.write(sample)
+            counts[Path(sink.fname).name] = sink.count
+            tick(1)
+    return counts, failures
+
+
+_counter = None
+
+
+def _init_worker(counter):
+    global _counter
+    _counter = counter
+
+
+def _tick_shared(n):
+    with _counter.get_lock():
+        _counter.value += n
+
+
+def _pool_job(args):
+    worker, items, load, out_dir, options = args
+    return _write_range(worker, items, load, out_dir, options, _tick_shared)
+
+
+def _run_workers(items, load, out_dir: Path, options: ShardOptions, bar):
+    workers = max(1, min(options.workers, len(items)))
+    if workers == 1:
+        return [_write_range(0, items, load, out_dir, options, bar.update)]
+    bounds = np.linspace(0, len(items), workers + 1).astype(int)
+    jobs = [(w, items[bounds[w]:bounds[w + 1]], load, out_dir, options) for w in range(workers)]
+    ctx = mp.get_context("fork")
+    counter = ctx.Value("q", 0)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
+        pending = pool.map_async(_pool_job, jobs)
+        while not pending.ready():
+            pending.wait(0.2)
+            bar.update(counter.value - bar.n)
+        results = pending.get()
+    bar.update(counter.value - bar.n)
+    return results
+
+
+def prepare_output(out_dir: Path, overwrite: bool):
+    """Create out_dir, refuse a non-empty one unless overwrite (then remove its old shards)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ShardError(f"output {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ShardError(f"output dir {out_dir} is not empty; pass --overwrite to replace its shards")
+        for old in list(out_dir.glob("*.tar")) + [out_dir / MANIFEST]:
+            old.unlink(missing_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".bigan-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ShardError(f"cannot write to output dir {out_dir}: {exc.strerror or exc}") from None
+
+
+def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str, label_names=None) -> dict:
+    """Write all items as shards plus manifest.json into out_dir (which must exist); return the manifest."""
+    from tqdm import tqdm
+
+    start = time.time()
+    with tqdm(total=len(items), unit="img", desc="shards", disable=None if options.progress else True) as bar:
+        results = _run_workers(items, load, Path(out_dir), options, bar)
+    shards, failures = [], []
+    for counts, failed in results:
+        shards += [{"name": name, "samples": count} for name, count in counts.items()]
+        failures += failed
+    manifest = {
+        "format_version": 1,
+        "bigan_version": bigan.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "resolution": options.resolution,
+        "image_format": options.format,
+        "labels": label_names,
+        "total": sum(s["samples"] for s in shards),
+        "shards": sorted(shards, key=lambda s: s["name"]),
+        "skipped": [{"input": what, "reason": why} for what, why in failures],
+        "seconds": round(time.time() - start, 2),
+    }
+    tmp = Path(out_dir) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.rename(Path(out_dir) / MANIFEST)
+    return manifest
+
+
+def make_shards(source: Path, out_dir: Path, options: ShardOptions, labels_from_dirs=False,
+                image_column="image", label_column=None, split="train", overwrite=False) -> dict:
+    """Everything bigan-shards does, callable from Python."""
+    source = Path(source)
+    if not source.exists():
+        raise ShardError(f"source not found: {source}")
+    is_folder = source.is_dir() and not (
+        any((source / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+        or any(p.suffix in TABLE_SUFFIXES for p in source.iterdir()))
+    if is_folder:
+        pairs, names = folder_items(source, labels_from_dirs)
+        items, load = pairs, load_item
+    elif source.is_file() and source.suffix not in TABLE_SUFFIXES:
+        raise ShardError(f"source {source} is a file; give a folder of images, a save_to_disk folder, "
+                         f"or {'/'.join(TABLE_SUFFIXES)} files")
+    else:
+        rows, names = hf_items(open_hf_dataset(source, split), source, image_column, label_column)
+        items, load = rows[:], load_item
+    prepare_output(Path(out_dir), overwrite)
+    return write_shards(items, load, Path(out_dir), options, source=str(source), label_names=names)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="bigan-shards", description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path, help="image folder, save_to_disk folder, or parquet/arrow file(s)")
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="resize the shorter side to R and center-crop to RxR (default: keep originals)")
+    parser.add_argument("--format", choices=["jpg", "png", "webp"], default="jpg")
+    parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality 1-100 (default 95)")
+    parser.add_argument("--maxcount", type=int, default=10_000, help="samples per shard at most")
+    parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
+    parser.add_argument("--workers", type=int, default=1, help="parallel processes, each with its own shards")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards in a non-empty output dir")
+    parser.add_argument("--labels-from-dirs", action="store_true", help="class labels from first-level sub-folders")
+    parser.add_argument("--image-column", default="image", help="datasets: column with the images")
+    parser.add_argument("--label-column", default=None, help="datasets: column with integer class labels")
+    parser.add_argument("--split", default="train", help="datasets: split of a saved DatasetDict")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.resolution is not None and args.resolution < 1:
+        parser.error(f"--resolution must be positive, got {args.resolution}")
+    if not 1 <= args.quality <= 100:
+        parser.error(f"--quality must be in 1..100, got {args.quality}")
+    options = ShardOptions(resolution=args.resolution, format=args.format, quality=args.quality,
+                           maxcount=args.maxcount, maxsize=int(args.maxsize), workers=max(1, args.workers),
+                           progress=not args.no_progress and sys.stderr.isatty())
+    try:
+        manifest = make_shards(args.source, args.output_dir, options, args.labels_from_dirs,
+                               args.image_column, args.label_column, args.split, args.overwrite)
+    except ShardError as exc:
+        print(f"bigan-shards: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {manifest['total']} images in {len(manifest['shards'])} shards to {args.output_dir} "
+          f"({manifest['seconds']:.1f} s)")
+    skipped = manifest["skipped"]
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable input(s):", file=sys.stderr)
+        for entry in skipped[:50]:
+            print(f"  {entry['input']}: {entry['reason']}", file=sys.stderr)
+        if len(skipped) > 50:
+            print(f"  … and {len(skipped) - 50} more (all listed in {MANIFEST})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""Reading shards into batches on each rank: deterministic, split by rank and worker, resumable.
+
+The pipeline, per DataLoader worker:
+
+    shard list -> this round's shards (by rank, role, round) -> tar -> samples (raw bytes)
+      -> shuffle buffer (raw) -> skip what a resumed run already consumed -> decode -> augment
+      -> batch (uint8 NHWC) -> main process: to device, float NCHW in [-1, 1]
+
+Two modes:
+
+* ``infinite``: each round, every reader draws shards with replacement, seeded by
+  (seed, rank, worker role, round) — the usual large-scale setting.
+* ``epoch``: all samples are laid out in a per-epoch shard order and every rank gets the same
+  quota, ``floor(N / (world * batch)) * batch`` samples, cut into contiguous ranges (so fewer
+  shards than readers is fine). The remainder, fewer than ``world * batch`` samples, is left
+  out of that epoch; which samples fall there changes with the shard order each epoch. Every
+  rank yields exactly the same number of batches, so a rank never waits on another.
+
+Resuming: the DataLoader takes batches from its workers in turn, so batch ``i`` of a rank
+always comes from worker *role* ``i % num_workers``. Each batch carries its role's position
+(round, raw samples consumed); :class:`Loader` keeps the latest per role, and a restarted
+loader rotates roles and fast-forwards each one over raw bytes (no decoding), so the batches
+after a resume are exactly those an uninterrupted run would have produced. Corrupt samples
+are skipped and counted; in epoch mode a role that comes up short refills from its own range
+so that batch counts stay equal.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# Tags that keep the seeds of different random choices apart. Integers, not strings: hash() of a
+# str changes from process to process (PYTHONHASHSEED), hash() of a tuple of ints does not.
+_SHUFFLE, _SHARDS, _ORDER = 1, 2, 3
+
+
+class DataError(Exception):
+    """Bad data input; the message names what was wrong."""
+
+
+# ---------------------------------------------------------------- shard lists
+
+
+@dataclass
+class ShardSet:
+    urls: list[str]
+    counts: list[int] | None = None       # samples per shard, from a manifest
+    labels: list[str] | None = None       # class names, from a manifest
+    resolution: int | None = None         # stored resolution, from a manifest
+
+
+def resolve_shards(spec: str | Path) -> ShardSet:
+    """A manifest, a directory of shards, a brace pattern, a tar path or pipe: URL(s) ("::"-separated)."""
+    import braceexpand
+
+    spec = str(spec)
+    path = Path(spec)
+    if path.is_dir() and (path / "manifest.json").exists():
+        path = path / "manifest.json"
+    if path.suffix == ".json":
+        if not path.exists():
+            raise DataError(f"shard manifest not found: {path}")
+        manifest = json.loads(path.read_text())
+        shards = [s for s in manifest["shards"] if s["samples"] > 0]
+        return ShardSet([str(path.parent / s["name"]) for s in shards], [s["samples"] for s in shards],
+                        manifest.get("labels"), manifest.get("resolution"))
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+        if not urls:
+            raise DataError(f"no .tar shards in {path}")
+        return ShardSet(urls)
+    urls = [url for part in spec.split("::") for url in braceexpand.braceexpand(part)]
+    missing = [u for u in urls if not u.startswith(("pipe:", "http:", "https:")) and not Path(u).exists()]
+    if missing:
+        raise DataError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return ShardSet(urls)
+
+
+def read_shard(url: str):
+    """Raw samples (dicts of bytes keyed by extension) of one shard, in order. Raises on a broken tar."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+    yield from group_by_keys(tar_file_expander(url_opener([{"url": url}])))
+
+
+def count_samples(urls) -> list[int]:
+    """Samples per shard by reading them (for shard sets without a manifest)."""
+    counts = []
+    for url in urls:
+        n = 0
+        try:
+            for _ in read_shard(url):
+                n += 1
+        except Exception:
+            pass
+        counts.append(n)
+    return counts
+
+
+# ---------------------------------------------------------------- decoding and augmentation
+
+
+def decode_rgb(sample: dict) -> np.ndarray:
+    """uint8 HxWx3 from the first image key of a sample; raises on corrupt data."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise ValueError(f"no image in sample {sample.get('__key__')} (keys {sorted(sample)})")
+    data = sample[key]
+    if key in ("jpg", "jpeg"):
+        import simplejpeg
+
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except ValueError:
+            pass  # CMYK or an oddity simplejpeg refuses: let PIL try, it raises if really corrupt
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def fit_square(image: np.ndarray, resolution: int, rng: random.Random, crop_scale: tuple | None) -> np.ndarray:
+    """Resize/crop to resolution x resolution: random-resized crop if crop_scale, else center crop."""
+    h, w = image.shape[:2]
+    if crop_scale is None:
+        if (h, w) == (resolution, resolution):
+            return image
+        return np.asarray(ImageOps.fit(Image.fromarray(image), (resolution, resolution), Image.Resampling.BICUBIC))
+    for _ in range(10):  # torchvision's RandomResizedCrop sampling: area in crop_scale, ratio in [3/4, 4/3]
+        area = h * w * rng.uniform(*crop_scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+            break
+    else:
+        ch = cw = min(h, w)
+        top, left = (h - ch) // 2, (w - cw) // 2
+    crop = Image.fromarray(image[top:top + ch, left:left + cw])
+    return np.asarray(crop.resize((resolution, resolution), Image.Resampling.BICUBIC))
+
+
+def _label(sample: dict) -> int:
+    value = sample.get("cls")
+    return int(value) if value is not None else -1
+
+
+# ---------------------------------------------------------------- the per-worker stream
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs to produce its batches; identical on every rank but rank."""
+
+    shards: ShardSet
+    batch_size: int
+    resolution: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    mode: str = "infinite"                # infinite | epoch
+    epochs: int | None = None             # epoch mode: stop after this many (None: forever)
+    shuffle_buffer: int = 1000            # raw samples held for shuffling
+    flip: bool = True                     # random horizontal flip
+    crop_scale: tuple | None = None       # random-resized-crop area range, e.g. (0.8, 1.0); None: center crop
+    start: dict = field(default_factory=dict)  # resume state from Loader.state_dict()
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Yields (uint8 images NxHxWx3, int64 labels N or None, position) batches from one worker."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+        if spec.mode not in ("infinite", "epoch"):
+            raise DataError(f"data mode must be 'infinite' or 'epoch', got {spec.mode!r}")
+        if spec.mode == "epoch" and spec.shards.counts is None:
+            spec.shards.counts = count_samples(spec.shards.urls)
+        if spec.mode == "epoch":
+            total = sum(spec.shards.counts)
+            if total < spec.world_size * spec.batch_size:
+                raise DataError(f"{total} samples cannot fill one batch of {spec.batch_size} "
+                                f"on each of {spec.world_size} rank(s)")
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        start = self.spec.start
+        role = (worker + start.get("batches", 0)) % workers   # batch i of this rank comes from role i % workers
+        round_, pos, done, corrupt = start.get("roles", {}).get(str(role), (0, 0, 0, 0))
+        empty_rounds = 0
+        while self.spec.epochs is None or round_ < self.spec.epochs:
+            target = None if self.spec.mode == "infinite" else self._epoch_batches(role, workers, round_)
+            images, labels, good = [], [], 0
+            for position, raw, refill in self._raw_round(role, workers, round_, skip=pos) if target != 0 else ():
+                empty_rounds = -1
+                if refill and good == 0 and done == 0:
+                    raise DataError(f"no readable samples in rank {self.spec.rank}'s share of epoch {round_}")
+                try:
+                    rng = random.Random(hash((self.spec.seed, self.spec.rank, role, round_, position)))
+                    image = fit_square(decode_rgb(raw), self.spec.resolution, rng, self.spec.crop_scale)
+                except Exception:
+                    corrupt += 1
+                    continue
+                good += 1
+                images.append(image[:, ::-1] if self.spec.flip and rng.random() < 0.5 else image)
+                labels.append(_label(raw))
+                if len(images) == self.spec.batch_size:
+                    done += 1
+                    yield self._collate(images, labels), {"role": role, "round": round_, "pos": position + 1,
+                                                          "done": done, "corrupt": corrupt}
+                    images, labels = [], []
+                    if done == target:
+                        break
+            round_, pos, done = round_ + 1, 0, 0
+            empty_rounds += 1
+            if empty_rounds >= 100:  # resampling keeps drawing unreadable shards
+                raise DataError(f"no samples could be read from 100 rounds of shards, e.g. {self.spec.shards.urls[:2]}")
+            # infinite mode carries a partial batch into the next round; epoch mode ends on a full one
+
+    @staticmethod
+    def _collate(images, labels):
+        batch = torch.from_numpy(np.stack(images))
+        label_tensor = torch.tensor(labels, dtype=torch.int64)
+        return batch, (label_tensor if (label_tensor >= 0).any() else None)
+
+    def _raw_round(self, role, workers, round_, skip):
+        """(position, raw sample, is_refill) of one round for one role, shuffled, the first `skip` dropped.
+
+        In epoch mode the role's range is repeated (reshuffled) for as long as the consumer asks,
+        so samples lost to corruption are made up from the same range.
+        """
+        from webdataset.filters import _shuffle
+
+        position = 0
+        for n in range(1 if self.spec.mode == "infinite" else 1 << 30):
+            if self.spec.mode == "infinite":
+                raw_pass = self._resampled(role, workers, round_)
+            else:
+                raw_pass = self._epoch_slice(round_, *self.epoch_range(role, workers, round_))
+            rng = random.Random(hash((self.spec.seed, self.spec.rank, role, round_, n, _SHUFFLE)))
+            start = position
+            for raw in _shuffle(iter(raw_pass), self.spec.shuffle_buffer, self.spec.shuffle_buffer, rng=rng):
+                if position >= skip:
+                    yield position, raw, n > 0
+                position += 1
+            if position == start and self.spec.mode == "epoch":
+                raise DataError(f"no samples could be read for rank {self.spec.rank} in round {round_} "
+                                f"(shards unreadable: {self.spec.shards.urls[:3]}...)")
+
+    def _resampled(self, role, workers, round_):
+        urls = self.spec.shards.urls
+        rng = random.Random(hash((self.spec.seed, self.spec.rank, role, round_, _SHARDS)))
+        draws = max(1, math.ceil(len(urls) / (self.spec.world_size * workers)))
+        for _ in range(draws):
+            yield from _safe_read(rng.choice(urls))
+
+    def _per_rank_batches(self):
+        return sum(self.spec.shards.counts) // (self.spec.world_size * self.spec.batch_size)
+
+    def _owned(self, workers, epoch):
+        """Batches each role yields in an epoch: rank batch i (counted over all epochs) is role i % workers's."""
+        per_rank = self._per_rank_batches()
+        first = epoch * per_rank
+        return [sum(1 for j in range(per_rank) if (first + j) % workers == r) for r in range(workers)]
+
+    def _epoch_batches(self, role, workers, epoch):
+        return self._owned(workers, epoch)[role]
+
+    def epoch_range(self, role, workers, epoch):
+        """[lo, hi) in the epoch's global sample order for this rank and role."""
+        owned = self._owned(workers, epoch)
+        lo = (self.spec.rank * self._per_rank_batches() + sum(owned[:role])) * self.spec.batch_size
+        return lo, lo + owned[role] * self.spec.batch_size
+
+    def _epoch_slice(self, epoch, lo, hi):
+        counts = self.spec.shards.counts
+        order = list(range(len(counts)))
+        random.Random(hash((self.spec.seed, epoch, _ORDER))).shuffle(order)
+        offset = 0
+        for shard in order:
+            n = counts[shard]
+            if offset < hi and offset + n > lo:
+                for j, raw in enumerate(_safe_read(self.spec.shards.urls[shard])):
+                    if offset + j >= hi:
+                        break
+                    if offset + j >= lo:
+                        yield raw
+            offset += n
+
+
+def _safe_read(url):
+    """Samples of a shard; a broken or truncated tar ends it with one unreadable sample (counted as corrupt)."""
+    try:
+        yield from read_shard(url)
+    except Exception as exc:
+        yield {"__key__": None, "__error__": f"{url}: {type(exc).__name__}: {exc}"}
+
+
+# ---------------------------------------------------------------- the loader a rank iterates
+
+
+class Loader:
+    """Batches for this rank: ``{"image": float NCHW in [-1, 1] on device, "label": int64 N or None}``.
+
+    Not meant for ``accelerator.prepare`` (which would read on rank 0 and scatter): each rank
+    reads its own share. ``state_dict()`` is the position after the last batch handed out;
+    a Loader built with ``start=state`` continues from there.
+    """
+
+    def __init__(self, spec: StreamSpec, workers: int = 2, device="cpu", prefetch: int = 4):
+        if spec.start:
+            check_resumable(spec.start, spec, workers)
+        self.spec, self.workers, self.device = spec, workers, torch.device(device)
+        self.batches = spec.start.get("batches", 0)
+        self.roles = dict(spec.start.get("roles", {}))
+        self.dataset = ShardStream(spec)
+        from webdataset import WebLoader
+
+        self.loader = WebLoader(self.dataset, batch_size=None, num_workers=workers,
+                                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                prefetch_factor=prefetch if workers > 0 else None)
+
+    def __iter__(self):
+        for (images, labels), position in self.loader:
+            self.batches += 1
+            self.roles[str(position["role"])] = [position["round"], position["pos"], position["done"],
+                                                 position["corrupt"]]
+            images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC bytes -> NCHW view
+            images = images.float().div_(127.5).sub_(1.0)
+            if labels is not None:
+                labels = labels.to(self.device, non_blocking=True)
+            yield {"image": images, "label": labels, "round": position["round"]}
+
+    @property
+    def corrupt_samples(self) -> int:
+        """Samples skipped as unreadable so far on this rank (over the whole run, resumes included)."""
+        return sum(state[3] for state in self.roles.values())
+
+    def state_dict(self) -> dict:
+        spec = self.spec
+        return {"batches": self.batches, "roles": dict(self.roles), "workers": max(self.workers, 1),
+                "seed": spec.seed, "rank": spec.rank, "world_size": spec.world_size,
+                "batch_size": spec.batch_size, "mode": spec.mode}
+
+
+def check_resumable(state: dict, spec: StreamSpec, workers: int):
+    """Raise DataError unless `state` was saved by a stream laid out like this one."""
+    now = {"seed": spec.seed, "rank": spec.rank, "world_size": spec.world_size, "batch_size": spec.batch_size,
+           "mode": spec.mode, "workers": max(workers, 1)}
+    changed = [f"{key} {state.get(key)} -> {value}" for key, value in now.items() if state.get(key) != value]
+    if changed:
+        raise DataError("cannot continue the data stream exactly: " + ", ".join(changed)
+                        + " since the checkpoint; resume with the same settings")
