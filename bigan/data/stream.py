@@ -326,7 +326,8 @@ class Loader:
 
         self.loader = WebLoader(self.dataset, batch_size=None, num_workers=workers,
                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                                prefetch_factor=prefetch if workers > 0 else None)
+                                prefetch_factor=prefetch if workers > 0 else None,
+                                generator=torch.Generator())  # don't draw from the global RNG a resume restores
 
     def __iter__(self):
         for (images, labels), position in self.loader:

@@ -1,0 +1,71 @@
+"""The Accelerate backend: one device or DDP; autocast with fp32 weights and a GradScaler per model."""
+import contextlib
+import math
+
+import torch
+
+
+class PlainBackend:
+    def __init__(self, accelerator, precision: str, grad_clip: float = 0.0, channels_last: bool = False,
+                 sync_batchnorm: bool = False, compile: bool = False):
+        self.accelerator, self.grad_clip = accelerator, grad_clip
+        self.device = accelerator.device
+        self.dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.sync_batchnorm, self.compile = sync_batchnorm, compile
+        # fp16 needs loss scaling, separately per model (their gradients live on different scales)
+        self.scalers = {k: torch.amp.GradScaler(self.device.type, enabled=precision == "fp16") for k in "gd"}
+
+    def wrap(self, g, d, opt_g, opt_d):
+        if self.sync_batchnorm and self.accelerator.num_processes > 1:
+            g, d = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (g, d))
+        g, d = (m.to(self.device, memory_format=self.memory_format) for m in (g, d))
+        self.g, self.d, self.opt_g, self.opt_d = self.accelerator.prepare(g, d, opt_g, opt_d)
+        self.g_module = self.accelerator.unwrap_model(self.g)
+        self.d_module = self.accelerator.unwrap_model(self.d)
+        if self.compile:
+            self.g, self.d = torch.compile(self.g), torch.compile(self.d)
+            self.g_module, self.d_module = torch.compile(self.g_module), torch.compile(self.d_module)
+        self.params = {"g": list(self.accelerator.unwrap_model(self.g_module).parameters()),
+                       "d": list(self.accelerator.unwrap_model(self.d_module).parameters())}
+        self.optimizers = {"g": self.opt_g, "d": self.opt_d}
+        self.wrapped = {"g": self.g, "d": self.d}
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss, which: str, sync: bool = True):
+        """Backward of one micro-batch; sync=False skips the DDP all-reduce (gradient accumulation)."""
+        context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.wrapped[which])
+        with context:
+            self.scalers[which].scale(loss).backward()
+
+    def step(self, which: str):
+        """Clip, step and zero one model's optimizer; returns the gradient norm (one host sync per step).
+
+        A step whose gradients are not finite is skipped (the fp16 scaler also backs off).
+        Gradients are identical on all ranks after the all-reduce, so all ranks agree.
+        """
+        scaler, optimizer, params = self.scalers[which], self.optimizers[which], self.params[which]
+        scaler.unscale_(optimizer)
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+        value = norm.item()
+        if scaler.is_enabled():
+            scaler.step(optimizer)  # skips by itself on inf/nan
+            scaler.update()
+        elif math.isfinite(value):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def state_dict(self):
+        return {k: s.state_dict() for k, s in self.scalers.items()}
+
+    def load_state_dict(self, state):
+        for k, s in self.scalers.items():
+            s.load_state_dict(state[k])

@@ -1,0 +1,29 @@
+"""Exponential moving average of G's weights, with a half-life in images (StyleGAN2-ADA)."""
+import copy
+
+import torch
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, half_life_kimg: float, rampup: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.half_life_kimg, self.rampup = half_life_kimg, rampup
+
+    def beta(self, images_seen: int, batch_images: int) -> float:
+        half_life = self.half_life_kimg * 1000
+        if self.rampup > 0:
+            half_life = min(half_life, images_seen * self.rampup)
+        return 0.5 ** (batch_images / max(half_life, 1e-8))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, images_seen: int, batch_images: int):
+        beta = self.beta(images_seen, batch_images)
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - beta)
+        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)  # BatchNorm statistics and spectral-norm vectors follow G
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)

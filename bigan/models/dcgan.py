@@ -1,0 +1,57 @@
+"""DCGAN (Radford et al. 2016): transposed-conv + BatchNorm generator, strided-conv + LeakyReLU discriminator.
+
+At 64 px with ``ch=64`` the layers match the classic DCGAN (and the yardstick's ``dcgan64``);
+other resolutions (32-256) add or drop one stride-2 stage per octave.
+"""
+import math
+
+import torch
+from torch import nn
+
+from bigan.models.layers import ConditionalBatchNorm2d, make_norm
+
+
+def _stages(resolution: int) -> int:
+    stages = int(math.log2(resolution)) - 2
+    if 2 ** (stages + 2) != resolution or not 3 <= stages <= 6:
+        raise ValueError(f"dcgan supports resolutions 32, 64, 128 and 256, not {resolution}")
+    return stages
+
+
+class Generator(nn.Module):
+    def __init__(self, z_dim=128, resolution=64, ch=64, num_classes=0):
+        super().__init__()
+        stages = _stages(resolution)
+        widths = [ch * min(2 ** (stages - 1 - i), 16) for i in range(stages)]  # 64 px: 8ch, 4ch, 2ch, ch
+        self.z_dim, self.num_classes = z_dim, num_classes
+        self.input = nn.ConvTranspose2d(z_dim, widths[0], 4, 1, 0, bias=False)
+        self.norms = nn.ModuleList(ConditionalBatchNorm2d(w, num_classes) for w in widths)
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False) for a, b in zip(widths, widths[1:]))
+        self.output = nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1, bias=False)
+
+    def forward(self, z, y=None):
+        h = torch.relu(self.norms[0](self.input(z[:, :, None, None]), y))
+        for up, norm in zip(self.ups, self.norms[1:]):
+            h = torch.relu(norm(up(h), y))
+        return torch.tanh(self.output(h))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, resolution=64, ch=64, num_classes=0, norm="batch"):
+        super().__init__()
+        stages = _stages(resolution)
+        widths = [ch * min(2**i, 16) for i in range(stages)]  # 64 px: ch, 2ch, 4ch, 8ch
+        self.input = nn.Conv2d(3, widths[0], 4, 2, 1, bias=False)
+        self.downs = nn.ModuleList(nn.Conv2d(a, b, 4, 2, 1, bias=False) for a, b in zip(widths, widths[1:]))
+        self.norms = nn.ModuleList(make_norm(norm, w) for w in widths[1:])
+        self.output = nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False)
+        self.embed = nn.Embedding(num_classes, widths[-1] * 16) if num_classes else None
+
+    def forward(self, x, y=None):
+        h = nn.functional.leaky_relu(self.input(x), 0.2)
+        for down, norm in zip(self.downs, self.norms):
+            h = nn.functional.leaky_relu(norm(down(h)), 0.2)
+        logits = self.output(h).flatten(1)
+        if self.embed is not None:  # projection discriminator (Miyato & Koyama 2018)
+            logits = logits + (self.embed(y) * h.flatten(1)).sum(1, keepdim=True)
+        return logits

@@ -1,0 +1,73 @@
+"""Building blocks shared by the architectures: fp32 spectral norm, conditional BatchNorm."""
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
+
+
+class StepSpectralNorm(_SpectralNorm):
+    """Spectral norm in fp32, with the power iteration driven by the optimizer step, not the forward.
+
+    PyTorch's spectral norm runs a power iteration in every training forward, so a step that
+    calls D twice (reals, then fakes) or over k accumulated micro-batches normalizes each call
+    by a different sigma, and the result depends on how the batch was split. Here forwards only
+    read u and v; ``update_spectral_norms(model)`` advances them once per optimizer step.
+    Everything runs in fp32 even under autocast (bf16 loses the precision that keeps sigma stable).
+    """
+
+    def forward(self, weight):
+        with torch.autocast(weight.device.type, enabled=False):
+            weight = weight.float()
+            if weight.ndim == 1:
+                return nn.functional.normalize(weight, dim=0, eps=self.eps)
+            u = self._u.clone(memory_format=torch.contiguous_format)
+            v = self._v.clone(memory_format=torch.contiguous_format)
+            sigma = torch.vdot(u, torch.mv(self._reshape_weight_to_matrix(weight), v))
+            return weight / sigma
+
+    @torch.no_grad()
+    def power_iteration(self, weight):
+        if weight.ndim > 1:
+            self._power_method(self._reshape_weight_to_matrix(weight.float()), self.n_power_iterations)
+
+
+def spectral_norm(module: nn.Module, n_power_iterations: int = 1, eps: float = 1e-12) -> nn.Module:
+    weight = module.weight
+    dim = 1 if isinstance(module, nn.ConvTranspose2d) else 0
+    parametrize.register_parametrization(module, "weight", StepSpectralNorm(weight, n_power_iterations, dim, eps))
+    return module
+
+
+@torch.no_grad()
+def update_spectral_norms(model: nn.Module):
+    """One power-iteration step for every spectral-normalized weight in model (once per optimizer step)."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for norm in module.parametrizations.weight:
+                if isinstance(norm, StepSpectralNorm):
+                    norm.power_iteration(module.parametrizations.weight.original)
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm whose scale and shift come from the class label (plain BatchNorm when num_classes == 0)."""
+
+    def __init__(self, channels: int, num_classes: int = 0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.bn = nn.BatchNorm2d(channels, affine=num_classes == 0)
+        if num_classes:
+            self.gain = nn.Embedding(num_classes, channels)
+            self.bias = nn.Embedding(num_classes, channels)
+            nn.init.ones_(self.gain.weight)
+            nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x, y=None):
+        h = self.bn(x)
+        if not self.num_classes:
+            return h
+        return h * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """A discriminator normalization: 'batch' (DCGAN), or 'none' (batch-split invariant)."""
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()

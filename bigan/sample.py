@@ -1,0 +1,154 @@
+"""bigan-sample: images from a trained generator, on CPU or GPU.
+
+    bigan-sample --checkpoint runs/demo --n 64 --out grid.png          # a grid
+    bigan-sample --checkpoint runs/demo/checkpoints/ckpt-000001000 --out samples/   # one PNG each
+    bigan-sample --checkpoint runs/demo/export/generator_ema.safetensors --n 1000 --out fakes.npz
+    bigan-sample --checkpoint runs/demo --interpolate 8 --out walk.png  # latent interpolation rows
+
+CHECKPOINT is a run dir (its exported generator, else its latest checkpoint), a checkpoint
+dir, or an exported ``.safetensors`` file with ``generator.json`` beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from bigan import checkpoint
+from bigan.models import build_models
+from bigan.tracking import image_grid
+
+EMA_STATE_INDEX = 2  # custom_checkpoint_2.pkl: the trainer registers state, scalers, EMA in that order
+
+
+class SampleError(Exception):
+    pass
+
+
+def _build(model: dict, resolution: int):
+    g, _ = build_models(model["arch"], resolution, model["z_dim"], model["g_channels"], model["d_channels"],
+                        model["num_classes"], model.get("d_norm", "batch"))
+    return g
+
+
+def load_generator(path: str | Path, ema: bool = True):
+    """(G in eval mode, model config dict) from a run dir, checkpoint dir or exported file."""
+    path = Path(path)
+    if not path.exists():
+        raise SampleError(f"--checkpoint: {path} does not exist")
+    if path.is_dir() and (path / "export" / "generator.json").exists():
+        path = path / "export" / ("generator_ema.safetensors" if ema else "generator.safetensors")
+        if not path.exists():
+            path = path.with_name("generator.safetensors")
+    elif path.is_dir() and not (path / "model.safetensors").exists():
+        latest = checkpoint.resolve(path, "latest")
+        if latest is None:
+            raise SampleError(f"--checkpoint: {path} has no exported generator and no checkpoints")
+        path = latest
+    if path.suffix == ".safetensors":
+        meta_file = path.parent / "generator.json"
+        if not meta_file.exists():
+            raise SampleError(f"--checkpoint: {meta_file} is missing (it describes the generator's architecture)")
+        meta = json.loads(meta_file.read_text())
+        g = _build(meta["model"], meta["resolution"])
+        g.load_state_dict(load_file(str(path)))
+        return g.eval(), meta["model"]
+    config_file = path.parent.parent / "config.yaml"  # RUN/checkpoints/ckpt-N -> RUN/config.yaml
+    if not config_file.exists():
+        raise SampleError(f"--checkpoint: {config_file} is missing (the run's resolved config)")
+    config = yaml.safe_load(config_file.read_text())
+    g = _build(config["model"], config["data"]["resolution"])
+    ema_file = path / f"custom_checkpoint_{EMA_STATE_INDEX}.pkl"
+    if ema and ema_file.exists():
+        g.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=False))
+    else:
+        g.load_state_dict(load_file(str(path / "model.safetensors")))
+    return g.eval(), config["model"]
+
+
+def latents(n: int, z_dim: int, seed: int, truncation: float | None) -> torch.Tensor:
+    """Standard normal latents; with truncation t, components beyond ±t are redrawn."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, z_dim, generator=generator)
+    if truncation is not None:
+        while (outside := z.abs() > truncation).any():
+            z[outside] = torch.randn(int(outside.sum()), generator=generator)
+    return z
+
+
+def slerp(a, b, t):
+    a_n, b_n = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    omega = torch.acos((a_n * b_n).sum(-1, keepdim=True).clamp(-1, 1))
+    so = torch.sin(omega).clamp_min(1e-8)
+    return torch.sin((1 - t) * omega) / so * a + torch.sin(t * omega) / so * b
+
+
+@torch.no_grad()
+def generate(g, model: dict, z: torch.Tensor, labels=None, batch: int = 256, device="cpu") -> torch.Tensor:
+    g = g.to(device)
+    if model["num_classes"] and labels is None:
+        labels = torch.arange(len(z)) % model["num_classes"]
+    out = []
+    for i in range(0, len(z), batch):
+        y = labels[i:i + batch].to(device) if labels is not None else None
+        out.append(g(z[i:i + batch].to(device), y).float().cpu())
+    return torch.cat(out)
+
+
+def write(images: torch.Tensor, out: str | Path, columns: int | None = None):
+    """A grid (.png/.jpg), a folder of PNGs (DIR/), or a uint8 NxHxWx3 array (.npz)."""
+    is_dir, out = str(out).endswith("/"), Path(out)
+    as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if is_dir or out.is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(as_uint8):
+            Image.fromarray(image).save(out / f"{i:06d}.png")
+    elif out.suffix == ".npz":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out, images=as_uint8)
+    elif out.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image_grid(images, columns)).save(out)
+    else:
+        raise SampleError(f"--out: {out} must end in .png/.jpg (grid), .npz (array) or / (one PNG each)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="bigan-sample", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or exported .safetensors")
+    parser.add_argument("--n", type=int, default=64, help="number of images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--truncation", type=float, default=None, help="redraw latent components beyond ±T")
+    parser.add_argument("--out", default="samples.png", help="grid .png, folder/ or .npz")
+    parser.add_argument("--interpolate", type=int, default=0, metavar="STEPS",
+                        help="rows of STEPS images walking between random latents (slerp)")
+    parser.add_argument("--no-ema", action="store_true", help="the raw generator instead of its EMA")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        g, model = load_generator(args.checkpoint, ema=not args.no_ema)
+        if args.interpolate:
+            rows = max(1, args.n // args.interpolate)
+            ends = latents(2 * rows, model["z_dim"], args.seed, args.truncation).view(rows, 2, -1)
+            t = torch.linspace(0, 1, args.interpolate)[None, :, None]
+            z = slerp(ends[:, :1], ends[:, 1:], t).reshape(-1, model["z_dim"])
+            write(generate(g, model, z, device=args.device), args.out, columns=args.interpolate)
+        else:
+            z = latents(args.n, model["z_dim"], args.seed, args.truncation)
+            write(generate(g, model, z, device=args.device), args.out)
+    except SampleError as exc:
+        print(f"bigan-sample: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

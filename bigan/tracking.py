@@ -1,0 +1,53 @@
+"""TensorBoard through Accelerate's trackers, image grids, and a progress bar."""
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
+    """uint8 HxWx3 grid of images in [-1, 1] (NCHW)."""
+    images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    n, c, h, w = images.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    grid = torch.zeros(c, rows * h, columns * w, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    return grid.permute(1, 2, 0).numpy()
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Tracker:
+    """Scalars and images to TensorBoard (main process only; other ranks call it as a no-op)."""
+
+    def __init__(self, accelerator, run_dir: Path, config_yaml: str):
+        self.accelerator, self.run_dir = accelerator, Path(run_dir)
+        accelerator.init_trackers("tensorboard")
+        self.accelerator.log({"config": f"```yaml\n{config_yaml}```"}, step=0)
+
+    def scalars(self, values: dict, images_seen: int):
+        self.accelerator.log(values, step=images_seen)
+
+    def images(self, name: str, images: torch.Tensor, images_seen: int):
+        if not self.accelerator.is_main_process:
+            return
+        grid = image_grid(images)
+        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image(name, grid, global_step=images_seen, dataformats="HWC")
+        out = self.run_dir / "samples" / f"{name.replace('/', '_')}_{images_seen / 1000:08.1f}kimg.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(out)
+
+    def close(self):
+        self.accelerator.end_training()

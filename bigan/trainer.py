@@ -1,0 +1,284 @@
+"""The training loop: D steps, a G step, EMA, logs, samples and checkpoints, counted in images.
+
+    while not done:
+        d_step(real micro-batches) x d_steps     # G frozen, bare; D trained, synced
+        g_step(latent micro-batches)             # D frozen, bare; G trained, synced
+        ema.update(); maybe_log(); maybe_images(); maybe_save()
+
+Wrapping, precision and stepping belong to the backend (bigan.backends); this file only
+says what a GAN step is.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from bigan import checkpoint, losses
+from bigan.backends import PlainBackend
+from bigan.config import Config
+from bigan.data.stream import Loader, StreamSpec, resolve_shards
+from bigan.ema import EMA
+from bigan.models import build_models, init_weights
+from bigan.models.layers import update_spectral_norms
+from bigan.tracking import Tracker, memory_gib
+
+
+class TrainState:
+    """Counters kept in every checkpoint."""
+
+    def __init__(self):
+        self.step = self.images_seen = self.d_steps = self.skipped = self.bad_in_row = 0
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+def build_loader(config: Config, accelerator, start: dict | None = None) -> Loader:
+    shards = config.data.shards
+    if shards == "demo":
+        from bigan.data.demo import ensure_demo_shards
+
+        with accelerator.main_process_first():  # rank 0 renders the demo set once; the others then find it
+            shards = ensure_demo_shards(config.data.demo_images, config.data.resolution,
+                                        progress=accelerator.is_main_process)
+    shard_set = resolve_shards(shards)
+    if config.model.num_classes and shard_set.labels is not None and len(shard_set.labels) != config.model.num_classes:
+        raise ValueError(f"model.num_classes={config.model.num_classes} but the shards have "
+                         f"{len(shard_set.labels)} labels")
+    spec = StreamSpec(shard_set, config.train.batch_size, config.data.resolution, rank=accelerator.process_index,
+                      world_size=accelerator.num_processes, seed=config.train.seed, mode=config.data.mode,
+                      shuffle_buffer=config.data.shuffle_buffer, flip=config.data.flip,
+                      crop_scale=None if config.data.crop_scale_min >= 1 else (config.data.crop_scale_min, 1.0),
+                      start=start or {})
+    return Loader(spec, workers=config.data.workers, device=accelerator.device)
+
+
+class Trainer:
+    def __init__(self, config: Config, accelerator, backend=None):
+        self.config, self.accelerator = config, accelerator
+        self.run_dir = Path(config.run.dir)
+        m, t, loss = config.model, config.train, config.loss
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        g, d = build_models(m.arch, config.data.resolution, m.z_dim, m.g_channels, m.d_channels, m.num_classes, m.d_norm)
+        if m.arch == "dcgan":
+            g.apply(init_weights), d.apply(init_weights)
+        d_lr, d_betas = losses.lazy_adam(t.d_lr, t.d_betas, loss.r1_interval if loss.r1 > 0 else 1)
+        opt_g = torch.optim.Adam(g.parameters(), t.g_lr, betas=tuple(t.g_betas), eps=t.adam_eps)
+        opt_d = torch.optim.Adam(d.parameters(), d_lr, betas=d_betas, eps=t.adam_eps)
+        self.backend = backend or PlainBackend(accelerator, t.precision, t.grad_clip, t.channels_last,
+                                               m.sync_batchnorm, t.compile)
+        self.backend.wrap(g, d, opt_g, opt_d)
+        self.ema = EMA(accelerator.unwrap_model(self.backend.g_module), t.ema_kimg, t.ema_rampup) if t.ema_kimg > 0 else None
+        self.state = TrainState()
+        for obj in (self.state, self.backend, self.ema):
+            if obj is not None:
+                accelerator.register_for_checkpointing(obj)
+        self.device = accelerator.device
+        self.micro_batch_images = t.batch_size * accelerator.num_processes
+        self.total_images = int(t.kimg * 1000)
+        self.signal_received = False  # set by the handler on this rank
+        self.stop_requested = False   # agreed by all ranks (at log steps)
+        self.stats: dict = {}
+        generator = torch.Generator().manual_seed(t.seed)
+        self.grid_z = torch.randn(config.run.grid_size, m.z_dim, generator=generator).to(self.device)
+        self.grid_y = (torch.arange(config.run.grid_size) % max(m.num_classes, 1)).to(self.device) if m.num_classes else None
+
+    # ------------------------------------------------------------ one GAN step
+
+    def sample_z(self, n: int):
+        z = torch.randn(n, self.config.model.z_dim, device=self.device)
+        y = torch.randint(self.config.model.num_classes, (n,), device=self.device) if self.config.model.num_classes else None
+        return z, y
+
+    def d_step(self, reals: list[dict], latents: list[tuple]):
+        """One D optimizer step over micro-batches of reals and latents (gradients averaged)."""
+        b, c = self.backend, self.config.loss
+        regularize = c.r1 > 0 and self.state.d_steps % c.r1_interval == 0
+        update_spectral_norms(b.d_module)
+        for i, (real, (z, y_fake)) in enumerate(zip(reals, latents)):
+            with torch.no_grad(), b.autocast():
+                fake = b.g_module(z, y_fake)  # bare G: no gradient, no DDP sync
+            image = real["image"].detach().requires_grad_(True) if regularize else real["image"]
+            with b.autocast():
+                real_logits, fake_logits = b.d(image, real["label"]), b.d(fake, y_fake)
+                loss, stats = losses.d_loss(c.name, real_logits, fake_logits, c.r)
+                if regularize:
+                    r1, r1_stats = losses.r1_penalty(image, real_logits)
+                    loss, stats = loss + (c.r1 / 2 * c.r1_interval) * r1, {**stats, **r1_stats}
+                if c.name == "wgan" and c.gp > 0:
+                    gp, gp_stats = losses.gradient_penalty(b.d, image, fake, real["label"])
+                    loss, stats = loss + c.gp * gp, {**stats, **gp_stats}
+            b.backward(loss / len(reals), "d", sync=i == len(reals) - 1)
+            self._collect(stats, len(reals))
+            self.state.images_seen += self.micro_batch_images
+        self._after_step("d", b.step("d"))
+        self.state.d_steps += 1
+
+    def g_step(self, latents: list[tuple]):
+        """One G optimizer step through a frozen, bare D (D gets no gradients and fires no hooks)."""
+        b = self.backend
+        update_spectral_norms(b.g_module)
+        b.d_module.requires_grad_(False)
+        for i, (z, y) in enumerate(latents):
+            with b.autocast():
+                loss, stats = losses.g_loss(self.config.loss.name, b.d_module(b.g(z, y), y))
+            b.backward(loss / len(latents), "g", sync=i == len(latents) - 1)
+            self._collect(stats, len(latents))
+        b.d_module.requires_grad_(True)
+        self._after_step("g", b.step("g"))
+
+    def train_step(self, batches):
+        t = self.config.train
+        self._iteration_bad = False
+        for _ in range(self.config.loss.d_steps):
+            reals = [next(batches) for _ in range(t.grad_accum)]
+            self.d_step(reals, [self.sample_z(len(r["image"])) for r in reals])
+        self.g_step([self.sample_z(t.batch_size) for _ in range(t.grad_accum)])
+        self.state.step += 1
+        self.state.bad_in_row = self.state.bad_in_row + 1 if self._iteration_bad else 0
+        if self.ema is not None:
+            batch_images = self.micro_batch_images * t.grad_accum * self.config.loss.d_steps
+            self.ema.update(self.accelerator.unwrap_model(self.backend.g_module), self.state.images_seen, batch_images)
+
+    def _collect(self, stats: dict, parts: int):
+        for key, value in stats.items():
+            self.stats[key] = self.stats.get(key, 0) + value / parts
+
+    def _after_step(self, which: str, grad_norm: float):
+        """Count a skipped (non-finite) step; the iteration counts as bad unless fp16's scaler is still settling."""
+        self.stats[f"GradNorm/{which.upper()}"] = grad_norm
+        if math.isfinite(grad_norm):
+            return
+        self.state.skipped += 1
+        scaler = self.backend.scalers[which]
+        if not (scaler.is_enabled() and scaler.get_scale() >= 1):
+            self._iteration_bad = True
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self):
+        c = self.config
+        resume_from = checkpoint.resolve(self.run_dir, c.run.resume)
+        data_state = checkpoint.load(self.accelerator, resume_from) if resume_from else None
+        self.loader = build_loader(c, self.accelerator, data_state)
+        self.tracker = Tracker(self.accelerator, self.run_dir, c.to_yaml())
+        self._install_signal_handlers()
+        if self.accelerator.is_main_process:
+            where = f"resuming from {resume_from}" if resume_from else "starting fresh"
+            print(f"bigan: {where}; run dir {self.run_dir}: TensorBoard logs in {self.run_dir / 'logs'}, "
+                  f"checkpoints in {self.run_dir / 'checkpoints'}, samples in {self.run_dir / 'samples'}", flush=True)
+        batches = iter(self.loader)
+        progress = self._progress()
+        self._last_log = (time.time(), self.state.images_seen)
+        self._reset_marks()
+        while self.state.images_seen < self.total_images and not self.stop_requested:
+            self.train_step(batches)
+            if self.state.bad_in_row >= c.train.max_bad_steps:
+                batches = self._roll_back()
+            if self.state.step % c.run.log_every == 0:
+                self._log(progress)
+            self._maybe_images_and_save()
+        self.save()
+        self.export()
+        progress.close()
+        self.tracker.close()
+        if self.accelerator.is_main_process:
+            state = "stopped by signal" if self.stop_requested else "done"
+            print(f"bigan: {state} at {self.state.images_seen / 1000:.1f} kimg; generator in {self.run_dir / 'export'}")
+
+    def _next_mark(self, every_kimg: float) -> int:
+        every = max(int(every_kimg * 1000), 1)
+        return (self.state.images_seen // every + 1) * every
+
+    def _reset_marks(self):
+        self.next_images = self._next_mark(self.config.run.image_every_kimg)
+        self.next_save = self._next_mark(self.config.run.ckpt_every_kimg)
+
+    def _maybe_images_and_save(self):
+        if self.state.images_seen >= self.next_images or self.state.step == 1:
+            self.write_images()
+            self.next_images = self._next_mark(self.config.run.image_every_kimg)
+        # no periodic checkpoint in a run of non-finite steps: a roll-back should land before it
+        if self.state.images_seen >= self.next_save and self.state.bad_in_row == 0:
+            self.save()
+            self.next_save = self._next_mark(self.config.run.ckpt_every_kimg)
+
+    def _progress(self):
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_images, initial=self.state.images_seen, unit="img", unit_scale=True,
+                    disable=not (self.accelerator.is_main_process and self.config.run.progress), dynamic_ncols=True)
+
+    def _log(self, progress):
+        """Host-side logging every log_every steps; also where all ranks agree on a stop request."""
+        stop = torch.tensor([float(self.signal_received)], device=self.device)
+        self.stop_requested = bool(self.accelerator.reduce(stop, "sum").item() > 0)
+        now, seen = time.time(), self.state.images_seen
+        values = {k: float(v) for k, v in self.stats.items()}
+        values.update({
+            "Progress/kimg": seen / 1000, "Progress/img_per_s": (seen - self._last_log[1]) / max(now - self._last_log[0], 1e-9),
+            "Progress/skipped_steps": self.state.skipped, "Progress/corrupt_samples": self.loader.corrupt_samples,
+            "LR/G": self.backend.opt_g.param_groups[0]["lr"], "LR/D": self.backend.opt_d.param_groups[0]["lr"],
+            "Memory/peak_gib": memory_gib(self.device),
+        })
+        self.tracker.scalars(values, seen)
+        progress.update(seen - progress.n)
+        progress.set_postfix({"D": f"{values.get('Loss/D', 0):.3f}", "G": f"{values.get('Loss/G', 0):.3f}",
+                              "img/s": f"{values['Progress/img_per_s']:.0f}"}, refresh=False)
+        self._last_log, self.stats = (now, seen), {}
+
+    @torch.no_grad()
+    def write_images(self):
+        if not self.accelerator.is_main_process:
+            return
+        g = self.backend.g_module
+        g.eval()
+        with self.backend.autocast():
+            self.tracker.images("samples/G", g(self.grid_z, self.grid_y), self.state.images_seen)
+            if self.ema is not None:
+                self.tracker.images("samples/G_ema", self.ema.model(self.grid_z, self.grid_y), self.state.images_seen)
+        g.train()
+
+    # ------------------------------------------------------------ persistence
+
+    def save(self):
+        return checkpoint.save(self.accelerator, self.run_dir, self.state.step, self.config.run.ckpt_limit,
+                               self.loader.state_dict())
+
+    def _roll_back(self):
+        latest = checkpoint.resolve(self.run_dir, "latest")
+        if latest is None:
+            raise RuntimeError(f"training diverged: {self.state.bad_in_row} non-finite steps in a row "
+                               f"and no checkpoint to roll back to")
+        if self.accelerator.is_main_process:
+            print(f"bigan: {self.state.bad_in_row} non-finite steps in a row; rolling back to {latest}", flush=True)
+        skipped = self.state.skipped
+        data_state = checkpoint.load(self.accelerator, latest)
+        self.state.skipped, self.state.bad_in_row = skipped, 0
+        self.loader = build_loader(self.config, self.accelerator, data_state)
+        self._reset_marks()
+        return iter(self.loader)
+
+    def export(self):
+        if not self.accelerator.is_main_process:
+            return
+        g = self.accelerator.unwrap_model(self.backend.g_module)
+        meta = {"resolution": self.config.data.resolution, "images_seen": self.state.images_seen,
+                "step": self.state.step}
+        checkpoint.export_generator(self.run_dir / "export", g, self.ema.model if self.ema else None,
+                                    self.config.to_dict()["model"], meta)
+
+    def _install_signal_handlers(self):
+        """SIGTERM/SIGUSR1 (Slurm preemption): finish the step, checkpoint, exit 0."""
+        def request_stop(signum, frame):
+            self.signal_received = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)

@@ -1,0 +1,40 @@
+"""bigan.train's main with a fault injected, for tests that need a crash or a NaN at a known point.
+
+    python train_with_faults.py kill-on-save N [train args]   # SIGKILL right after the Nth save_state writes,
+                                                              # before the checkpoint is renamed complete
+    python train_with_faults.py nan-d-loss A,B,C [train args] # D loss is NaN on these calls (1-based)
+"""
+import os
+import signal
+import sys
+
+import torch
+from accelerate import Accelerator
+
+import bigan.losses
+from bigan.train import main
+
+fault, arg, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+calls = {"n": 0}
+if fault == "kill-on-save":
+    original = Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kwargs):
+        result = original(self, output_dir, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == int(arg):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    Accelerator.save_state = save_state
+elif fault == "nan-d-loss":
+    bad_calls = {int(x) for x in arg.split(",")}
+    original_loss = bigan.losses.d_loss
+
+    def d_loss(*args, **kwargs):
+        calls["n"] += 1
+        loss, stats = original_loss(*args, **kwargs)
+        return (loss * torch.nan if calls["n"] in bad_calls else loss), stats
+
+    bigan.losses.d_loss = d_loss
+sys.exit(main(argv))
