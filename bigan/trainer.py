@@ -61,14 +61,19 @@ def build_loader(config: Config, accelerator, start: dict | None = None) -> Load
 
 
 class Trainer:
-    def __init__(self, config: Config, accelerator, backend=None):
+    def __init__(self, config: Config, accelerator, backend=None, models=None):
+        """models: (G, D) to train instead of those config.model names (called as G(z, y), D(x, y))."""
         self.config, self.accelerator = config, accelerator
         self.run_dir = Path(config.run.dir)
         m, t, loss = config.model, config.train, config.loss
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        g, d = build_models(m.arch, config.data.resolution, m.z_dim, m.g_channels, m.d_channels, m.num_classes, m.d_norm)
-        if m.arch == "dcgan":
-            g.apply(init_weights), d.apply(init_weights)
+        if models is None:
+            g, d = build_models(m.arch, config.data.resolution, m.z_dim, m.g_channels, m.d_channels,
+                                m.num_classes, m.d_norm)
+            if m.arch == "dcgan":
+                g.apply(init_weights), d.apply(init_weights)
+        else:
+            g, d = models
         d_lr, d_betas = losses.lazy_adam(t.d_lr, t.d_betas, loss.r1_interval if loss.r1 > 0 else 1)
         opt_g = torch.optim.Adam(g.parameters(), t.g_lr, betas=tuple(t.g_betas), eps=t.adam_eps)
         opt_d = torch.optim.Adam(d.parameters(), d_lr, betas=d_betas, eps=t.adam_eps)
@@ -147,13 +152,15 @@ class Trainer:
             batch_images = self.micro_batch_images * t.grad_accum * self.config.loss.d_steps
             self.ema.update(self.accelerator.unwrap_model(self.backend.g_module), self.state.images_seen, batch_images)
 
-    def _collect(self, stats: dict, parts: int):
+    def _collect(self, stats: dict, parts: int = 1):
+        """Add one micro-batch's stats (1/parts of a step) to the running means logged at the next log step."""
         for key, value in stats.items():
-            self.stats[key] = self.stats.get(key, 0) + value / parts
+            total, steps = self.stats.get(key, (0, 0))
+            self.stats[key] = (total + value / parts, steps + 1 / parts)
 
     def _after_step(self, which: str, grad_norm: float):
         """Count a skipped (non-finite) step; the iteration counts as bad unless fp16's scaler is still settling."""
-        self.stats[f"GradNorm/{which.upper()}"] = grad_norm
+        self._collect({f"GradNorm/{which.upper()}": grad_norm})
         if math.isfinite(grad_norm):
             return
         self.state.skipped += 1
@@ -221,7 +228,7 @@ class Trainer:
         stop = torch.tensor([float(self.signal_received)], device=self.device)
         self.stop_requested = bool(self.accelerator.reduce(stop, "sum").item() > 0)
         now, seen = time.time(), self.state.images_seen
-        values = {k: float(v) for k, v in self.stats.items()}
+        values = {key: float(total / steps) for key, (total, steps) in self.stats.items()}
         values.update({
             "Progress/kimg": seen / 1000, "Progress/img_per_s": (seen - self._last_log[1]) / max(now - self._last_log[0], 1e-9),
             "Progress/skipped_steps": self.state.skipped, "Progress/corrupt_samples": self.loader.corrupt_samples,

@@ -170,3 +170,14 @@ def test_bad_config_and_missing_shards_are_one_line_errors(args, message, tmp_pa
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("bigan: error:") and message in last
+
+
+def test_logged_scalars_are_means_over_the_log_interval(tiny_shards, tmp_path, env):
+    """With the same seed, the value logged every 3 steps is the mean of the 3 per-step values."""
+    for every in (1, 3):
+        train(tiny_args(tiny_shards, tmp_path / f"every{every}", **{"train.kimg": 0.048, "run.log_every": every}), env)
+    for tag in ("Loss/D", "D/real", "GradNorm/G"):
+        per_step = [e.value for e in _events(tmp_path / "every1").Scalars(tag)]
+        per_three = [e.value for e in _events(tmp_path / "every3").Scalars(tag)]
+        assert len(per_step) == 6 and len(per_three) == 2
+        assert per_three == pytest.approx([np.mean(per_step[:3]), np.mean(per_step[3:])], rel=1e-5), tag

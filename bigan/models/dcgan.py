@@ -3,25 +3,16 @@
 At 64 px with ``ch=64`` the layers match the classic DCGAN (and the yardstick's ``dcgan64``);
 other resolutions (32-256) add or drop one stride-2 stage per octave.
 """
-import math
-
 import torch
 from torch import nn
 
-from bigan.models.layers import ConditionalBatchNorm2d, make_norm
-
-
-def _stages(resolution: int) -> int:
-    stages = int(math.log2(resolution)) - 2
-    if 2 ** (stages + 2) != resolution or not 3 <= stages <= 6:
-        raise ValueError(f"dcgan supports resolutions 32, 64, 128 and 256, not {resolution}")
-    return stages
+from bigan.models.layers import upsamplings, ConditionalBatchNorm2d, make_norm
 
 
 class Generator(nn.Module):
     def __init__(self, z_dim=128, resolution=64, ch=64, num_classes=0):
         super().__init__()
-        stages = _stages(resolution)
+        stages = upsamplings("dcgan", resolution)
         widths = [ch * min(2 ** (stages - 1 - i), 16) for i in range(stages)]  # 64 px: 8ch, 4ch, 2ch, ch
         self.z_dim, self.num_classes = z_dim, num_classes
         self.input = nn.ConvTranspose2d(z_dim, widths[0], 4, 1, 0, bias=False)
@@ -39,7 +30,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     def __init__(self, resolution=64, ch=64, num_classes=0, norm="batch"):
         super().__init__()
-        stages = _stages(resolution)
+        stages = upsamplings("dcgan", resolution)
         widths = [ch * min(2**i, 16) for i in range(stages)]  # 64 px: ch, 2ch, 4ch, 8ch
         self.input = nn.Conv2d(3, widths[0], 4, 2, 1, bias=False)
         self.downs = nn.ModuleList(nn.Conv2d(a, b, 4, 2, 1, bias=False) for a, b in zip(widths, widths[1:]))

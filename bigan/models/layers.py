@@ -1,4 +1,6 @@
 """Building blocks shared by the architectures: fp32 spectral norm, conditional BatchNorm."""
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -71,3 +73,11 @@ class ConditionalBatchNorm2d(nn.Module):
 def make_norm(kind: str, channels: int) -> nn.Module:
     """A discriminator normalization: 'batch' (DCGAN), or 'none' (batch-split invariant)."""
     return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()
+
+
+def upsamplings(arch: str, resolution: int) -> int:
+    """Number of 2x stages from 4x4 to resolution (32-256 px, powers of two)."""
+    stages = int(math.log2(resolution)) - 2 if resolution > 0 else 0
+    if 2 ** (stages + 2) != resolution or not 3 <= stages <= 6:
+        raise ValueError(f"{arch} supports resolutions 32, 64, 128 and 256, not {resolution}")
+    return stages

@@ -4,20 +4,11 @@ At 128 px with ``ch=64`` the layout matches the yardstick's ``resnet128``; every
 32 to 256 px adds or drops one block. G uses (conditional) BatchNorm; D has no batch
 statistics, so its output does not depend on how a batch is split across ranks.
 """
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bigan.models.layers import ConditionalBatchNorm2d, spectral_norm
-
-
-def _blocks(resolution: int) -> int:
-    blocks = int(math.log2(resolution)) - 2
-    if 2 ** (blocks + 2) != resolution or not 3 <= blocks <= 6:
-        raise ValueError(f"resnet supports resolutions 32, 64, 128 and 256, not {resolution}")
-    return blocks
+from bigan.models.layers import upsamplings, ConditionalBatchNorm2d, spectral_norm
 
 
 class GBlock(nn.Module):
@@ -54,7 +45,7 @@ class DBlock(nn.Module):
 class Generator(nn.Module):
     def __init__(self, z_dim=128, resolution=128, ch=64, num_classes=0):
         super().__init__()
-        blocks = _blocks(resolution)
+        blocks = upsamplings("resnet", resolution)
         mult = [min(2 ** (blocks - i), 16) for i in range(blocks + 1)]  # 128 px: 16, 16, 8, 4, 2, 1
         self.z_dim, self.num_classes, self.ch0 = z_dim, num_classes, ch * mult[0]
         self.fc = spectral_norm(nn.Linear(z_dim, 4 * 4 * self.ch0))
@@ -72,7 +63,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     def __init__(self, resolution=128, ch=64, num_classes=0):
         super().__init__()
-        blocks = _blocks(resolution)
+        blocks = upsamplings("resnet", resolution)
         mult = [1] + [min(2 ** (i + 1), 16) for i in range(blocks)]  # 128 px: 1, 2, 4, 8, 16, 16
         layers = [DBlock(3, ch, first=True)] + [DBlock(ch * a, ch * b) for a, b in zip(mult, mult[1:])]
         self.blocks = nn.Sequential(*layers, DBlock(ch * mult[-1], ch * mult[-1], down=False))

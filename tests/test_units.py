@@ -1,0 +1,122 @@
+"""Losses against hand-computed numbers; spectral norm, EMA, models and config behaviour."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bigan import losses
+from bigan.config import ConfigError, load_config
+from bigan.ema import EMA
+from bigan.models import build_models
+from bigan.models.layers import spectral_norm, update_spectral_norms
+
+REAL, FAKE = torch.tensor([0.0, 2.0]), torch.tensor([-1.0])
+LN2, SP_M2, SP_M1, SP_1 = math.log(2), math.log1p(math.exp(-2)), math.log1p(math.exp(-1)), math.log1p(math.e)
+
+
+@pytest.mark.parametrize("name, real_term, fake_term", [
+    ("bce", (LN2 + SP_M2) / 2, SP_M1),      # softplus(-x) on reals, softplus(x) on fakes
+    ("lsgan", 1.0, 1.0),                     # mean((x-1)^2) = (1 + 1)/2; (-1)^2
+    ("hinge", 0.5, 0.0),                     # mean(relu(1-x)) = (1 + 0)/2; relu(1 + -1)
+    ("wgan", -1.0, -1.0),                    # -mean(x); mean(x)
+])
+def test_d_loss_values_and_balance(name, real_term, fake_term):
+    loss, stats = losses.d_loss(name, REAL, FAKE)
+    assert loss.item() == pytest.approx(real_term + fake_term, abs=1e-6)
+    assert stats["Loss/D_real"].item() == pytest.approx(real_term, abs=1e-6)
+    weighted, _ = losses.d_loss(name, REAL, FAKE, r=0.25)
+    assert weighted.item() == pytest.approx(2 * (0.25 * real_term + 0.75 * fake_term), abs=1e-6)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("bce", (SP_1 + SP_M1) / 2),   # non-saturating: softplus(-x) at x = -1, 1
+    ("lsgan", 2.0),                # ((-1-1)^2 + (1-1)^2) / 2
+    ("hinge", 0.0), ("wgan", 0.0),  # -mean(x)
+])
+def test_g_loss_values(name, expected):
+    loss, _ = losses.g_loss(name, torch.tensor([-1.0, 1.0]))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_r1_and_gradient_penalty_on_linear_critics():
+    x = torch.randn(2, 1, 2, 2, requires_grad=True)
+    penalty, stats = losses.r1_penalty(x, (3 * x).sum(dim=(1, 2, 3)))  # grad = 3 everywhere: |g|^2 = 9 * 4
+    assert penalty.item() == pytest.approx(36.0) and "Penalty/R1" in stats
+
+    def critic(c):
+        return lambda x, y=None: (c * x).sum(dim=(1, 2, 3))  # |grad| = c * sqrt(4) = 2c
+
+    real, fake = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    assert losses.gradient_penalty(critic(0.5), real, fake)[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.gradient_penalty(critic(1.0), real, fake)[0].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_lazy_regularization_adjusts_adam():
+    lr, betas = losses.lazy_adam(2e-4, (0.0, 0.99), 16)
+    assert lr == pytest.approx(2e-4 * 16 / 17) and betas == pytest.approx((0.0, 0.99 ** (16 / 17)))
+    assert losses.lazy_adam(2e-4, (0.5, 0.999), 1) == (2e-4, (0.5, 0.999))
+
+
+def test_ema_half_life_and_rampup():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, half_life_kimg=10, rampup=0.0)
+    assert ema.beta(images_seen=10**6, batch_images=10_000) == pytest.approx(0.5)
+    ramped = EMA(model, half_life_kimg=10, rampup=0.05)
+    assert ramped.beta(images_seen=1000, batch_images=50) == pytest.approx(0.5)  # half-life 0.05 * 1000 images
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    before = ema.model.weight.clone()
+    ema.update(model, images_seen=10**6, batch_images=10_000)
+    assert torch.allclose(ema.model.weight, (before + model.weight) / 2)
+
+
+def test_spectral_norm_steps_once_per_call_and_stays_fp32_under_autocast():
+    torch.manual_seed(0)
+    layer = spectral_norm(torch.nn.Linear(8, 6))
+    for _ in range(50):
+        update_spectral_norms(layer)
+    assert torch.linalg.matrix_norm(layer.weight.detach(), 2).item() == pytest.approx(1.0, abs=1e-4)
+    u = layer.parametrizations.weight[0]._u.clone()
+    layer(torch.randn(3, 8))  # a forward reads u, v; it does not iterate
+    assert torch.equal(u, layer.parametrizations.weight[0]._u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+@pytest.mark.parametrize("resolution", [32, 64, 128, 256])
+def test_models_cover_32_to_256_px_with_conditioning(arch, resolution):
+    g, d = build_models(arch, resolution, z_dim=16, g_channels=4, d_channels=4, num_classes=3)
+    y = torch.tensor([0, 2])
+    images = g(torch.randn(2, 16), y)
+    assert images.shape == (2, 3, resolution, resolution) and images.abs().max() <= 1
+    assert d(images, y).shape == (2, 1)
+
+
+def test_resnet_d_and_unnormalized_dcgan_d_do_not_depend_on_batch_split():
+    x = torch.randn(6, 3, 32, 32)
+    for d in (build_models("resnet", 32, 8, 4, 4)[1], build_models("dcgan", 32, 8, 4, 4, d_norm="none")[1]):
+        assert torch.allclose(d(x)[:3], d(x[:3]), atol=1e-6)
+
+
+def test_config_precedence_cli_over_file_over_defaults(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("train:\n  batch_size: 32\n  kimg: 5\nmodel:\n  arch: resnet\n")
+    config = load_config(preset, ["--train.batch_size=16", "--train.g_betas=[0.0, 0.99]"])
+    assert (config.train.batch_size, config.train.kimg, config.model.arch) == (16, 5.0, "resnet")
+    assert config.train.g_betas == [0.0, 0.99] and config.train.grad_accum == 1
+    with pytest.raises(ConfigError, match="preset.yaml: expected sections"):
+        preset.write_text("- just a list\n")
+        load_config(preset)
+    with pytest.raises(ConfigError, match="train.precision: must be one of"):
+        load_config(None, ["--train.precision=fp8"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_dry_run_prints_the_resolved_config():
+    out = subprocess.run([sys.executable, "-m", "bigan.train", "--dry-run", "--loss.name=hinge"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "name: hinge" in out and "batch_size: 64" in out and "shards: demo" in out
