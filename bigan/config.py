@@ -41,13 +41,14 @@ class ModelConfig:
     g_channels: int = _f(32, "generator base width (64 = classic DCGAN; 32 keeps the CPU demo quick)")
     d_channels: int = _f(32, "discriminator base width")
     num_classes: int = _f(0, "class-conditional with this many classes (labels from the shards); 0 = off")
-    d_norm: str = _f("batch", "dcgan D normalization: 'batch' or 'none' (batch-split invariant)", ("batch", "none"))
+    d_norm: str = _f("spectral", "dcgan D: 'spectral' (SN-DCGAN), 'batch' (classic DCGAN) or 'none'",
+                     ("batch", "spectral", "none"))
     sync_batchnorm: bool = _f(False, "use SyncBatchNorm across ranks (BatchNorm over the global batch)")
 
 
 @dataclass
 class LossConfig:
-    name: str = _f("bce", "'bce' (non-saturating), 'lsgan', 'hinge' or 'wgan'", ("bce", "lsgan", "hinge", "wgan"))
+    name: str = _f("hinge", "'bce' (non-saturating), 'lsgan', 'hinge' or 'wgan'", ("bce", "lsgan", "hinge", "wgan"))
     r: float = _f(0.5, "balance of real vs fake D terms: 2*(r*real + (1-r)*fake); 0.5 = plain sum")
     gp: float = _f(10.0, "WGAN-GP weight (used with loss.name=wgan; 0 = off)")
     r1: float = _f(0.0, "R1 gamma on reals; 0 = off")

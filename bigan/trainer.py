@@ -27,6 +27,9 @@ from bigan.models.layers import update_spectral_norms
 from bigan.tracking import Tracker, memory_gib
 
 
+STOP_FILE = "STOP"  # created in the run dir (e.g. by slurm/train.sh on preemption): checkpoint and exit 0
+
+
 class TrainState:
     """Counters kept in every checkpoint."""
 
@@ -197,6 +200,8 @@ class Trainer:
         progress.close()
         self.tracker.close()
         if self.accelerator.is_main_process:
+            if self.stop_requested:  # deleting it tells slurm/train.sh the stop was honoured
+                (self.run_dir / STOP_FILE).unlink(missing_ok=True)
             state = "stopped by signal" if self.stop_requested else "done"
             print(f"bigan: {state} at {self.state.images_seen / 1000:.1f} kimg; generator in {self.run_dir / 'export'}")
 
@@ -224,8 +229,10 @@ class Trainer:
                     disable=not (self.accelerator.is_main_process and self.config.run.progress), dynamic_ncols=True)
 
     def _log(self, progress):
-        """Host-side logging every log_every steps; also where all ranks agree on a stop request."""
-        stop = torch.tensor([float(self.signal_received)], device=self.device)
+        """Host-side logging every log_every steps; also where all ranks agree on a stop request
+        (a signal on any rank, or RUN_DIR/STOP on the shared file system)."""
+        asked = self.signal_received or (self.run_dir / STOP_FILE).exists()
+        stop = torch.tensor([float(asked)], device=self.device)
         self.stop_requested = bool(self.accelerator.reduce(stop, "sum").item() > 0)
         now, seen = time.time(), self.state.images_seen
         values = {key: float(total / steps) for key, (total, steps) in self.stats.items()}

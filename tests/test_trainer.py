@@ -1,5 +1,9 @@
 """The training loop through its real entry point: logs, checkpoints, resume, faults, equivalences."""
+import json
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -7,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from bigan import checkpoint
-from conftest import HELPERS, free_port, run, tiny_args, train
+from conftest import HELPERS, ROOT, free_port, run, tiny_args, train
 
 
 def _events(run_dir):
@@ -181,3 +185,37 @@ def test_logged_scalars_are_means_over_the_log_interval(tiny_shards, tmp_path, e
         per_three = [e.value for e in _events(tmp_path / "every3").Scalars(tag)]
         assert len(per_step) == 6 and len(per_three) == 2
         assert per_three == pytest.approx([np.mean(per_step[:3]), np.mean(per_step[3:])], rel=1e-5), tag
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_preemption_signal_checkpoints_and_exits_zero(signum, tiny_shards, tmp_path, env):
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_shards, run_dir, **{"train.kimg": 50, "run.log_every": 1})
+    process = subprocess.Popen([sys.executable, "-m", "bigan.train", *args], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    for line in process.stdout:
+        if "starting fresh" in line:
+            break
+    while not list((run_dir / "samples").glob("*.png")):  # the first step is done
+        time.sleep(0.2)
+    process.send_signal(signum)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "stopped by signal" in out
+    (saved,) = checkpoint.checkpoints(run_dir)
+    steps = int(saved.name.split("-")[1])
+    assert 1 <= steps < 50_000 // 8
+    resumed = train(args[:-2] + ["--train.kimg=0.008", "--run.log_every=1", "--run.resume=latest"], env)
+    assert "resuming from" in resumed.stdout and "done at" in resumed.stdout
+
+
+def test_two_processes_through_accelerate_launch(tiny_shards, tmp_path, env):
+    run_dir = tmp_path / "run"
+    run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+         f"--main_process_port={free_port()}", "bigan/train.py",
+         *tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.064})], env)
+    final = checkpoint.checkpoints(run_dir)[-1]
+    assert final.name == "ckpt-000000004", "64 images = 4 steps of 8 images on each of 2 ranks"
+    for name in ("data_rank_0.json", "data_rank_1.json", "random_states_0.pkl", "random_states_1.pkl"):
+        assert (final / name).exists(), name
+    ranks = [json.loads((final / f"data_rank_{r}.json").read_text()) for r in range(2)]
+    assert [s["rank"] for s in ranks] == [0, 1] and all(s["world_size"] == 2 for s in ranks)

@@ -71,7 +71,7 @@ class ConditionalBatchNorm2d(nn.Module):
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
-    """A discriminator normalization: 'batch' (DCGAN), or 'none' (batch-split invariant)."""
+    """A discriminator normalization layer: BatchNorm for 'batch'; 'spectral' and 'none' use none."""
     return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()
 
 
