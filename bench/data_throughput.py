@@ -4,7 +4,8 @@
 
 For 64 px and 256 px JPEG shards of the demo landscapes, on one core (OMP threads 1):
   * bigan      ShardStream in-process (= one DataLoader worker): tar read, shuffle buffer,
-               decode, random flip, collate into a uint8 batch of 256
+               decode straight into a uint8 batch of 256, flip decisions (the Loader flips
+               on the device)
   * ceiling    decode alone over the same JPEG bytes already in memory (simplejpeg and PIL)
   * by hand    a plain tarfile + PIL loop with flip and batching, what a user writes by hand
 """
@@ -78,7 +79,7 @@ def by_hand(urls, images):
 def bigan_stream(manifest, resolution, images):
     spec = StreamSpec(resolve_shards(manifest), BATCH, resolution, shuffle_buffer=1000, flip=True)
     done = 0
-    for (batch, _), _ in ShardStream(spec):
+    for (batch, _, _), _ in ShardStream(spec):
         done += len(batch)
         if done >= images:
             return done

@@ -109,16 +109,25 @@ def count_samples(urls) -> list[int]:
 # ---------------------------------------------------------------- decoding and augmentation
 
 
-def decode_rgb(sample: dict) -> np.ndarray:
-    """uint8 HxWx3 from the first image key of a sample; raises on corrupt data."""
+def _image_bytes(sample: dict):
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise ValueError(f"no image in sample {sample.get('__key__')} (keys {sorted(sample)})")
-    data = sample[key]
+    return key, sample[key]
+
+
+def decode_rgb(sample: dict, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 HxWx3 from the first image key of a sample; raises on corrupt data.
+
+    A JPEG whose size matches `out` is decoded straight into it (no copy into the batch later).
+    """
+    key, data = _image_bytes(sample)
     if key in ("jpg", "jpeg"):
         import simplejpeg
 
         try:
+            if out is not None and simplejpeg.decode_jpeg_header(data)[:2] == out.shape[:2]:
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
         except ValueError:
             pass  # CMYK or an oddity simplejpeg refuses: let PIL try, it raises if really corrupt
@@ -173,8 +182,47 @@ class StreamSpec:
     start: dict = field(default_factory=dict)  # resume state from Loader.state_dict()
 
 
+class _Batch:
+    """A uint8 NxHxWx3 batch filled in place, in shared memory inside DataLoader workers (sent without a copy)."""
+
+    def __init__(self, size: int, resolution: int, shared: bool):
+        self.size, self.resolution, self.shared = size, resolution, shared
+        self._new()
+
+    def _new(self):
+        self.images = torch.empty((self.size, self.resolution, self.resolution, 3), dtype=torch.uint8)
+        if self.shared:
+            self.images.share_memory_()
+        self.array, self.n, self.labels, self.flips = self.images.numpy(), 0, [], []
+
+    def slot(self) -> np.ndarray:
+        return self.array[self.n]
+
+    def add(self, image: np.ndarray, label: int, flip: bool):
+        slot = self.array[self.n]
+        if image.ctypes.data != slot.ctypes.data:  # decoded elsewhere (resized, cropped, PIL): copy in
+            slot[...] = image
+        self.labels.append(label)
+        self.flips.append(flip)
+        self.n += 1
+
+    def full(self) -> bool:
+        return self.n == self.size
+
+    def clear(self):
+        self.n, self.labels, self.flips = 0, [], []
+
+    def take(self):
+        """(images, labels or None, which to flip). Flipping is left to the device: a CPU copy of a
+        mirrored 3-byte-pixel image costs about as much as decoding it (bench/RESULTS.md)."""
+        labels = torch.tensor(self.labels, dtype=torch.int64)
+        out = (self.images, labels if (labels >= 0).any() else None, torch.tensor(self.flips, dtype=torch.bool))
+        self._new()
+        return out
+
+
 class ShardStream(torch.utils.data.IterableDataset):
-    """Yields (uint8 images NxHxWx3, int64 labels N or None, position) batches from one worker."""
+    """Yields ((uint8 images NxHxWx3, int64 labels N or None, bool flips N), position) from one worker."""
 
     def __init__(self, spec: StreamSpec):
         super().__init__()
@@ -196,40 +244,36 @@ class ShardStream(torch.utils.data.IterableDataset):
         role = (worker + start.get("batches", 0)) % workers   # batch i of this rank comes from role i % workers
         round_, pos, done, corrupt = start.get("roles", {}).get(str(role), (0, 0, 0, 0))
         empty_rounds = 0
+        batch = _Batch(self.spec.batch_size, self.spec.resolution, shared=info is not None)
         while self.spec.epochs is None or round_ < self.spec.epochs:
             target = None if self.spec.mode == "infinite" else self._epoch_batches(role, workers, round_)
-            images, labels, good = [], [], 0
+            good = 0
             for position, raw, refill in self._raw_round(role, workers, round_, skip=pos) if target != 0 else ():
                 empty_rounds = -1
                 if refill and good == 0 and done == 0:
                     raise DataError(f"no readable samples in rank {self.spec.rank}'s share of epoch {round_}")
                 try:
                     rng = random.Random(hash((self.spec.seed, self.spec.rank, role, round_, position)))
-                    image = fit_square(decode_rgb(raw), self.spec.resolution, rng, self.spec.crop_scale)
+                    slot = batch.slot()
+                    image = fit_square(decode_rgb(raw, None if self.spec.crop_scale else slot),
+                                       self.spec.resolution, rng, self.spec.crop_scale)
                 except Exception:
                     corrupt += 1
                     continue
                 good += 1
-                images.append(image[:, ::-1] if self.spec.flip and rng.random() < 0.5 else image)
-                labels.append(_label(raw))
-                if len(images) == self.spec.batch_size:
+                batch.add(image, _label(raw), flip=self.spec.flip and rng.random() < 0.5)
+                if batch.full():
                     done += 1
-                    yield self._collate(images, labels), {"role": role, "round": round_, "pos": position + 1,
-                                                          "done": done, "corrupt": corrupt}
-                    images, labels = [], []
+                    yield batch.take(), {"role": role, "round": round_, "pos": position + 1,
+                                         "done": done, "corrupt": corrupt}
                     if done == target:
                         break
+            if self.spec.mode == "epoch":
+                batch.clear()  # only a refill's leftover can be here; epochs end on a full batch
             round_, pos, done = round_ + 1, 0, 0
             empty_rounds += 1
             if empty_rounds >= 100:  # resampling keeps drawing unreadable shards
                 raise DataError(f"no samples could be read from 100 rounds of shards, e.g. {self.spec.shards.urls[:2]}")
-            # infinite mode carries a partial batch into the next round; epoch mode ends on a full one
-
-    @staticmethod
-    def _collate(images, labels):
-        batch = torch.from_numpy(np.stack(images))
-        label_tensor = torch.tensor(labels, dtype=torch.int64)
-        return batch, (label_tensor if (label_tensor >= 0).any() else None)
 
     def _raw_round(self, role, workers, round_, skip):
         """(position, raw sample, is_refill) of one round for one role, shuffled, the first `skip` dropped.
@@ -330,12 +374,16 @@ class Loader:
                                 generator=torch.Generator())  # don't draw from the global RNG a resume restores
 
     def __iter__(self):
-        for (images, labels), position in self.loader:
+        for (images, labels, flips), position in self.loader:
             self.batches += 1
             self.roles[str(position["role"])] = [position["round"], position["pos"], position["done"],
                                                  position["corrupt"]]
             images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC bytes -> NCHW view
             images = images.float().div_(127.5).sub_(1.0)
+            flipped = flips.nonzero().squeeze(1)  # chosen on the host: no device sync
+            if len(flipped):
+                flipped = flipped.to(self.device, non_blocking=True)
+                images[flipped] = images[flipped].flip(-1)
             if labels is not None:
                 labels = labels.to(self.device, non_blocking=True)
             yield {"image": images, "label": labels, "round": position["round"]}
