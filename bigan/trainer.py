@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -180,6 +181,8 @@ class Trainer:
         self.loader = build_loader(c, self.accelerator, data_state)
         self.tracker = Tracker(self.accelerator, self.run_dir, c.to_yaml())
         self._install_signal_handlers()
+        print(f"bigan: rank {self.accelerator.process_index}/{self.accelerator.num_processes} on "
+              f"{socket.gethostname()}, device {self.device}", flush=True)
         if self.accelerator.is_main_process:
             where = f"resuming from {resume_from}" if resume_from else "starting fresh"
             print(f"bigan: {where}; run dir {self.run_dir}: TensorBoard logs in {self.run_dir / 'logs'}, "
@@ -202,7 +205,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             if self.stop_requested:  # deleting it tells slurm/train.sh the stop was honoured
                 (self.run_dir / STOP_FILE).unlink(missing_ok=True)
-            state = "stopped by signal" if self.stop_requested else "done"
+            state = "stopped on request (signal or STOP file)" if self.stop_requested else "done"
             print(f"bigan: {state} at {self.state.images_seen / 1000:.1f} kimg; generator in {self.run_dir / 'export'}")
 
     def _next_mark(self, every_kimg: float) -> int:

@@ -18,7 +18,7 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@120
 #SBATCH --open-mode=append
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=slurm-%x-%j.out
 
 # ---- knobs ----------------------------------------------------------------------------
 : "${BIGAN_ENV:=.venv/bin/activate}"        # file sourced to get python/accelerate ('' = already set up)
@@ -44,7 +44,8 @@ if [ -z "$PROCS_PER_NODE" ]; then
 fi
 NNODES=${SLURM_NNODES:-1}
 HEAD=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
-HEAD_ADDR=${BIGAN_HEAD_ADDR:-$(getent hosts "$HEAD" | awk '{print $1; exit}')}
+# The head node's address as Slurm knows it (NodeAddr), falling back to its name.
+HEAD_ADDR=$(scontrol show node "$HEAD" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
 HEAD_ADDR=${HEAD_ADDR:-$HEAD}
 mkdir -p "$RUN_DIR/slurm-logs"
 rm -f "$RUN_DIR/STOP"

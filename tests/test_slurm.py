@@ -1,0 +1,116 @@
+"""slurm/train.sh against a real Slurm (Debian's 22.05, started by tests/slurm_cluster.sh).
+
+Two node entries on one host ("node1", "node2", both 127.0.0.1) make the multi-node path real:
+two machine ranks, two accelerate launches, one rendezvous. Jobs run on CPU with
+launch_configs/accelerate/cpu_multi.yaml. Skipped without root or Slurm, unless
+BIGAN_REQUIRE_SLURM is set (as .ci/run does), in which case that is a failure.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bigan import checkpoint
+from conftest import ROOT, free_port, tiny_args
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory, env):
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        message = "needs root and Debian's slurmctld, slurmd, slurm-client and munge (.ci/run installs them)"
+        if os.environ.get("BIGAN_REQUIRE_SLURM"):
+            pytest.fail(message)
+        pytest.skip(message)
+    state = tmp_path_factory.mktemp("slurm")
+    start = subprocess.run(["bash", "tests/slurm_cluster.sh", "start", str(state)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stdout + start.stderr
+    yield {**env, "SLURM_CONF": str(state / "slurm.conf")}
+    subprocess.run(["bash", "tests/slurm_cluster.sh", "stop", str(state)], cwd=ROOT, timeout=60)
+
+
+def sbatch(slurm_env, run_dir, nodes, procs_per_node, train_args):
+    knobs = {"ACCELERATE_CONFIG": "launch_configs/accelerate/cpu_multi.yaml", "PROCS_PER_NODE": procs_per_node,
+             "RUN_DIR": run_dir, "MAIN_PORT": free_port(), "BIGAN_ENV": f"{sys.prefix}/bin/activate"}
+    export = "ALL," + ",".join(f"{k}={v}" for k, v in knobs.items())
+    run_dir.mkdir(parents=True)  # Slurm does not create the --output file's folder
+    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gres=none", f"--cpus-per-task={max(1, 2 // nodes)}",
+           f"--output={run_dir}/job-%j.out", f"--export={export}", "slurm/train.sh", *train_args]
+    submitted = subprocess.run(cmd, cwd=ROOT, env=slurm_env, capture_output=True, text=True, check=True)
+    return submitted.stdout.strip()
+
+
+def state(slurm_env, job):
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=slurm_env, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def wait(slurm_env, job, timeout=300):
+    deadline = time.time() + timeout
+    while state(slurm_env, job):
+        assert time.time() < deadline, f"job {job} still {state(slurm_env, job)} after {timeout} s"
+        time.sleep(1)
+
+
+def node_logs(run_dir):
+    return {p.name: p.read_text() for p in sorted((run_dir / "slurm-logs").glob("*.log"))}
+
+
+def test_sbatch_runs_two_process_training_to_completion(slurm, tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(slurm, run_dir, nodes=1, procs_per_node=2,
+                 train_args=tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.064, "data.workers": 1}))
+    wait(slurm, job)
+    batch_log = (run_dir / f"job-{job}.out").read_text()
+    assert "on 1 node(s) x 2 process(es)" in batch_log and "training exited with status 0" in batch_log
+    (log,) = node_logs(run_dir).values()
+    assert "rank 0/2" in log and "rank 1/2" in log and "done at" in log
+    final = checkpoint.checkpoints(run_dir)[-1]
+    assert final.name == "ckpt-000000004" and (final / "data_rank_1.json").exists()
+    assert list((run_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_without_repeating_steps(slurm, tiny_shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.8, "data.workers": 1, "run.log_every": 1})
+    job = sbatch(slurm, run_dir, nodes=1, procs_per_node=2, train_args=args)
+    deadline = time.time() + 120
+    while not list((run_dir / "samples").glob("*.png")):  # training has started
+        assert time.time() < deadline and state(slurm, job), "training did not start"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    wait(slurm, job, timeout=400)
+
+    batch_log = (run_dir / f"job-{job}.out").read_text()
+    assert "USR1 received" in batch_log and f"requeueing job {job}" in batch_log
+    assert "(restart 1)" in batch_log and "(restart 2)" not in batch_log, "requeued once, and not after finishing"
+    (log,) = node_logs(run_dir).values()
+    assert "stopped on request" in log and "resuming from" in log and "done at 0.8 kimg" in log
+    stopped_at = int(log.split("resuming from")[1].split("ckpt-")[1][:9])
+    assert 1 <= stopped_at < 50
+    assert checkpoint.checkpoints(run_dir)[-1].name == "ckpt-000000050", "ends at the planned length"
+
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"), purge_orphaned_data=False)
+    events.Reload()
+    logged = [e.step for e in events.Scalars("Progress/kimg")]
+    assert sorted(logged) == [16 * k for k in range(1, 51)], "every step logged once: none done twice, none lost"
+
+
+def test_two_nodes_rendezvous_through_slurm(slurm, tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(slurm, run_dir, nodes=2, procs_per_node=1,
+                 train_args=tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.064, "data.workers": 1}))
+    wait(slurm, job)
+    assert "on 2 node(s) x 1 process(es)" in (run_dir / f"job-{job}.out").read_text()
+    logs = node_logs(run_dir)
+    assert len(logs) == 2, logs.keys()
+    node0, node1 = logs.values()
+    assert "rank 0/2" in node0 and "rank 1/2" in node1 and "done at" in node0
+    final = checkpoint.checkpoints(run_dir)[-1]
+    assert final.name == "ckpt-000000004"
+    assert (final / "data_rank_0.json").exists() and (final / "data_rank_1.json").exists()
