@@ -89,12 +89,23 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_kimg: float = _f(0.0, "evaluate EMA-G every N kimg during training; 0 = off")
+    n: int = _f(5000, "generated samples per evaluation")
+    extractor: str = _f("inception", "'inception' (local file, see eval.inception) or a TorchScript/module path")
+    inception: str = _f("", "path of inception-2015-12-05.pkl ('' = $BIGAN_INCEPTION or $BIGAN_CACHE/…)")
+    metrics: str = _f("fid,kid", "comma-separated: fid, kid, is, pr")
+    data: str = _f("", "reference shards ('' = data.shards)")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return {s.name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, s.name)).items()}

@@ -45,9 +45,10 @@ def main(argv=None):
     if args.dry_run:
         print(config.to_yaml(), end="")
         return 0
-    from bigan.data.stream import DataError
-    from bigan.trainer import Trainer
     from bigan.checkpoint import CheckpointError
+    from bigan.data.stream import DataError
+    from bigan.metrics.features import ExtractorError
+    from bigan.trainer import Trainer
 
     accelerator = make_accelerator(config)
     if accelerator.is_main_process:
@@ -55,7 +56,7 @@ def main(argv=None):
         (Path(config.run.dir) / "config.yaml").write_text(config.to_yaml())
     try:
         Trainer(config, accelerator).fit()
-    except (DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError, ExtractorError) as exc:
         print(f"bigan: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -10,7 +10,9 @@ says what a GAN step is.
 """
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import signal
 import socket
 import time
@@ -36,6 +38,7 @@ class TrainState:
 
     def __init__(self):
         self.step = self.images_seen = self.d_steps = self.skipped = self.bad_in_row = 0
+        self.best_fid = float("inf")
 
     def state_dict(self):
         return dict(vars(self))
@@ -44,15 +47,19 @@ class TrainState:
         vars(self).update(state)
 
 
-def build_loader(config: Config, accelerator, start: dict | None = None) -> Loader:
-    shards = config.data.shards
-    if shards == "demo":
-        from bigan.data.demo import ensure_demo_shards
+def data_source(config: Config, accelerator) -> str:
+    """data.shards, with 'demo' rendered on first use (by rank 0; the others then find it)."""
+    if config.data.shards != "demo":
+        return config.data.shards
+    from bigan.data.demo import ensure_demo_shards
 
-        with accelerator.main_process_first():  # rank 0 renders the demo set once; the others then find it
-            shards = ensure_demo_shards(config.data.demo_images, config.data.resolution,
-                                        progress=accelerator.is_main_process)
-    shard_set = resolve_shards(shards)
+    with accelerator.main_process_first():
+        return str(ensure_demo_shards(config.data.demo_images, config.data.resolution,
+                                      progress=accelerator.is_main_process))
+
+
+def build_loader(config: Config, accelerator, start: dict | None = None) -> Loader:
+    shard_set = resolve_shards(data_source(config, accelerator))
     if config.model.num_classes and shard_set.labels is not None and len(shard_set.labels) != config.model.num_classes:
         raise ValueError(f"model.num_classes={config.model.num_classes} but the shards have "
                          f"{len(shard_set.labels)} labels")
@@ -179,6 +186,11 @@ class Trainer:
         resume_from = checkpoint.resolve(self.run_dir, c.run.resume)
         data_state = checkpoint.load(self.accelerator, resume_from) if resume_from else None
         self.loader = build_loader(c, self.accelerator, data_state)
+        self.extractor = None
+        if c.eval.every_kimg > 0:  # fail now, not hours in, if the feature extractor is missing
+            from bigan.metrics.features import Extractor
+
+            self.extractor = Extractor(c.eval.extractor, self.device, c.eval.inception or None)
         self.tracker = Tracker(self.accelerator, self.run_dir, c.to_yaml())
         self._install_signal_handlers()
         print(f"bigan: rank {self.accelerator.process_index}/{self.accelerator.num_processes} on "
@@ -198,6 +210,7 @@ class Trainer:
             if self.state.step % c.run.log_every == 0:
                 self._log(progress)
             self._maybe_images_and_save()
+            self._maybe_evaluate()
         self.save()
         self.export()
         progress.close()
@@ -215,6 +228,7 @@ class Trainer:
     def _reset_marks(self):
         self.next_images = self._next_mark(self.config.run.image_every_kimg)
         self.next_save = self._next_mark(self.config.run.ckpt_every_kimg)
+        self.next_eval = self._next_mark(self.config.eval.every_kimg) if self.config.eval.every_kimg > 0 else None
 
     def _maybe_images_and_save(self):
         if self.state.images_seen >= self.next_images or self.state.step == 1:
@@ -224,6 +238,45 @@ class Trainer:
         if self.state.images_seen >= self.next_save and self.state.bad_in_row == 0:
             self.save()
             self.next_save = self._next_mark(self.config.run.ckpt_every_kimg)
+
+    def _maybe_evaluate(self):
+        if self.next_eval is None or self.state.images_seen < self.next_eval:
+            return
+        self.next_eval = self._next_mark(self.config.eval.every_kimg)
+        results = self.evaluate()
+        self.tracker.scalars({f"Metrics/{k}": v for k, v in results.items() if isinstance(v, float)},
+                             self.state.images_seen)
+        if "fid" in results and results["fid"] < self.state.best_fid:
+            self.state.best_fid = results["fid"]
+            self._keep_best(results)
+
+    def evaluate(self) -> dict:
+        """Metrics of EMA-G (else G) against eval.data, on every rank (each generates its share)."""
+        from bigan.metrics.evaluate import evaluate
+
+        e = self.config.eval
+        g = self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.backend.g_module)
+        was_training = g.training
+        g.eval()
+        with self.backend.autocast():
+            results = evaluate(g, self.config.to_dict()["model"], e.data or data_source(self.config, self.accelerator),
+                               self.config.data.resolution, self.extractor, self.accelerator, e.n,
+                               [m.strip() for m in e.metrics.split(",") if m.strip()], seed=self.config.train.seed)
+        g.train(was_training)
+        return results
+
+    def _keep_best(self, results: dict):
+        """Copy this step's checkpoint to RUN/best/ (outside rotation), with its metrics."""
+        path = self.save()
+        if self.accelerator.is_main_process:
+            best, tmp = self.run_dir / "best", self.run_dir / ".tmp-best"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(path, tmp)
+            (tmp / "metrics.json").write_text(json.dumps({**results, "step": self.state.step,
+                                                           "images_seen": self.state.images_seen}, indent=1))
+            shutil.rmtree(best, ignore_errors=True)
+            tmp.rename(best)
+        self.accelerator.wait_for_everyone()
 
     def _progress(self):
         from tqdm import tqdm

@@ -50,3 +50,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class SmallExtractor(__import__("torch").nn.Module):
+    """A fixed random conv net: uint8 NCHW -> (64-d features, 10 logits). Deterministic, CPU-fast."""
+
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        torch.manual_seed(1234)
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, 2, 1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, images):
+        features = self.body(images.float() / 127.5 - 1)
+        return features, self.head(features)
+
+
+@pytest.fixture(scope="session")
+def small_extractor(tmp_path_factory):
+    import torch
+
+    path = tmp_path_factory.mktemp("extractor") / "small.pt"
+    torch.jit.script(SmallExtractor()).save(str(path))
+    return path

@@ -1,0 +1,1 @@
+"""Evaluation: feature extractors (local files only), streamed statistics, FID/KID/IS/precision-recall."""

@@ -1,0 +1,28 @@
+"""Evaluate a fixed generator with 1 or N processes and write the metrics (rank 0).
+
+    python eval_equivalence.py OUT.json SHARDS EXTRACTOR
+    torchrun --nproc_per_node 2 eval_equivalence.py OUT.json SHARDS EXTRACTOR
+"""
+import json
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from bigan.metrics.evaluate import evaluate
+from bigan.metrics.features import Extractor
+from bigan.models import build_models
+
+out, shards, extractor_path = sys.argv[1:4]
+accelerator = Accelerator(cpu=True)
+assert accelerator.num_processes == int(os.environ.get("WORLD_SIZE", "1"))
+torch.manual_seed(0)
+g, _ = build_models("dcgan", 32, 16, 8, 8)
+g.eval()
+model = {"z_dim": 16, "num_classes": 0}
+result = evaluate(g, model, shards, 32, Extractor(extractor_path), accelerator, n=80,
+                  wanted=("fid", "kid", "pr", "is"), batch=16, keep=64)
+if accelerator.is_main_process:
+    with open(out, "w") as f:
+        json.dump(result, f)

@@ -1,0 +1,141 @@
+"""Metrics against closed forms and direct computations; distributed = single; the CLI; learning lowers FID."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bigan.metrics import metrics
+from bigan.metrics.features import FeatureStats
+from conftest import HELPERS, free_port, run, tiny_args, train
+
+
+def test_fid_matches_the_closed_form_for_gaussians():
+    rng = np.random.default_rng(0)
+    mu_a, mu_b = rng.normal(size=16), rng.normal(size=16)
+    s_a, s_b = rng.uniform(0.5, 2, 16), rng.uniform(0.5, 2, 16)
+    closed = np.sum((mu_a - mu_b) ** 2) + np.sum(s_a + s_b - 2 * np.sqrt(s_a * s_b))
+    assert metrics.fid_from_stats(mu_a, np.diag(s_a), mu_b, np.diag(s_b)) == pytest.approx(closed, rel=1e-6)
+    rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))  # same spectra in a rotated basis: the same FID
+    rotated = metrics.fid_from_stats(rotation @ mu_a, rotation @ np.diag(s_a) @ rotation.T,
+                                     rotation @ mu_b, rotation @ np.diag(s_b) @ rotation.T)
+    assert rotated == pytest.approx(closed, rel=1e-6)
+
+
+def test_streamed_statistics_equal_numpy_mean_and_covariance():
+    features = torch.randn(300, 8, dtype=torch.float64) * torch.arange(1, 9) + 3
+    stats = FeatureStats(8, keep=50)
+    for part in torch.split(torch.arange(300), 64):
+        stats.update(features[part], part)
+    mu, sigma = stats.mean_cov()
+    assert np.allclose(mu, features.numpy().mean(0), rtol=1e-12)
+    assert np.allclose(sigma, np.cov(features.numpy(), rowvar=False), rtol=1e-10)
+    assert np.array_equal(stats.kept_features(), features[:50].float().numpy())
+
+
+def test_kid_unbiased_estimator_matches_a_direct_computation():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(30, 4)), rng.normal(0.5, 1, size=(30, 4))
+
+    def k(a, b):
+        return (a @ b / 4 + 1) ** 3
+
+    m = len(x)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    value, std = metrics.kid(x, y, subsets=1, subset_size=m)
+    assert value == pytest.approx(xx + yy - 2 * xy, rel=1e-10) and std == 0
+
+
+def _split_sums(probs, splits):
+    chunks = np.array_split(probs, splits)
+    return ([c.sum(0) for c in chunks], [np.sum(c * np.log(np.clip(c, 1e-30, None))) for c in chunks],
+            [len(c) for c in chunks])
+
+
+def test_inception_score_on_known_distributions():
+    confident_uniform = np.tile(np.eye(10), (20, 1))  # each sample sure of its class, classes balanced: IS = 10
+    assert metrics.inception_score(*_split_sums(confident_uniform, 10))[0] == pytest.approx(10, rel=1e-9)
+    undecided = np.full((200, 10), 0.1)  # every sample the same distribution: IS = 1
+    assert metrics.inception_score(*_split_sums(undecided, 10))[0] == pytest.approx(1, rel=1e-9)
+
+
+def test_precision_recall_on_constructed_sets():
+    points = torch.randn(200, 5, generator=torch.Generator().manual_seed(0))
+    assert metrics.precision_recall(points, points.clone()) == (1.0, 1.0)
+    assert metrics.precision_recall(points, points + 100) == (0.0, 0.0)
+    half = metrics.precision_recall(points, torch.cat([points[:100], points[:100] + 100]))
+    assert half[0] == pytest.approx(0.5)
+
+
+def test_two_process_evaluation_equals_one_process(tiny_shards, small_extractor, tmp_path, env):
+    helper = str(HELPERS / "eval_equivalence.py")
+    one = {**env, "BIGAN_CACHE": str(tmp_path / "cache1")}
+    two = {**env, "BIGAN_CACHE": str(tmp_path / "cache2")}  # reference statistics computed afresh, distributed
+    run([sys.executable, helper, str(tmp_path / "one.json"), str(tiny_shards), str(small_extractor)], one)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         helper, str(tmp_path / "two.json"), str(tiny_shards), str(small_extractor)], two)
+    a, b = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert a["n_ref"] == b["n_ref"] == 96
+    for key in ("fid", "kid", "kid_std", "precision", "recall", "is", "is_std"):
+        assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+
+
+def test_bigan_eval_end_to_end_and_training_lowers_fid(tiny_shards, small_extractor, tmp_path, env):
+    """The untrained generator vs the same one after a short run, scored by bigan-eval and in the loop."""
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_shards, run_dir, **{
+        "train.kimg": 3.2, "model.g_channels": 16, "model.d_channels": 16, "train.batch_size": 16,
+        "run.log_every": 10, "eval.every_kimg": 1.6, "eval.n": 96, "eval.extractor": small_extractor,
+        "eval.metrics": "fid,kid,pr"})
+    train(args, env)
+    evaluated = []
+    for checkpoint in ("untrained", "trained"):
+        target = run_dir / "export" / "generator.safetensors" if checkpoint == "trained" else _untrained(tmp_path, run_dir)
+        out = tmp_path / f"{checkpoint}.json"
+        run([sys.executable, "-m", "bigan.metrics.evaluate", "--checkpoint", str(target), "--data", str(tiny_shards),
+             "--n", "96", "--extractor", str(small_extractor), "--metrics", "fid,kid,is,pr", "--out", str(out)], env)
+        evaluated.append(json.loads(out.read_text()))
+    untrained, trained = evaluated
+    assert set(trained) >= {"fid", "kid", "kid_std", "is", "is_std", "precision", "recall", "n", "n_ref"}
+    assert trained["fid"] < 0.5 * untrained["fid"], (untrained["fid"], trained["fid"])
+
+    best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    assert (run_dir / "best" / "model.safetensors").exists() and best["fid"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
+    events.Reload()
+    fids = [e.value for e in events.Scalars("Metrics/fid")]
+    assert len(fids) == 2 and best["fid"] == pytest.approx(min(fids), rel=1e-5)
+
+
+def _untrained(tmp_path, run_dir):
+    """The run's initial generator (seed 0, as the trainer builds it), exported like a trained one."""
+    from bigan.checkpoint import export_generator
+    from bigan.config import config_from_dict
+    from bigan.models import build_models, init_weights
+    import yaml
+
+    config = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    m = config.model
+    torch.manual_seed(config.train.seed)
+    g, d = build_models(m.arch, config.data.resolution, m.z_dim, m.g_channels, m.d_channels, m.num_classes, m.d_norm)
+    g.apply(init_weights)
+    export_generator(tmp_path / "untrained", g, None, config.to_dict()["model"], {"resolution": config.data.resolution})
+    return tmp_path / "untrained" / "generator.safetensors"
+
+
+def test_missing_inception_weights_is_a_one_line_error(tmp_path, env):
+    missing = tmp_path / "nowhere" / "inception-2015-12-05.pkl"
+    result = run([sys.executable, "-m", "bigan.metrics.evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path)],
+                 {**env, "BIGAN_INCEPTION": str(missing)}, check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("bigan-eval: error:") and str(missing) in last and "inception-2015-12-05.pkl" in last
+
+    result = train([f"--run.dir={tmp_path / 'run'}", "--eval.every_kimg=1", "--train.kimg=0.1"],
+                   {**env, "BIGAN_INCEPTION": str(missing)}, check=False)
+    assert result.returncode == 2 and "FID Inception weights not found" in result.stderr.strip().splitlines()[-1]
