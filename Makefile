@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]" "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev,deepspeed]" "$(TORCH)"
 	touch $@
 
 train: install

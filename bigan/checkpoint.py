@@ -2,6 +2,7 @@
 
     RUN/checkpoints/ckpt-000001234/   (step number)
         model.safetensors, model_1.safetensors, optimizer*.bin   G, D, both optimizers (Accelerate)
+        G/, D/                                                    instead, with DeepSpeed: each engine's ZeRO state
         random_states_R.pkl                                      python/numpy/torch/CUDA RNG per rank
         custom_checkpoint_*.pkl                                  trainer counters, scalers, EMA
         data_rank_R.json                                         stream position per rank
@@ -41,12 +42,12 @@ def resolve(run_dir: Path, spec: str) -> Path | None:
         found = checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(spec)
-    if not (path / "model.safetensors").exists():
-        raise CheckpointError(f"run.resume: {path} is not a bigan checkpoint (no model.safetensors)")
+    if not (path / "random_states_0.pkl").exists():
+        raise CheckpointError(f"run.resume: {path} is not a bigan checkpoint (no random_states_0.pkl)")
     return path
 
 
-def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict) -> Path:
+def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, backend=None) -> Path:
     """Every rank calls this (Accelerate has barriers inside save_state)."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"ckpt-{step:09d}"
@@ -59,6 +60,8 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict) ->
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if backend is not None:
+        backend.save(tmp)  # DeepSpeed engines: G/ and D/ (every rank its partition)
     (tmp / f"data_rank_{accelerator.process_index}.json").write_text(json.dumps(data_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -69,9 +72,11 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict) ->
     return final
 
 
-def load(accelerator, path: Path) -> dict:
+def load(accelerator, path: Path, backend=None) -> dict:
     """Restore everything save() wrote; returns this rank's data stream state."""
     accelerator.load_state(str(path))
+    if backend is not None:
+        backend.load(path)
     data_file = Path(path) / f"data_rank_{accelerator.process_index}.json"
     if not data_file.exists():
         raise CheckpointError(f"{path} has no data position for rank {accelerator.process_index} "

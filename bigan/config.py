@@ -73,6 +73,9 @@ class TrainConfig:
     grad_clip: float = _f(0.0, "clip gradient norm of G and D to this; 0 = off")
     compile: bool = _f(False, "torch.compile G and D")
     channels_last: bool = _f(False, "channels_last memory format (faster convs on GPUs)")
+    deepspeed: str = _f("", "DeepSpeed JSON for both G and D ('' = plain Accelerate/DDP, or the launch config's)")
+    deepspeed_g: str = _f("", "DeepSpeed JSON for G only (e.g. ZeRO-3), overriding train.deepspeed")
+    deepspeed_d: str = _f("", "DeepSpeed JSON for D only (e.g. ZeRO-2), overriding train.deepspeed")
     max_bad_steps: int = _f(5, "after this many non-finite losses in a row, roll back to the last checkpoint")
 
 

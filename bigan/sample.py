@@ -6,7 +6,8 @@
     bigan-sample --checkpoint runs/demo --interpolate 8 --out walk.png  # latent interpolation rows
 
 CHECKPOINT is a run dir (its exported generator, else its latest checkpoint), a checkpoint
-dir, or an exported ``.safetensors`` file with ``generator.json`` beside it.
+dir (plain or DeepSpeed: ZeRO partitions are merged on the CPU, no GPU needed), or an
+exported ``.safetensors`` file with ``generator.json`` beside it.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def load_generator(path: str | Path, ema: bool = True):
         path = path / "export" / ("generator_ema.safetensors" if ema else "generator.safetensors")
         if not path.exists():
             path = path.with_name("generator.safetensors")
-    elif path.is_dir() and not (path / "model.safetensors").exists():
+    elif path.is_dir() and not (path / "random_states_0.pkl").exists():  # a run dir: its latest checkpoint
         latest = checkpoint.resolve(path, "latest")
         if latest is None:
             raise SampleError(f"--checkpoint: {path} has no exported generator and no checkpoints")
@@ -68,8 +69,12 @@ def load_generator(path: str | Path, ema: bool = True):
     ema_file = path / f"custom_checkpoint_{EMA_STATE_INDEX}.pkl"
     if ema and ema_file.exists():
         g.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=False))
-    else:
+    elif (path / "model.safetensors").exists():
         g.load_state_dict(load_file(str(path / "model.safetensors")))
+    else:  # a DeepSpeed checkpoint: merge G's ZeRO partitions on the CPU
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        g.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag="G"))
     return g.eval(), config["model"]
 
 

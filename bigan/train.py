@@ -45,6 +45,7 @@ def main(argv=None):
     if args.dry_run:
         print(config.to_yaml(), end="")
         return 0
+    from bigan.backends.deepspeed import DeepSpeedConfigError
     from bigan.checkpoint import CheckpointError
     from bigan.data.stream import DataError
     from bigan.metrics.features import ExtractorError
@@ -56,7 +57,7 @@ def main(argv=None):
         (Path(config.run.dir) / "config.yaml").write_text(config.to_yaml())
     try:
         Trainer(config, accelerator).fit()
-    except (DataError, CheckpointError, ExtractorError) as exc:
+    except (DataError, CheckpointError, ExtractorError, DeepSpeedConfigError) as exc:
         print(f"bigan: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bigan import checkpoint, losses
-from bigan.backends import PlainBackend
+from bigan.backends import make_backend
 from bigan.config import Config
 from bigan.data.stream import Loader, StreamSpec, resolve_shards
 from bigan.ema import EMA
@@ -88,10 +88,13 @@ class Trainer:
         d_lr, d_betas = losses.lazy_adam(t.d_lr, t.d_betas, loss.r1_interval if loss.r1 > 0 else 1)
         opt_g = torch.optim.Adam(g.parameters(), t.g_lr, betas=tuple(t.g_betas), eps=t.adam_eps)
         opt_d = torch.optim.Adam(d.parameters(), d_lr, betas=d_betas, eps=t.adam_eps)
-        self.backend = backend or PlainBackend(accelerator, t.precision, t.grad_clip, t.channels_last,
-                                               m.sync_batchnorm, t.compile)
+        self.backend = backend or make_backend(config, accelerator)
+        # EMA and the backend's templates copy G before wrapping, while its weights are whole (ZeRO-3 partitions them)
+        self.ema = EMA(g, t.ema_kimg, t.ema_rampup) if t.ema_kimg > 0 else None
+        self.backend.remember_architecture(g, d)
         self.backend.wrap(g, d, opt_g, opt_d)
-        self.ema = EMA(accelerator.unwrap_model(self.backend.g_module), t.ema_kimg, t.ema_rampup) if t.ema_kimg > 0 else None
+        if self.ema is not None:
+            self.ema.model.to(accelerator.device)
         self.state = TrainState()
         for obj in (self.state, self.backend, self.ema):
             if obj is not None:
@@ -123,13 +126,14 @@ class Trainer:
                 fake = b.g_module(z, y_fake)  # bare G: no gradient, no DDP sync
             image = real["image"].detach().requires_grad_(True) if regularize else real["image"]
             with b.autocast():
-                real_logits, fake_logits = b.d(image, real["label"]), b.d(fake, y_fake)
+                real_logits = (b.d_penalty if regularize else b.d)(image, real["label"])
+                fake_logits = b.d(fake, y_fake)
                 loss, stats = losses.d_loss(c.name, real_logits, fake_logits, c.r)
                 if regularize:
                     r1, r1_stats = losses.r1_penalty(image, real_logits)
                     loss, stats = loss + (c.r1 / 2 * c.r1_interval) * r1, {**stats, **r1_stats}
                 if c.name == "wgan" and c.gp > 0:
-                    gp, gp_stats = losses.gradient_penalty(b.d, image, fake, real["label"])
+                    gp, gp_stats = losses.gradient_penalty(b.d_penalty, image, fake, real["label"])
                     loss, stats = loss + c.gp * gp, {**stats, **gp_stats}
             b.backward(loss / len(reals), "d", sync=i == len(reals) - 1)
             self._collect(stats, len(reals))
@@ -161,7 +165,8 @@ class Trainer:
         self.state.bad_in_row = self.state.bad_in_row + 1 if self._iteration_bad else 0
         if self.ema is not None:
             batch_images = self.micro_batch_images * t.grad_accum * self.config.loss.d_steps
-            self.ema.update(self.accelerator.unwrap_model(self.backend.g_module), self.state.images_seen, batch_images)
+            with self.backend.gathered("g") as g:
+                self.ema.update(g, self.state.images_seen, batch_images)
 
     def _collect(self, stats: dict, parts: int = 1):
         """Add one micro-batch's stats (1/parts of a step) to the running means logged at the next log step."""
@@ -184,7 +189,7 @@ class Trainer:
     def fit(self):
         c = self.config
         resume_from = checkpoint.resolve(self.run_dir, c.run.resume)
-        data_state = checkpoint.load(self.accelerator, resume_from) if resume_from else None
+        data_state = checkpoint.load(self.accelerator, resume_from, self.backend) if resume_from else None
         self.loader = build_loader(c, self.accelerator, data_state)
         self.extractor = None
         if c.eval.every_kimg > 0:  # fail now, not hours in, if the feature extractor is missing
@@ -255,7 +260,7 @@ class Trainer:
         from bigan.metrics.evaluate import evaluate
 
         e = self.config.eval
-        g = self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.backend.g_module)
+        g = self.ema.model if self.ema is not None else self.backend.plain_copy("g")
         was_training = g.training
         g.eval()
         with self.backend.autocast():
@@ -306,9 +311,9 @@ class Trainer:
 
     @torch.no_grad()
     def write_images(self):
+        g = self.backend.plain_copy("g")  # every rank: a collective under ZeRO-3
         if not self.accelerator.is_main_process:
             return
-        g = self.backend.g_module
         g.eval()
         with self.backend.autocast():
             self.tracker.images("samples/G", g(self.grid_z, self.grid_y), self.state.images_seen)
@@ -320,7 +325,7 @@ class Trainer:
 
     def save(self):
         return checkpoint.save(self.accelerator, self.run_dir, self.state.step, self.config.run.ckpt_limit,
-                               self.loader.state_dict())
+                               self.loader.state_dict(), self.backend)
 
     def _roll_back(self):
         latest = checkpoint.resolve(self.run_dir, "latest")
@@ -330,16 +335,16 @@ class Trainer:
         if self.accelerator.is_main_process:
             print(f"bigan: {self.state.bad_in_row} non-finite steps in a row; rolling back to {latest}", flush=True)
         skipped = self.state.skipped
-        data_state = checkpoint.load(self.accelerator, latest)
+        data_state = checkpoint.load(self.accelerator, latest, self.backend)
         self.state.skipped, self.state.bad_in_row = skipped, 0
         self.loader = build_loader(self.config, self.accelerator, data_state)
         self._reset_marks()
         return iter(self.loader)
 
     def export(self):
+        g = self.backend.plain_copy("g")  # every rank: a collective under ZeRO-3
         if not self.accelerator.is_main_process:
             return
-        g = self.accelerator.unwrap_model(self.backend.g_module)
         meta = {"resolution": self.config.data.resolution, "images_seen": self.state.images_seen,
                 "step": self.state.step}
         checkpoint.export_generator(self.run_dir / "export", g, self.ema.model if self.ema else None,

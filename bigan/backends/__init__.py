@@ -1,10 +1,34 @@
 """How G and D are wrapped, stepped, precision-cast and saved.
 
-The trainer talks to one small interface (see ``PlainBackend``): ``autocast()``,
-``backward(loss, which, sync)``, ``step(which) -> grad norm``, ``zero_grad(which)``, and the
-attributes ``g``/``d`` (wrapped, for the step that trains them) and ``g_module``/``d_module``
-(the bare modules, for forward passes that must not sync or train them).
+The trainer talks to one small interface that both backends implement: ``wrap``,
+``autocast()``, ``backward(loss, which, sync)``, ``step(which) -> grad norm``,
+``gathered(which)`` / ``plain_copy(which)`` (full weights, on every rank), ``save``/``load``
+(backend state in a checkpoint), the attributes ``g``/``d`` (wrapped, for the step that
+trains them), ``g_module``/``d_module`` (bare modules, for forwards that must not sync or
+train them) and ``d_penalty`` (what gradient penalties differentiate through).
 """
+import os
+
 from bigan.backends.plain import PlainBackend
 
-__all__ = ["PlainBackend"]
+
+def make_backend(config, accelerator):
+    """DeepSpeed when train.deepspeed(_g/_d) names a config or Accelerate was launched with DeepSpeed; else plain."""
+    t = config.train
+    paths = {"g": t.deepspeed_g or t.deepspeed, "d": t.deepspeed_d or t.deepspeed}
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if not any(paths.values()) and plugin is None:
+        return PlainBackend(accelerator, t.precision, t.grad_clip, t.channels_last, config.model.sync_batchnorm, t.compile)
+    from bigan.backends.deepspeed import DeepSpeedBackend, DeepSpeedConfigError, load_ds_config
+
+    def ds_config(which):
+        source = paths[which] or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if source == "none":
+            raise DeepSpeedConfigError("launched with DeepSpeed but without deepspeed_config_file in the "
+                                       "Accelerate config; name one there or set train.deepspeed")
+        return load_ds_config(source, t.batch_size, t.grad_accum, t.grad_clip, accelerator.num_processes)
+
+    return DeepSpeedBackend(accelerator, t.precision, ds_config("g"), ds_config("d"), t.channels_last)
+
+
+__all__ = ["PlainBackend", "make_backend"]

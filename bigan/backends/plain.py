@@ -30,6 +30,24 @@ class PlainBackend:
                        "d": list(self.accelerator.unwrap_model(self.d_module).parameters())}
         self.optimizers = {"g": self.opt_g, "d": self.opt_d}
         self.wrapped = {"g": self.g, "d": self.d}
+        self.d_penalty = self.d  # DDP handles double backward through the wrapper (tested)
+
+    def remember_architecture(self, g, d):
+        pass  # weights are never partitioned here
+
+    @contextlib.contextmanager
+    def gathered(self, which: str):
+        yield self.accelerator.unwrap_model(self.wrapped[which])
+
+    def plain_copy(self, which: str):
+        """The model itself: its weights are whole on every rank."""
+        return self.accelerator.unwrap_model({"g": self.g_module, "d": self.d_module}[which])
+
+    def save(self, directory):
+        pass  # models and optimizers are in Accelerate's save_state
+
+    def load(self, directory):
+        pass
 
     def autocast(self):
         if self.dtype is None:

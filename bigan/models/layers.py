@@ -12,25 +12,29 @@ class StepSpectralNorm(_SpectralNorm):
 
     PyTorch's spectral norm runs a power iteration in every training forward, so a step that
     calls D twice (reals, then fakes) or over k accumulated micro-batches normalizes each call
-    by a different sigma, and the result depends on how the batch was split. Here forwards only
-    read u and v; ``update_spectral_norms(model)`` advances them once per optimizer step.
-    Everything runs in fp32 even under autocast (bf16 loses the precision that keeps sigma stable).
+    by a different sigma, and the result depends on how the batch was split. Here
+    ``update_spectral_norms(model)`` marks one power iteration as due, and the next forward
+    runs it, where the weights are at hand (under ZeRO-3 they are only gathered there); every
+    other forward only reads u and v. Everything runs in fp32 even under autocast (bf16 loses
+    the precision that keeps sigma stable).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.due = False
 
     def forward(self, weight):
         with torch.autocast(weight.device.type, enabled=False):
             weight = weight.float()
             if weight.ndim == 1:
                 return nn.functional.normalize(weight, dim=0, eps=self.eps)
+            weight_mat = self._reshape_weight_to_matrix(weight)
+            if self.due:
+                self._power_method(weight_mat.detach(), self.n_power_iterations)  # no_grad inside
+                self.due = False
             u = self._u.clone(memory_format=torch.contiguous_format)
             v = self._v.clone(memory_format=torch.contiguous_format)
-            sigma = torch.vdot(u, torch.mv(self._reshape_weight_to_matrix(weight), v))
-            return weight / sigma
-
-    @torch.no_grad()
-    def power_iteration(self, weight):
-        if weight.ndim > 1:
-            self._power_method(self._reshape_weight_to_matrix(weight.float()), self.n_power_iterations)
+            return weight / torch.vdot(u, torch.mv(weight_mat, v))
 
 
 def spectral_norm(module: nn.Module, n_power_iterations: int = 1, eps: float = 1e-12) -> nn.Module:
@@ -40,14 +44,11 @@ def spectral_norm(module: nn.Module, n_power_iterations: int = 1, eps: float = 1
     return module
 
 
-@torch.no_grad()
 def update_spectral_norms(model: nn.Module):
-    """One power-iteration step for every spectral-normalized weight in model (once per optimizer step)."""
+    """Mark one power-iteration step as due in every spectral norm of model (once per optimizer step)."""
     for module in model.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            for norm in module.parametrizations.weight:
-                if isinstance(norm, StepSpectralNorm):
-                    norm.power_iteration(module.parametrizations.weight.original)
+        if isinstance(module, StepSpectralNorm):
+            module.due = True
 
 
 class ConditionalBatchNorm2d(nn.Module):

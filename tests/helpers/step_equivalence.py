@@ -22,16 +22,34 @@ config = load_config(None, overrides)
 accelerator = make_accelerator(config)
 world = int(os.environ.get("WORLD_SIZE", "1"))
 assert accelerator.num_processes == world, f"accelerator sees {accelerator.num_processes} processes, expected {world}"
+import bigan.losses
+
+original_gp = bigan.losses.gradient_penalty
+
+
+def gradient_penalty(discriminator, real, fake, labels=None, generator=None):
+    """WGAN-GP with each sample's mixing weight taken from its own pixels, so it does not depend on the split."""
+    alpha = (real.flatten(1).sum(1) * 997).frac().abs()[:, None, None, None]
+    mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(discriminator(mixed, labels).float().sum(), mixed, create_graph=True)
+    penalty = (grad.float().flatten(1).norm(dim=1) - 1).square().mean()
+    return penalty, {"Penalty/GP": penalty.detach()}
+
+
+bigan.losses.gradient_penalty = gradient_penalty
 trainer = Trainer(config, accelerator)
-if world > 1:  # gradients are only averaged across ranks when DDP wraps the models
-    assert isinstance(trainer.backend.g, torch.nn.parallel.DistributedDataParallel), type(trainer.backend.g)
-    assert isinstance(trainer.backend.d, torch.nn.parallel.DistributedDataParallel), type(trainer.backend.d)
+if world > 1:  # gradients are only averaged across ranks when DDP or DeepSpeed wraps the models
+    from deepspeed import DeepSpeedEngine
+
+    for model in (trainer.backend.g, trainer.backend.d):
+        assert isinstance(model, (torch.nn.parallel.DistributedDataParallel, DeepSpeedEngine)), type(model)
 for module in trainer.backend.g_module.modules():
     if isinstance(module, torch.nn.BatchNorm2d):
         module.eval()
 
 def parameters():
-    g, d = (accelerator.unwrap_model(m) for m in (trainer.backend.g_module, trainer.backend.d_module))
+    """Full weights on every rank (plain_copy gathers ZeRO-3 partitions)."""
+    g, d = trainer.backend.plain_copy("g"), trainer.backend.plain_copy("d")
     return {**{f"G.{k}": v.clone() for k, v in g.state_dict().items()}, **{f"D.{k}": v.clone() for k, v in d.state_dict().items()}}
 
 
@@ -46,7 +64,8 @@ for step in range(3):
     parts = [slice((i * world + rank) * b, (i * world + rank + 1) * b) for i in range(k)]
     trainer.d_step([{"image": reals[p], "label": None} for p in parts], [(z_d[p], None) for p in parts])
     trainer.g_step([(z_g[p], None) for p in parts])
+final = parameters()  # every rank: a collective under ZeRO-3
 if accelerator.is_main_process:
-    torch.save(parameters(), out)
+    torch.save(final, out)
     torch.save(initial, os.path.join(os.path.dirname(out), "initial.pt"))
 accelerator.wait_for_everyone()
