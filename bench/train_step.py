@@ -43,7 +43,9 @@ def yardstick(arch, batch, precision, channels_last, ch, steps, warmup, device):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bigan_loop(arch, batch, precision, channels_last, ch, steps, warmup, use_yardstick_modules, ema, device):
+def bigan_loop(arch, batch, precision, channels_last, ch, steps, warmup, use_yardstick_modules, ema, device,
+               extra=()):
+    """Median ms and img/s of Trainer.train_step; `extra` are more config overrides (e.g. a DeepSpeed JSON)."""
     from accelerate import Accelerator
     from reference_gan import ARCHS
 
@@ -56,7 +58,7 @@ def bigan_loop(arch, batch, precision, channels_last, ch, steps, warmup, use_yar
                  "--model.d_norm=batch",  # the yardstick's DCGAN D has BatchNorm
                  f"--train.batch_size={batch}", f"--train.precision={'no' if precision == 'fp32' else precision}",
                  "--train.g_betas=[0.0,0.999]", "--train.d_betas=[0.0,0.999]", f"--train.ema_kimg={10 if ema else 0}",
-                 f"--train.channels_last={str(channels_last).lower()}", "--run.dir=/tmp/bigan-bench-run"]
+                 f"--train.channels_last={str(channels_last).lower()}", "--run.dir=/tmp/bigan-bench-run", *extra]
     config = load_config(None, overrides)
     accelerator = Accelerator(cpu=device == "cpu")
     models = None
@@ -85,7 +87,25 @@ def bigan_loop(arch, batch, precision, channels_last, ch, steps, warmup, use_yar
         sync()
         times.append(time.perf_counter() - start)
     ms = statistics.median(times) * 1e3
-    return {"ms_per_iter": round(ms, 3), "images_per_s": round(batch / ms * 1e3, 1)}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if accelerator.device.type == "cuda" else None
+    return {"ms_per_iter": round(ms, 3), "images_per_s": round(batch / ms * 1e3, 1),
+            "peak_mem_gib": round(peak, 2) if peak is not None else None}
+
+
+def compare(case, device, runs: dict) -> dict:
+    """One result row: the yardstick before and after the runs (name -> callable giving bigan_loop's dict)."""
+    before = yardstick(*case, device)
+    results = {name: run() for name, run in runs.items()}
+    after = yardstick(*case, device)
+    reference = (before["images_per_s"] + after["images_per_s"]) / 2
+    row = {"arch": case[0], "batch": case[1], "precision": case[2], "channels_last": case[3], "ch": case[4],
+           "device": before["device"], "yardstick_img_per_s": [before["images_per_s"], after["images_per_s"]],
+           "yardstick_peak_mem_gib": before["peak_mem_gib"],
+           **{f"{k}_img_per_s": v["images_per_s"] for k, v in results.items()},
+           **{f"{k}_ratio": round(v["images_per_s"] / reference, 3) for k, v in results.items()},
+           **{f"{k}_peak_mem_gib": v["peak_mem_gib"] for k, v in results.items()}}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main():
@@ -98,22 +118,11 @@ def main():
     else:  # CPU: fp32, narrower/smaller so the run takes minutes, not hours
         cases = [("dcgan64", 64, "fp32", False, 64, 10, 3), ("resnet128", 8, "fp32", False, 16, 6, 2)]
     rows = []
-    for arch, batch, precision, channels_last, ch, steps, warmup in cases:
-        common = (arch, batch, precision, channels_last, ch, steps, warmup)
-        before = yardstick(*common, args.device)
-        runs = {
-            "yardstick_modules": bigan_loop(*common, True, False, args.device),
-            "bigan_models": bigan_loop(*common, False, False, args.device),
-            "bigan_models_with_ema": bigan_loop(*common, False, True, args.device),
-        }
-        after = yardstick(*common, args.device)
-        reference = (before["images_per_s"] + after["images_per_s"]) / 2
-        row = {"arch": arch, "batch": batch, "precision": precision, "channels_last": channels_last, "ch": ch,
-               "device": before["device"], "yardstick_img_per_s": [before["images_per_s"], after["images_per_s"]],
-               **{f"{k}_img_per_s": v["images_per_s"] for k, v in runs.items()},
-               **{f"{k}_ratio": round(v["images_per_s"] / reference, 3) for k, v in runs.items()}}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for case in cases:
+        runs = {"yardstick_modules": lambda: bigan_loop(*case, True, False, args.device),
+                "bigan_models": lambda: bigan_loop(*case, False, False, args.device),
+                "bigan_models_with_ema": lambda: bigan_loop(*case, False, True, args.device)}
+        rows.append(compare(case, args.device, runs))
     if args.out:
         args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows}, indent=1))
 
