@@ -67,7 +67,6 @@ class DeepSpeedBackend:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.configs = {"g": config_g, "d": config_d}
         self.scalers = {k: torch.amp.GradScaler(self.device.type, enabled=False) for k in "gd"}
-        self.grad_clip = config_g["gradient_clipping"]
 
     def wrap(self, g, d, opt_g, opt_d):
         import deepspeed
@@ -81,7 +80,6 @@ class DeepSpeedBackend:
         self.d_penalty = self.d_module  # autograd.grad(create_graph=True) through the engine breaks ZeRO
         self.opt_g, self.opt_d = self.g.optimizer, self.d.optimizer
         self.engines = engines
-        self._micro = {"g": 0, "d": 0}
 
     def autocast(self):
         if self.dtype is None:
