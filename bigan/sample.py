@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from bigan import checkpoint
 from bigan.models import build_models
-from bigan.tracking import image_grid
+from bigan.tracking import image_grid, to_uint8
 
 EMA_STATE_INDEX = 2  # custom_checkpoint_2.pkl: the trainer registers state, scalers, EMA in that order
 
@@ -110,7 +110,7 @@ def generate(g, model: dict, z: torch.Tensor, labels=None, batch: int = 256, dev
 def write(images: torch.Tensor, out: str | Path, columns: int | None = None):
     """A grid (.png/.jpg), a folder of PNGs (DIR/), or a uint8 NxHxWx3 array (.npz)."""
     is_dir, out = str(out).endswith("/"), Path(out)
-    as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    as_uint8 = to_uint8(images).permute(0, 2, 3, 1).numpy()
     if is_dir or out.is_dir():
         out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(as_uint8):

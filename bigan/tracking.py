@@ -9,9 +9,14 @@ import torch
 from PIL import Image
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Generator output in [-1, 1] as uint8 pixels (the inverse of the stream's x / 127.5 - 1)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def image_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
     """uint8 HxWx3 grid of images in [-1, 1] (NCHW)."""
-    images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    images = to_uint8(images).cpu()
     n, c, h, w = images.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / columns))

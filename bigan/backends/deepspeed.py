@@ -97,7 +97,9 @@ class DeepSpeedBackend:
         engine = self.engines[which]
         engine.step()
         norm = engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        # None means DeepSpeed did not compute a norm this step; that is not a non-finite step
+        # (NaN here would make the trainer count it as bad and roll back again and again).
+        return float(norm) if norm is not None else 0.0
 
     @contextlib.contextmanager
     def gathered(self, which: str):

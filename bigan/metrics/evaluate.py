@@ -21,12 +21,9 @@ import torch
 
 from bigan.metrics import metrics
 from bigan.metrics.features import Extractor, ExtractorError, FeatureStats
+from bigan.tracking import to_uint8
 
 METRICS = ("fid", "kid", "is", "pr")
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def _cache_file(shard_set, resolution, extractor, n) -> Path:
