@@ -16,8 +16,10 @@ def make_backend(config, accelerator):
     """DeepSpeed when train.deepspeed(_g/_d) names a config or Accelerate was launched with DeepSpeed; else plain."""
     t = config.train
     paths = {"g": t.deepspeed_g or t.deepspeed, "d": t.deepspeed_d or t.deepspeed}
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if not any(paths.values()) and plugin is None:
+    # Accelerate's own flag, not accelerator.state.deepspeed_plugin: with Accelerator(cpu=True)
+    # (how bigan runs on CPU) Accelerate drops the plugin and would silently train plain DDP.
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not any(paths.values()) and not launched:
         return PlainBackend(accelerator, t.precision, t.grad_clip, t.channels_last, config.model.sync_batchnorm, t.compile)
     from bigan.backends.deepspeed import DeepSpeedBackend, DeepSpeedConfigError, load_ds_config
 
