@@ -202,6 +202,7 @@ class Trainer:
               f"{socket.gethostname()}, device {self.device}", flush=True)
         if self.accelerator.is_main_process:
             where = f"resuming from {resume_from}" if resume_from else "starting fresh"
+            print(f"bigan: {self.backend.describe()}", flush=True)
             print(f"bigan: {where}; run dir {self.run_dir}: TensorBoard logs in {self.run_dir / 'logs'}, "
                   f"checkpoints in {self.run_dir / 'checkpoints'}, samples in {self.run_dir / 'samples'}", flush=True)
         batches = iter(self.loader)

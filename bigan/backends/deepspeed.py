@@ -10,12 +10,18 @@ The traps this avoids (measured with deepspeed 0.19.8, torch 2.13):
 * DeepSpeed >= 0.19.3 clips gradients at 1.0 unless told: bigan always writes
   ``gradient_clipping`` (train.grad_clip; 0 = off), and the batch and accumulation keys, into
   each engine's config, so train.* stays the one source of truth.
+* DeepSpeed's ZeRO optimizers skip a step whose global gradient norm is not finite (fp32
+  weights, every stage; measured), so non-finite steps are skipped as on the plain path.
+  fp16 gets one dynamic loss scale per engine (``DynamicLossScale``), handed to the ZeRO
+  optimizer with ``override_loss_scale``: DeepSpeed multiplies the loss by it in
+  ``engine.backward`` and divides it out before clipping and Adam.
 * Under ZeRO-3 a module's weights are partitioned: EMA, sample grids and export gather them
   on every rank (``plain_copy``), never on the main process alone.
 """
 import contextlib
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -47,6 +53,37 @@ def load_ds_config(path, batch_size: int, grad_accum: int, grad_clip: float, wor
     return config
 
 
+class DynamicLossScale:
+    """torch.amp.GradScaler's schedule for a ZeRO engine: halve on a skipped (non-finite) step,
+    double after ``growth_interval`` finite steps in a row. One per engine, as G's and D's
+    gradients live on different scales."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.enabled, self.scale, self.growth_interval, self.good_steps = enabled, init_scale, growth_interval, 0
+
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+    def get_scale(self) -> float:
+        return self.scale if self.enabled else 1.0
+
+    def update(self, finite: bool):
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale, self.good_steps = self.scale * 0.5, 0
+            return
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale, self.good_steps = self.scale * 2.0, 0
+
+    def state_dict(self):
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state):
+        self.scale, self.good_steps = state["scale"], state["good_steps"]
+
+
 def zero_stage(config: dict) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
@@ -55,18 +92,18 @@ class DeepSpeedBackend:
     """Same interface as PlainBackend; ``g``/``d`` are DeepSpeed engines, ``g_module``/``d_module`` their modules."""
 
     def __init__(self, accelerator, precision: str, config_g: dict, config_d: dict, channels_last: bool = False):
-        if precision == "fp16":
-            raise DeepSpeedConfigError("train.precision=fp16 is not supported with DeepSpeed in bigan "
-                                       "(it needs per-engine loss scaling); use bf16")
+        if precision == "fp16" and min(zero_stage(config_g), zero_stage(config_d)) == 0:
+            raise DeepSpeedConfigError("train.precision=fp16 with DeepSpeed needs ZeRO stage 1, 2 or 3 "
+                                       "(bigan's loss scaling goes through the ZeRO optimizer)")
         import deepspeed
 
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend="gloo" if accelerator.device.type == "cpu" else "nccl")
         self.accelerator, self.device = accelerator, accelerator.device
-        self.dtype = torch.bfloat16 if precision == "bf16" else None
+        self.dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.configs = {"g": config_g, "d": config_d}
-        self.scalers = {k: torch.amp.GradScaler(self.device.type, enabled=False) for k in "gd"}
+        self.scalers = {k: DynamicLossScale(enabled=precision == "fp16") for k in "gd"}
 
     def wrap(self, g, d, opt_g, opt_d):
         import deepspeed
@@ -89,17 +126,31 @@ class DeepSpeedBackend:
     def backward(self, loss, which: str, sync: bool = True):
         """The trainer already divides by the micro-batch count; DeepSpeed steps at the accumulation boundary."""
         engine = self.engines[which]
+        if self.scalers[which].is_enabled():
+            engine.optimizer.override_loss_scale(self.scalers[which].get_scale())
         engine.backward(loss, scale_wrt_gas=False)
         if not sync:  # not the last micro-batch: let the engine count it (it only steps at the boundary)
             engine.step()
 
     def step(self, which: str) -> float:
         engine = self.engines[which]
-        engine.step()
+        engine.step()  # skips the update by itself when the global norm is not finite
         norm = engine.get_global_grad_norm()
         # None means DeepSpeed did not compute a norm this step; that is not a non-finite step
         # (NaN here would make the trainer count it as bad and roll back again and again).
-        return float(norm) if norm is not None else 0.0
+        norm = float(norm) if norm is not None else 0.0
+        self.scalers[which].update(math.isfinite(norm))
+        return norm
+
+    def describe(self) -> str:
+        def one(which):
+            zero = self.configs[which].get("zero_optimization", {})
+            offload = [k.split("_")[1] for k in ("offload_optimizer", "offload_param")
+                       if zero.get(k, {}).get("device", "none") != "none"]
+            return f"ZeRO-{zero_stage(self.configs[which])}" + (f" (offload: {', '.join(offload)})" if offload else "")
+
+        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, loss scale per engine"}
+        return f"DeepSpeed engines: G {one('g')}, D {one('d')}; {precision[self.dtype]}, fp32 weights"
 
     @contextlib.contextmanager
     def gathered(self, which: str):
@@ -134,7 +185,9 @@ class DeepSpeedBackend:
             engine.load_checkpoint(str(directory), tag=which.upper())
 
     def state_dict(self):
-        return {}
+        return {k: s.state_dict() for k, s in self.scalers.items()}
 
     def load_state_dict(self, state):
-        pass
+        for k, s in self.scalers.items():
+            if k in state:  # checkpoints from before fp16 support hold no scales
+                s.load_state_dict(state[k])

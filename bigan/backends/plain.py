@@ -81,6 +81,12 @@ class PlainBackend:
         optimizer.zero_grad(set_to_none=True)
         return value
 
+    def describe(self) -> str:
+        n = self.accelerator.num_processes
+        where = f"DDP over {n} processes" if n > 1 else "one process"
+        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, GradScaler per model"}
+        return f"plain PyTorch ({where}); {precision[self.dtype]}, fp32 weights"
+
     def state_dict(self):
         return {k: s.state_dict() for k, s in self.scalers.items()}
 

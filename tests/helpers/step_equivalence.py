@@ -7,6 +7,10 @@ Every run sees the same global batch of reals and latents (train.batch_size per 
 micro-batch, train.grad_accum micro-batches, WORLD_SIZE ranks), so the parameters after the
 steps must agree whatever the split. G's BatchNorm layers are put in eval mode so that G's
 output does not depend on the split either (BatchNorm over micro-batches is another function).
+
+BIGAN_TEST_NAN_D_STEP=k makes the D loss of D step k NaN on every rank: that step must be
+skipped (and fp16's loss scale halved) the same way on every backend. OUT also holds the
+final loss scales and the number of skipped steps.
 """
 import os
 import sys
@@ -37,6 +41,16 @@ def gradient_penalty(discriminator, real, fake, labels=None, generator=None):
 
 
 bigan.losses.gradient_penalty = gradient_penalty
+nan_step = int(os.environ.get("BIGAN_TEST_NAN_D_STEP", "-1"))
+original_d_loss = bigan.losses.d_loss
+
+
+def d_loss(*args, **kwargs):
+    loss, stats = original_d_loss(*args, **kwargs)
+    return (loss * float("nan") if trainer.state.d_steps == nan_step else loss), stats
+
+
+bigan.losses.d_loss = d_loss
 trainer = Trainer(config, accelerator)
 if world > 1:  # gradients are only averaged across ranks when DDP or DeepSpeed wraps the models
     from deepspeed import DeepSpeedEngine
@@ -65,6 +79,8 @@ for step in range(3):
     trainer.d_step([{"image": reals[p], "label": None} for p in parts], [(z_d[p], None) for p in parts])
     trainer.g_step([(z_g[p], None) for p in parts])
 final = parameters()  # every rank: a collective under ZeRO-3
+final.update({f"scale.{k}": torch.tensor(float(s.get_scale())) for k, s in trainer.backend.scalers.items()},
+             skipped=torch.tensor(trainer.state.skipped))
 if accelerator.is_main_process:
     torch.save(final, out)
     torch.save(initial, os.path.join(os.path.dirname(out), "initial.pt"))
