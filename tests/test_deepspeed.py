@@ -86,16 +86,17 @@ def test_fp16_loss_scaling_and_a_nonfinite_step_match_the_plain_path(ds_config, 
 
 
 def test_per_model_stages_train_resume_identically_and_export_from_zero3(tiny_shards, tmp_path, env):
-    """G on ZeRO-3 (launch config), D on ZeRO-2 (train.deepspeed_d), as in the README:
-    2N steps straight == N, resume, N; a ZeRO-3 checkpoint exports on CPU to the live generator."""
+    """G on ZeRO-3 (launch config), D on ZeRO-2 (train.deepspeed_d), as in the README, in fp16 (the
+    per-engine loss scales are checkpointed too): 2N steps straight == N, resume, N; a ZeRO-3
+    checkpoint exports on CPU to the live generator."""
     stages = {"train.deepspeed_d": "launch_configs/deepspeed/zero2.json", "model.arch": "resnet",
-              "data.workers": 1, "train.ema_kimg": 0.01}
+              "data.workers": 1, "train.ema_kimg": 0.01, "train.precision": "fp16"}
 
     def train(run_dir, **extra):
         return accelerate_launch(3, "bigan/train.py", tiny_args(tiny_shards, tmp_path / run_dir, **stages, **extra), env)
 
     straight = train("straight", **{"train.kimg": 0.064})
-    assert "bigan: DeepSpeed engines: G ZeRO-3, D ZeRO-2" in straight.stdout
+    assert "bigan: DeepSpeed engines: G ZeRO-3, D ZeRO-2; fp16" in straight.stdout
     train("split", **{"train.kimg": 0.032})
     resumed = train("split", **{"train.kimg": 0.064, "run.resume": "latest"})
     assert "resuming from" in resumed.stdout
@@ -105,6 +106,9 @@ def test_per_model_stages_train_resume_identically_and_export_from_zero3(tiny_sh
         assert all(torch.equal(a[k], b[k]) for k in a), name
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    scales = [torch.load(tmp_path / r / "checkpoints" / "ckpt-000000004" / "custom_checkpoint_1.pkl", weights_only=False)
+              for r in ("straight", "split")]  # the backend's state: {"g": {"scale", "good_steps"}, "d": ...}
+    assert scales[0] == scales[1], scales  # not restored, the resumed run would count 2 good steps, not 4
     d_a, d_b = (get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / r / "checkpoints" / "ckpt-000000004"), tag="D")
                 for r in ("straight", "split"))
     assert all(torch.equal(d_a[k], d_b[k]) for k in d_a)
