@@ -32,8 +32,8 @@ def slurm(tmp_path_factory, env):
     subprocess.run(["bash", "tests/slurm_cluster.sh", "stop", str(state)], cwd=ROOT, timeout=60)
 
 
-def sbatch(slurm_env, run_dir, nodes, procs_per_node, train_args):
-    knobs = {"ACCELERATE_CONFIG": "launch_configs/accelerate/cpu_multi.yaml", "PROCS_PER_NODE": procs_per_node,
+def sbatch(slurm_env, run_dir, nodes, procs_per_node, train_args, accelerate_config="cpu_multi"):
+    knobs = {"ACCELERATE_CONFIG": f"launch_configs/accelerate/{accelerate_config}.yaml", "PROCS_PER_NODE": procs_per_node,
              "RUN_DIR": run_dir, "MAIN_PORT": free_port(), "BIGAN_ENV": f"{sys.prefix}/bin/activate"}
     export = "ALL," + ",".join(f"{k}={v}" for k, v in knobs.items())
     run_dir.mkdir(parents=True)  # Slurm does not create the --output file's folder
@@ -101,9 +101,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes_without_repeating_steps(
     assert sorted(logged) == [16 * k for k in range(1, 51)], "every step logged once: none done twice, none lost"
 
 
-def test_two_nodes_rendezvous_through_slurm(slurm, tiny_shards, tmp_path):
+@pytest.mark.parametrize("accelerate_config", ["cpu_multi", "deepspeed_zero2"])
+def test_two_nodes_rendezvous_through_slurm(accelerate_config, slurm, tiny_shards, tmp_path):
+    """Two machine ranks, plain DDP or DeepSpeed (Accelerate's 'standard' multi-node launcher)."""
     run_dir = tmp_path / "run"
-    job = sbatch(slurm, run_dir, nodes=2, procs_per_node=1,
+    job = sbatch(slurm, run_dir, nodes=2, procs_per_node=1, accelerate_config=accelerate_config,
                  train_args=tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.064, "data.workers": 1}))
     wait(slurm, job)
     assert "on 2 node(s) x 1 process(es)" in (run_dir / f"job-{job}.out").read_text()
@@ -111,6 +113,8 @@ def test_two_nodes_rendezvous_through_slurm(slurm, tiny_shards, tmp_path):
     assert len(logs) == 2, logs.keys()
     node0, node1 = logs.values()
     assert "rank 0/2" in node0 and "rank 1/2" in node1 and "done at" in node0
+    backend = "DeepSpeed engines: G ZeRO-2, D ZeRO-2" if accelerate_config.startswith("deepspeed") else "DDP over 2"
+    assert backend in node0, node0
     final = checkpoint.checkpoints(run_dir)[-1]
     assert final.name == "ckpt-000000004"
     assert (final / "data_rank_0.json").exists() and (final / "data_rank_1.json").exists()

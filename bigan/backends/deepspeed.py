@@ -101,7 +101,10 @@ class DeepSpeedBackend:
             deepspeed.init_distributed(dist_backend="gloo" if accelerator.device.type == "cpu" else "nccl")
         self.accelerator, self.device = accelerator, accelerator.device
         self.dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # channels_last weights cannot survive ZeRO: stages 1-2 make every weight a contiguous view
+        # of one flat buffer, stage 3 gathers them contiguous, and DeepSpeed's start-up broadcast
+        # (p.data.view(torch.uint8)) refuses channels_last tensors. The weights stay contiguous.
+        self.channels_last_ignored = channels_last
         self.configs = {"g": config_g, "d": config_d}
         self.scalers = {k: DynamicLossScale(enabled=precision == "fp16") for k in "gd"}
 
@@ -110,7 +113,7 @@ class DeepSpeedBackend:
 
         engines = {}
         for which, model, optimizer in (("g", g, opt_g), ("d", d, opt_d)):
-            model = model.to(self.device, memory_format=self.memory_format)
+            model = model.to(self.device)
             engines[which], *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.configs[which])
         self.g, self.d = engines["g"], engines["d"]
         self.g_module, self.d_module = self.g.module, self.d.module
@@ -150,7 +153,8 @@ class DeepSpeedBackend:
             return f"ZeRO-{zero_stage(self.configs[which])}" + (f" (offload: {', '.join(offload)})" if offload else "")
 
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, loss scale per engine"}
-        return f"DeepSpeed engines: G {one('g')}, D {one('d')}; {precision[self.dtype]}, fp32 weights"
+        ignored = " (train.channels_last ignored: ZeRO keeps weights contiguous)" if self.channels_last_ignored else ""
+        return f"DeepSpeed engines: G {one('g')}, D {one('d')}; {precision[self.dtype]}, fp32 weights{ignored}"
 
     @contextlib.contextmanager
     def gathered(self, which: str):
