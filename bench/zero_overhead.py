@@ -5,7 +5,8 @@
 One process (a single GPU, or the CPU): the yardstick runs before and after; bigan's own
 models at the yardstick's sizes run through Trainer.train_step with the plain backend and
 with G and D in ZeRO-1, 2 and 3 engines. GPU cases: dcgan64 batch 256 and resnet128 batch 64,
-bf16, channels_last. CPU cases: fp32 and smaller, as in bench/train_step.py.
+bf16, channels_last (the yardstick and the plain path; ZeRO keeps weights contiguous, so the
+DeepSpeed cases run without it). CPU cases: fp32 and smaller, as in bench/train_step.py.
 """
 import argparse
 import json
