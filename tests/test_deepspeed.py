@@ -85,20 +85,12 @@ def test_fp16_loss_scaling_and_a_nonfinite_step_match_the_plain_path(ds_config, 
     _assert_close(reference, _params(target), initial, rtol=1e-3, update_rtol=2e-2)
 
 
-def test_per_model_stages_train_resume_identically_and_export_from_zero3(tiny_shards, tmp_path, env):
-    """G on ZeRO-3 (launch config), D on ZeRO-2 (train.deepspeed_d), as in the README, in fp16 (the
-    per-engine loss scales are checkpointed too): 2N steps straight == N, resume, N; a ZeRO-3
-    checkpoint exports on CPU to the live generator."""
-    stages = {"train.deepspeed_d": "launch_configs/deepspeed/zero2.json", "model.arch": "resnet",
-              "data.workers": 1, "train.ema_kimg": 0.01, "train.precision": "fp16",
-              "train.channels_last": "true"}  # DeepSpeed's start-up broadcast crashed on channels_last weights
-
-    def train(run_dir, **extra):
-        return accelerate_launch(3, "bigan/train.py", tiny_args(tiny_shards, tmp_path / run_dir, **stages, **extra), env)
+def _straight_and_resumed(stage, extra, tiny_shards, tmp_path, env):
+    """The same 4-step run twice: straight, and as 2 steps + resume + 2 steps; both must agree exactly."""
+    def train(run_dir, **more):
+        return accelerate_launch(stage, "bigan/train.py", tiny_args(tiny_shards, tmp_path / run_dir, **extra, **more), env)
 
     straight = train("straight", **{"train.kimg": 0.064})
-    assert "bigan: DeepSpeed engines: G ZeRO-3, D ZeRO-2; fp16" in straight.stdout
-    assert "channels_last ignored" in straight.stdout
     train("split", **{"train.kimg": 0.032})
     resumed = train("split", **{"train.kimg": 0.064, "run.resume": "latest"})
     assert "resuming from" in resumed.stdout
@@ -108,12 +100,25 @@ def test_per_model_stages_train_resume_identically_and_export_from_zero3(tiny_sh
         assert all(torch.equal(a[k], b[k]) for k in a), name
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    scales = [torch.load(tmp_path / r / "checkpoints" / "ckpt-000000004" / "custom_checkpoint_1.pkl", weights_only=False)
-              for r in ("straight", "split")]  # the backend's state: {"g": {"scale", "good_steps"}, "d": ...}
-    assert scales[0] == scales[1], scales  # not restored, the resumed run would count 2 good steps, not 4
     d_a, d_b = (get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / r / "checkpoints" / "ckpt-000000004"), tag="D")
                 for r in ("straight", "split"))
     assert all(torch.equal(d_a[k], d_b[k]) for k in d_a)
+    return straight
+
+
+def test_per_model_stages_train_resume_identically_and_export_from_zero3(tiny_shards, tmp_path, env):
+    """G on ZeRO-3 (launch config), D on ZeRO-2 (train.deepspeed_d), as in the README, in fp16 (the
+    per-engine loss scales are checkpointed too): 2N steps straight == N, resume, N; a ZeRO-3
+    checkpoint exports on CPU to the live generator."""
+    stages = {"train.deepspeed_d": "launch_configs/deepspeed/zero2.json", "model.arch": "resnet",
+              "data.workers": 1, "train.ema_kimg": 0.01, "train.precision": "fp16",
+              "train.channels_last": "true"}  # DeepSpeed's start-up broadcast crashed on channels_last weights
+    straight = _straight_and_resumed(3, stages, tiny_shards, tmp_path, env)
+    assert "bigan: DeepSpeed engines: G ZeRO-3, D ZeRO-2; fp16" in straight.stdout
+    assert "channels_last ignored" in straight.stdout
+    scales = [torch.load(tmp_path / r / "checkpoints" / "ckpt-000000004" / "custom_checkpoint_1.pkl", weights_only=False)
+              for r in ("straight", "split")]  # the backend's state: {"g": {"scale", "good_steps"}, "d": ...}
+    assert scales[0] == scales[1], scales  # not restored, the resumed run would count 2 good steps, not 4
 
     checkpoint_dir = tmp_path / "straight" / "checkpoints" / "ckpt-000000004"
     for source, out in ((checkpoint_dir, "from_zero3.npz"), (tmp_path / "straight" / "export" / "generator.safetensors",
@@ -121,6 +126,14 @@ def test_per_model_stages_train_resume_identically_and_export_from_zero3(tiny_sh
         run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(source), "--no-ema", "--n", "6",
              "--out", str(tmp_path / out), "--device", "cpu"], env)
     assert np.array_equal(np.load(tmp_path / "from_zero3.npz")["images"], np.load(tmp_path / "from_live.npz")["images"])
+
+
+def test_zero1_dcgan_with_batchnorm_resumes_identically(tiny_shards, tmp_path, env):
+    """ZeRO-1 for both models, DCGAN with BatchNorm in G and D, bf16 autocast, R1: resume continues exactly."""
+    extra = {"model.arch": "dcgan", "model.d_norm": "batch", "data.workers": 1, "train.ema_kimg": 0.01,
+             "train.precision": "bf16", "loss.name": "bce", "loss.r1": 1.0, "loss.r1_interval": 2}
+    straight = _straight_and_resumed(1, extra, tiny_shards, tmp_path, env)
+    assert "bigan: DeepSpeed engines: G ZeRO-1, D ZeRO-1; bf16" in straight.stdout
 
 
 def test_deepspeed_configs_that_would_break_are_refused(tmp_path, env):
