@@ -12,6 +12,7 @@ bigan's EMA is off (the yardstick has none); a third row per case has it on.
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-YARDSTICK = ROOT.parent / "shared" / "bench" / "reference_gan.py"
+# the yardstick beside the checkout; BIGAN_YARDSTICK names a copy (bench/gpu_session.sh carries one)
+YARDSTICK = Path(os.environ.get("BIGAN_YARDSTICK", ROOT.parent / "shared" / "bench" / "reference_gan.py"))
 sys.path.insert(0, str(YARDSTICK.parent))
 
 
