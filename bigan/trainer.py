@@ -123,7 +123,7 @@ class Trainer:
         update_spectral_norms(b.d_module)
         for i, (real, (z, y_fake)) in enumerate(zip(reals, latents)):
             with torch.no_grad(), b.autocast():
-                fake = b.g_module(z, y_fake)  # bare G: no gradient, no DDP sync
+                fake = b.frozen("g")(z, y_fake)  # bare G: no gradient, no DDP sync
             image = real["image"].detach().requires_grad_(True) if regularize else real["image"]
             with b.autocast():
                 real_logits = (b.d_penalty if regularize else b.d)(image, real["label"])

@@ -2,6 +2,7 @@
 
 The trainer talks to one small interface that both backends implement: ``wrap``,
 ``autocast()``, ``backward(loss, which, sync)``, ``step(which) -> grad norm``,
+``frozen(which)`` (the model to run where it is not trained, e.g. G in the D step),
 ``gathered(which)`` / ``plain_copy(which)`` (full weights, on every rank), ``save``/``load``
 (backend state in a checkpoint), the attributes ``g``/``d`` (wrapped, for the step that
 trains them), ``g_module``/``d_module`` (bare modules, for forwards that must not sync or

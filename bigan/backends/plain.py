@@ -35,6 +35,10 @@ class PlainBackend:
     def remember_architecture(self, g, d):
         pass  # weights are never partitioned here
 
+    def frozen(self, which: str):
+        """The bare model, for forwards that must not train it or sync it (G in the D step, D in the G step)."""
+        return {"g": self.g_module, "d": self.d_module}[which]
+
     @contextlib.contextmanager
     def gathered(self, which: str):
         yield self.accelerator.unwrap_model(self.wrapped[which])
