@@ -10,7 +10,8 @@ output does not depend on the split either (BatchNorm over micro-batches is anot
 
 BIGAN_TEST_NAN_D_STEP=k makes the D loss of D step k NaN on every rank: that step must be
 skipped (and fp16's loss scale halved) the same way on every backend. OUT also holds the
-final loss scales and the number of skipped steps.
+final loss scales, the number of skipped steps and, under ZeRO-3, whether each engine's
+module trace is complete.
 """
 import os
 import sys
@@ -81,6 +82,10 @@ for step in range(3):
 final = parameters()  # every rank: a collective under ZeRO-3
 final.update({f"scale.{k}": torch.tensor(float(s.get_scale())) for k, s in trainer.backend.scalers.items()},
              skipped=torch.tensor(trainer.state.skipped))
+for k, engine in getattr(trainer.backend, "engines", {}).items():  # ZeRO-3: can DeepSpeed prefetch from its trace?
+    if hasattr(engine.optimizer, "parameter_offload"):
+        coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+        final[f"zero3_trace_complete.{k}"] = torch.tensor(coordinator.is_complete_trace())
 if accelerator.is_main_process:
     torch.save(final, out)
     torch.save(initial, os.path.join(os.path.dirname(out), "initial.pt"))
