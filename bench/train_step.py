@@ -77,8 +77,15 @@ def bigan_loop(arch, batch, precision, channels_last, ch, steps, warmup, use_yar
         while True:
             yield from reals
 
-    stream = batches()
-    sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
+    ms = median_step_ms(trainer, batches(), steps, warmup)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if accelerator.device.type == "cuda" else None
+    return {"ms_per_iter": round(ms, 3), "images_per_s": round(batch / ms * 1e3, 1),
+            "peak_mem_gib": round(peak, 2) if peak is not None else None}
+
+
+def median_step_ms(trainer, stream, steps: int, warmup: int) -> float:
+    """Median wall time of Trainer.train_step in ms, after warmup steps (device synced around each)."""
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         trainer.train_step(stream)
     sync()
@@ -88,10 +95,7 @@ def bigan_loop(arch, batch, precision, channels_last, ch, steps, warmup, use_yar
         trainer.train_step(stream)
         sync()
         times.append(time.perf_counter() - start)
-    ms = statistics.median(times) * 1e3
-    peak = torch.cuda.max_memory_allocated() / 2**30 if accelerator.device.type == "cuda" else None
-    return {"ms_per_iter": round(ms, 3), "images_per_s": round(batch / ms * 1e3, 1),
-            "peak_mem_gib": round(peak, 2) if peak is not None else None}
+    return statistics.median(times) * 1e3
 
 
 def compare(case, device, runs: dict) -> dict:

@@ -12,15 +12,13 @@ it is not, every top-level forward re-records it and checks it across ranks).
 import argparse
 import cProfile
 import pstats
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import ROOT  # noqa: E402
+from train_step import ROOT, median_step_ms  # noqa: E402
 from zero_overhead import single_process_group  # noqa: E402
 
 
@@ -43,20 +41,6 @@ def make_trainer(arch, device, extra):
     return trainer, batches()
 
 
-def time_steps(trainer, stream, steps=60, warmup=10):
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        trainer.train_step(stream)
-    sync()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        trainer.train_step(stream)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -70,7 +54,7 @@ def main():
         if extra:
             single_process_group()
         trainers[name] = make_trainer(args.arch, args.device, extra)
-        print(f"{name:6s} {time_steps(*trainers[name]):7.2f} ms per train_step ({args.arch}, tiny)", flush=True)
+        print(f"{name:6s} {median_step_ms(*trainers[name], steps=60, warmup=10):7.2f} ms per train_step ({args.arch}, tiny)", flush=True)
 
     trainer, stream = trainers["zero3"]
     syncs = {"n": 0}

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from bigan.backends.precision import DTYPES, NAMES, autocast
+
 
 class DeepSpeedConfigError(Exception):
     pass
@@ -101,7 +103,7 @@ class DeepSpeedBackend:
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend="gloo" if accelerator.device.type == "cpu" else "nccl")
         self.accelerator, self.device = accelerator, accelerator.device
-        self.dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.dtype = DTYPES[precision]
         # channels_last weights cannot survive ZeRO: stages 1-2 make every weight a contiguous view
         # of one flat buffer, stage 3 gathers them contiguous, and DeepSpeed's start-up broadcast
         # (p.data.view(torch.uint8)) refuses channels_last tensors. The weights stay contiguous.
@@ -124,9 +126,7 @@ class DeepSpeedBackend:
         self.engines = engines
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def backward(self, loss, which: str, sync: bool = True):
         """The trainer already divides by the micro-batch count; DeepSpeed steps at the accumulation boundary."""
@@ -155,9 +155,9 @@ class DeepSpeedBackend:
                        if zero.get(k, {}).get("device", "none") != "none"]
             return f"ZeRO-{zero_stage(self.configs[which])}" + (f" (offload: {', '.join(offload)})" if offload else "")
 
-        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, loss scale per engine"}
         ignored = " (train.channels_last ignored: ZeRO keeps weights contiguous)" if self.channels_last_ignored else ""
-        return f"DeepSpeed engines: G {one('g')}, D {one('d')}; {precision[self.dtype]}, fp32 weights{ignored}"
+        scaling = ", loss scale per engine" if self.dtype == torch.float16 else ""
+        return f"DeepSpeed engines: G {one('g')}, D {one('d')}; {NAMES[self.dtype]}{scaling}, fp32 weights{ignored}"
 
     def frozen(self, which: str) -> torch.nn.Module:
         """The model with its current weights, for forwards that do not train it (G in the D step), EMA and copies.
@@ -179,7 +179,7 @@ class DeepSpeedBackend:
             return self.engines[which].module
         module = self.engines[which].module
         if which not in self._shadows:
-            self._shadows[which], self._stale[which] = copy.deepcopy(self._template[which]).to(self.device), True
+            self._shadows[which] = copy.deepcopy(self._template[which]).to(self.device)
         shadow = self._shadows[which]
         if self._stale[which]:
             import deepspeed

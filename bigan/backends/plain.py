@@ -4,13 +4,15 @@ import math
 
 import torch
 
+from bigan.backends.precision import DTYPES, NAMES, autocast
+
 
 class PlainBackend:
     def __init__(self, accelerator, precision: str, grad_clip: float = 0.0, channels_last: bool = False,
                  sync_batchnorm: bool = False, compile: bool = False):
         self.accelerator, self.grad_clip = accelerator, grad_clip
         self.device = accelerator.device
-        self.dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.dtype = DTYPES[precision]
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.sync_batchnorm, self.compile = sync_batchnorm, compile
         # fp16 needs loss scaling, separately per model (their gradients live on different scales)
@@ -36,7 +38,7 @@ class PlainBackend:
         pass  # weights are never partitioned here
 
     def frozen(self, which: str):
-        """The bare model, for forwards that must not train it or sync it (G in the D step, D in the G step)."""
+        """The bare model, for forwards that must not train it or sync it (G in the D step)."""
         return {"g": self.g_module, "d": self.d_module}[which]
 
     @contextlib.contextmanager
@@ -54,9 +56,7 @@ class PlainBackend:
         pass
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def backward(self, loss, which: str, sync: bool = True):
         """Backward of one micro-batch; sync=False skips the DDP all-reduce (gradient accumulation)."""
@@ -88,8 +88,8 @@ class PlainBackend:
     def describe(self) -> str:
         n = self.accelerator.num_processes
         where = f"DDP over {n} processes" if n > 1 else "one process"
-        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, GradScaler per model"}
-        return f"plain PyTorch ({where}); {precision[self.dtype]}, fp32 weights"
+        scaling = ", GradScaler per model" if self.dtype == torch.float16 else ""
+        return f"plain PyTorch ({where}); {NAMES[self.dtype]}{scaling}, fp32 weights"
 
     def state_dict(self):
         return {k: s.state_dict() for k, s in self.scalers.items()}
