@@ -6,8 +6,15 @@ Every multi-process run here is started the way users start one on GPUs:
 starts torchrun-style ranks on the CPU, bigan builds the gloo process group and both engines
 through the same make_backend / DeepSpeedBackend code. What this cannot cover: NCCL, GPU
 kernels, and speed (bench/zero_overhead.py on a GPU).
+
+One CUDA rule is emulated for every process started here: on a GPU, ``engine.forward``
+switches an outer autocast off around the module (DeepSpeed asks ``torch.is_autocast_enabled()``,
+which is about CUDA); ``helpers/cuda_autocast_rule`` makes that question answer for the CPU,
+so DeepSpeed disables CPU autocast inside the engines exactly as it disables CUDA autocast on
+a GPU. Without it, every mixed-precision test here passed on CPU while every GPU run crashed.
 """
 import json
+import os
 import sys
 
 import numpy as np
@@ -28,6 +35,14 @@ PENALTIES = {
 BASE = {"model.arch": "resnet", "data.resolution": 32, "model.g_channels": 4, "model.d_channels": 4,
         "model.z_dim": 8, "train.adam_eps": 1.0, "train.g_lr": 0.01, "train.d_lr": 0.01}
 FP16_NAN = {"train.precision": "fp16"}  # with BIGAN_TEST_NAN_D_STEP=1: D step 1 is non-finite
+BF16 = {"train.precision": "bf16"}
+
+
+@pytest.fixture(scope="module")
+def env(env):
+    """The session's environment with DeepSpeed's CUDA autocast rule emulated on the CPU."""
+    rule = str(HELPERS / "cuda_autocast_rule")
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [rule, env.get("PYTHONPATH")]))}
 
 
 def _args(run_dir, penalty, **extra):
@@ -46,11 +61,16 @@ def references(tmp_path_factory, env):
     """The plain single-process path on the whole batch of 8, per penalty (and fp16 with a NaN step)."""
     out = tmp_path_factory.mktemp("reference")
     refs = {}
-    for name, penalty, extra, extra_env in [*((p, p, {}, {}) for p in PENALTIES),
-                                            ("fp16_nan", "none", FP16_NAN, {"BIGAN_TEST_NAN_D_STEP": "1"})]:
+    whole = {"train.batch_size": 8}
+    # bf16: the same 4 micro-batches of 2 that 2 ranks x grad_accum 2 see (bf16 gradients of one
+    # batch of 8 round differently from those of 4 batches of 2, up to 8% of an update)
+    bf16_split = {**BF16, "train.batch_size": 2, "train.grad_accum": 4}
+    for name, penalty, extra, extra_env in [*((p, p, whole, {}) for p in PENALTIES),
+                                            ("fp16_nan", "none", {**whole, **FP16_NAN}, {"BIGAN_TEST_NAN_D_STEP": "1"}),
+                                            ("bf16_r1", "r1", bf16_split, {})]:
         target = out / f"{name}.pt"
         run([sys.executable, str(HELPERS / "step_equivalence.py"), str(target),
-             *_args(out / "run", penalty, **{"train.batch_size": 8}, **extra)], {**env, **extra_env})
+             *_args(out / "run", penalty, **extra)], {**env, **extra_env})
         refs[name] = (_params(target), _params(out / "initial.pt"))
     return refs
 
@@ -86,6 +106,31 @@ def test_fp16_loss_scaling_and_a_nonfinite_step_match_the_plain_path(ds_config, 
     # fp16 rounding differs between a batch of 8 and two of 4; a scale not divided out, or the NaN step
     # applied, would be off by orders of magnitude (Adam's eps=1 makes the step linear in the gradient)
     _assert_close(reference, _params(target), initial, rtol=1e-3, update_rtol=2e-2)
+
+
+def test_the_cuda_autocast_rule_is_emulated(tmp_path, env):
+    """The emulation itself: DeepSpeed's autocast_if_enabled switches CPU autocast off, as it does CUDA's."""
+    probe = ("import torch\nfrom types import SimpleNamespace\nimport deepspeed.comm\n"
+             "from deepspeed.runtime.torch_autocast import autocast_if_enabled\n"
+             "deepspeed.comm.get_rank = lambda: 0\n"
+             "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+             "    with autocast_if_enabled(SimpleNamespace(torch_autocast_enabled=lambda: False)):\n"
+             "        print(torch.is_autocast_enabled('cpu'))\n")
+    assert run([sys.executable, "-c", probe], env).stdout.split()[-1] == "False"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_runs_in_bf16_inside_the_engines_and_matches_the_plain_path(stage, references, tmp_path, env):
+    """bf16 autocast with DeepSpeed switching it off inside engine.forward (the CUDA rule, emulated):
+    G and D still compute in bf16 (G's fakes would otherwise reach D's fp32 weights and crash, and
+    G alone would silently train in fp32), and the step with R1 and grad_accum 2 matches the plain path."""
+    target = tmp_path / "zero.pt"
+    accelerate_launch(stage, str(HELPERS / "step_equivalence.py"),
+                      [str(target), *_args(tmp_path / "run", "r1", **BF16, **{"train.batch_size": 2,
+                                                                              "train.grad_accum": 2})], env)
+    reference, initial = references["bf16_r1"]
+    assert reference["compute_dtype.g"] == reference["compute_dtype.d"] == 1  # all bf16 on the plain path
+    _assert_close(reference, _params(target), initial)  # compute dtypes equal too (keys not in initial)
 
 
 def _straight_and_resumed(stage, extra, tiny_shards, tmp_path, env):

@@ -10,8 +10,9 @@ output does not depend on the split either (BatchNorm over micro-batches is anot
 
 BIGAN_TEST_NAN_D_STEP=k makes the D loss of D step k NaN on every rank: that step must be
 skipped (and fp16's loss scale halved) the same way on every backend. OUT also holds the
-final loss scales, the number of skipped steps and, under ZeRO-3, whether each engine's
-module trace is complete.
+final loss scales, the number of skipped steps, the dtype G's and D's convolutions and linear
+layers computed in during the steps (``compute_dtype.g``/``.d``: inside DeepSpeed's engines
+too) and, under ZeRO-3, whether each engine's module trace is complete.
 """
 import os
 import sys
@@ -61,6 +62,14 @@ if world > 1:  # gradients are only averaged across ranks when DDP or DeepSpeed 
 for module in trainer.backend.g_module.modules():
     if isinstance(module, torch.nn.BatchNorm2d):
         module.eval()
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # 3: mixed
+compute_dtypes = {"g": set(), "d": set()}
+for which, module in (("g", trainer.backend.g_module), ("d", trainer.backend.d_module)):
+    for layer in module.modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+            layer.register_forward_hook(lambda m, i, output, which=which: compute_dtypes[which].add(output.dtype))
+
 
 def parameters():
     """Full weights on every rank (plain_copy gathers ZeRO-3 partitions)."""
