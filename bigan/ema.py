@@ -8,6 +8,7 @@ class EMA:
     def __init__(self, model: torch.nn.Module, half_life_kimg: float, rampup: float):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.half_life_kimg, self.rampup = half_life_kimg, rampup
+        self._pairs = None
 
     def beta(self, images_seen: int, batch_images: int) -> float:
         half_life = self.half_life_kimg * 1000
@@ -18,12 +19,17 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, images_seen: int, batch_images: int):
         beta = self.beta(images_seen, batch_images)
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - beta)
-        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)  # BatchNorm statistics and spectral-norm vectors follow G
+        if self._pairs is None or self._pairs[0] is not model:  # lists made once per model (per-step Python)
+            self._pairs = (model, list(self.model.parameters()), list(model.parameters()),
+                           list(self.model.buffers()), list(model.buffers()))
+        _, ema_params, params, ema_buffers, buffers = self._pairs
+        torch._foreach_lerp_(ema_params, params, 1 - beta)
+        if buffers:  # BatchNorm statistics and spectral-norm vectors follow G
+            torch._foreach_copy_(ema_buffers, buffers)
 
     def state_dict(self):
         return self.model.state_dict()
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state)
+        self._pairs = None

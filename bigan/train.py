@@ -49,7 +49,7 @@ def main(argv=None):
     from bigan.checkpoint import CheckpointError
     from bigan.data.stream import DataError
     from bigan.metrics.features import ExtractorError
-    from bigan.trainer import Trainer
+    from bigan.trainer import DivergedError, Trainer
 
     accelerator = make_accelerator(config)
     if accelerator.is_main_process:
@@ -57,7 +57,7 @@ def main(argv=None):
         (Path(config.run.dir) / "config.yaml").write_text(config.to_yaml())
     try:
         Trainer(config, accelerator).fit()
-    except (DataError, CheckpointError, ExtractorError, DeepSpeedConfigError) as exc:
+    except (DataError, CheckpointError, ExtractorError, DeepSpeedConfigError, DivergedError) as exc:
         print(f"bigan: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -10,8 +10,8 @@ says what a GAN step is.
 """
 from __future__ import annotations
 
+import functools
 import json
-import math
 import shutil
 import signal
 import socket
@@ -27,10 +27,15 @@ from bigan.data.stream import Loader, StreamSpec, resolve_shards
 from bigan.ema import EMA
 from bigan.models import build_models, init_weights
 from bigan.models.layers import update_spectral_norms
+from bigan.step_stats import NonFiniteSteps, StepStats
 from bigan.tracking import Tracker, memory_gib
 
 
 STOP_FILE = "STOP"  # created in the run dir (e.g. by slurm/train.sh on preemption): checkpoint and exit 0
+
+
+class DivergedError(Exception):
+    """Training produced non-finite steps with no checkpoint to roll back to."""
 
 
 class TrainState:
@@ -85,10 +90,10 @@ class Trainer:
                 g.apply(init_weights), d.apply(init_weights)
         else:
             g, d = models
-        d_lr, d_betas = losses.lazy_adam(t.d_lr, t.d_betas, loss.r1_interval if loss.r1 > 0 else 1)
-        opt_g = torch.optim.Adam(g.parameters(), t.g_lr, betas=tuple(t.g_betas), eps=t.adam_eps)
-        opt_d = torch.optim.Adam(d.parameters(), d_lr, betas=d_betas, eps=t.adam_eps)
         self.backend = backend or make_backend(config, accelerator)
+        d_lr, d_betas = losses.lazy_adam(t.d_lr, t.d_betas, loss.r1_interval if loss.r1 > 0 else 1)
+        adam = functools.partial(torch.optim.Adam, eps=t.adam_eps, fused=self.backend.fused_adam or None)
+        opt_g, opt_d = adam(g.parameters(), t.g_lr, betas=tuple(t.g_betas)), adam(d.parameters(), d_lr, betas=d_betas)
         # EMA and the backend's templates copy G before wrapping, while its weights are whole (ZeRO-3 partitions them)
         self.ema = EMA(g, t.ema_kimg, t.ema_rampup) if t.ema_kimg > 0 else None
         self.backend.remember_architecture(g, d)
@@ -104,7 +109,9 @@ class Trainer:
         self.total_images = int(t.kimg * 1000)
         self.signal_received = False  # set by the handler on this rank
         self.stop_requested = False   # agreed by all ranks (at log steps)
-        self.stats: dict = {}
+        self.stats = StepStats()
+        self.nonfinite = NonFiniteSteps(self.device)
+        self.data_wait = 0.0  # seconds this process waited for batches since the last log step
         generator = torch.Generator().manual_seed(t.seed)
         self.grid_z = torch.randn(config.run.grid_size, m.z_dim, generator=generator).to(self.device)
         self.grid_y = (torch.arange(config.run.grid_size) % max(m.num_classes, 1)).to(self.device) if m.num_classes else None
@@ -156,33 +163,37 @@ class Trainer:
 
     def train_step(self, batches):
         t = self.config.train
-        self._iteration_bad = False
         for _ in range(self.config.loss.d_steps):
-            reals = [next(batches) for _ in range(t.grad_accum)]
+            reals = [self._next_batch(batches) for _ in range(t.grad_accum)]
             self.d_step(reals, [self.sample_z(len(r["image"])) for r in reals])
         self.g_step([self.sample_z(t.batch_size) for _ in range(t.grad_accum)])
         self.state.step += 1
-        self.state.bad_in_row = self.state.bad_in_row + 1 if self._iteration_bad else 0
+        self.nonfinite.end_iteration()
         if self.ema is not None:
             batch_images = self.micro_batch_images * t.grad_accum * self.config.loss.d_steps
             with self.backend.gathered("g") as g:
                 self.ema.update(g, self.state.images_seen, batch_images)
 
-    def _collect(self, stats: dict, parts: int = 1):
-        """Add one micro-batch's stats (1/parts of a step) to the running means logged at the next log step."""
-        for key, value in stats.items():
-            total, steps = self.stats.get(key, (0, 0))
-            self.stats[key] = (total + value / parts, steps + 1 / parts)
+    def _next_batch(self, batches):
+        start = time.perf_counter()
+        batch = next(batches)
+        self.data_wait += time.perf_counter() - start
+        return batch
 
-    def _after_step(self, which: str, grad_norm: float):
-        """Count a skipped (non-finite) step; the iteration counts as bad unless fp16's scaler is still settling."""
+    def _collect(self, stats: dict, parts: int = 1):
+        """Add one micro-batch's stats (1/parts of a step) to the means logged at the next log step."""
+        self.stats.add(stats, 1 / parts)
+
+    def _after_step(self, which: str, grad_norm):
+        """Count a skipped (non-finite) step, on the device (read at log steps and before saving)."""
+        grad_norm = torch.as_tensor(grad_norm, device=self.device)
         self._collect({f"GradNorm/{which.upper()}": grad_norm})
-        if math.isfinite(grad_norm):
-            return
-        self.state.skipped += 1
-        scaler = self.backend.scalers[which]
-        if not (scaler.is_enabled() and scaler.get_scale() >= 1):
-            self._iteration_bad = True
+        self.nonfinite.step(grad_norm, self.backend.settling(which))
+
+    def sync_counters(self):
+        """Bring the non-finite-step counters from the device into the state (one host read)."""
+        skipped, self.state.bad_in_row = self.nonfinite.read()
+        self.state.skipped += skipped
 
     # ------------------------------------------------------------ the loop
 
@@ -190,6 +201,7 @@ class Trainer:
         c = self.config
         resume_from = checkpoint.resolve(self.run_dir, c.run.resume)
         data_state = checkpoint.load(self.accelerator, resume_from, self.backend) if resume_from else None
+        self.nonfinite = NonFiniteSteps(self.device, self.state.bad_in_row)
         self.loader = build_loader(c, self.accelerator, data_state)
         self.extractor = None
         if c.eval.every_kimg > 0:  # fail now, not hours in, if the feature extractor is missing
@@ -207,14 +219,15 @@ class Trainer:
                   f"checkpoints in {self.run_dir / 'checkpoints'}, samples in {self.run_dir / 'samples'}", flush=True)
         batches = iter(self.loader)
         progress = self._progress()
-        self._last_log = (time.time(), self.state.images_seen)
+        self._last_log, self._last_input_warning = (time.perf_counter(), self.state.images_seen, self.state.step), -1e9
+        self.data_wait = 0.0
         self._reset_marks()
         while self.state.images_seen < self.total_images and not self.stop_requested:
             self.train_step(batches)
-            if self.state.bad_in_row >= c.train.max_bad_steps:
-                batches = self._roll_back()
             if self.state.step % c.run.log_every == 0:
                 self._log(progress)
+                if self.state.bad_in_row >= c.train.max_bad_steps:  # counted on the device, read at log steps
+                    batches = self._roll_back()
             self._maybe_images_and_save()
             self._maybe_evaluate()
         self.save()
@@ -241,9 +254,11 @@ class Trainer:
             self.write_images()
             self.next_images = self._next_mark(self.config.run.image_every_kimg)
         # no periodic checkpoint in a run of non-finite steps: a roll-back should land before it
-        if self.state.images_seen >= self.next_save and self.state.bad_in_row == 0:
-            self.save()
-            self.next_save = self._next_mark(self.config.run.ckpt_every_kimg)
+        if self.state.images_seen >= self.next_save:
+            self.sync_counters()
+            if self.state.bad_in_row == 0:
+                self.save()
+                self.next_save = self._next_mark(self.config.run.ckpt_every_kimg)
 
     def _maybe_evaluate(self):
         if self.next_eval is None or self.state.images_seen < self.next_eval:
@@ -296,10 +311,14 @@ class Trainer:
         asked = self.signal_received or (self.run_dir / STOP_FILE).exists()
         stop = torch.tensor([float(asked)], device=self.device)
         self.stop_requested = bool(self.accelerator.reduce(stop, "sum").item() > 0)
-        now, seen = time.time(), self.state.images_seen
-        values = {key: float(total / steps) for key, (total, steps) in self.stats.items()}
+        self.sync_counters()
+        now, seen, step = time.perf_counter(), self.state.images_seen, self.state.step
+        elapsed, steps = max(now - self._last_log[0], 1e-9), max(step - self._last_log[2], 1)
+        values = self.stats.means()
         values.update({
-            "Progress/kimg": seen / 1000, "Progress/img_per_s": (seen - self._last_log[1]) / max(now - self._last_log[0], 1e-9),
+            "Progress/kimg": seen / 1000, "Progress/img_per_s": (seen - self._last_log[1]) / elapsed,
+            "Progress/iteration_ms": elapsed / steps * 1e3, "Progress/data_wait_ms": self.data_wait / steps * 1e3,
+            "Progress/step_share": 1 - min(self.data_wait / elapsed, 1.0),
             "Progress/skipped_steps": self.state.skipped, "Progress/corrupt_samples": self.loader.corrupt_samples,
             "LR/G": self.backend.opt_g.param_groups[0]["lr"], "LR/D": self.backend.opt_d.param_groups[0]["lr"],
             "Memory/peak_gib": memory_gib(self.device),
@@ -307,8 +326,18 @@ class Trainer:
         self.tracker.scalars(values, seen)
         progress.update(seen - progress.n)
         progress.set_postfix({"D": f"{values.get('Loss/D', 0):.3f}", "G": f"{values.get('Loss/G', 0):.3f}",
-                              "img/s": f"{values['Progress/img_per_s']:.0f}"}, refresh=False)
-        self._last_log, self.stats = (now, seen), {}
+                              "img/s": f"{values['Progress/img_per_s']:.0f}",
+                              "data": f"{1 - values['Progress/step_share']:.0%}"}, refresh=False)
+        self._warn_if_input_bound(values["Progress/step_share"], now)
+        self._last_log, self.data_wait = (now, seen, step), 0.0
+
+    def _warn_if_input_bound(self, step_share: float, now: float):
+        """Say so (at most every 10 minutes) when this process spends most of its time waiting for data."""
+        if step_share >= 0.5 or now - self._last_input_warning < 600 or not self.accelerator.is_main_process:
+            return
+        self._last_input_warning = now
+        print(f"bigan: warning: {1 - step_share:.0%} of each iteration waits for data (input-bound); "
+              f"raise data.workers (now {self.config.data.workers}) if this machine has idle cores", flush=True)
 
     @torch.no_grad()
     def write_images(self):
@@ -325,19 +354,21 @@ class Trainer:
     # ------------------------------------------------------------ persistence
 
     def save(self):
+        self.sync_counters()
         return checkpoint.save(self.accelerator, self.run_dir, self.state.step, self.config.run.ckpt_limit,
                                self.loader.state_dict(), self.backend)
 
     def _roll_back(self):
         latest = checkpoint.resolve(self.run_dir, "latest")
         if latest is None:
-            raise RuntimeError(f"training diverged: {self.state.bad_in_row} non-finite steps in a row "
-                               f"and no checkpoint to roll back to")
+            raise DivergedError(f"training diverged: {self.state.bad_in_row} non-finite iterations in a row before "
+                                f"the first checkpoint; lower train.g_lr/d_lr or set train.grad_clip")
         if self.accelerator.is_main_process:
             print(f"bigan: {self.state.bad_in_row} non-finite steps in a row; rolling back to {latest}", flush=True)
         skipped = self.state.skipped
         data_state = checkpoint.load(self.accelerator, latest, self.backend)
         self.state.skipped, self.state.bad_in_row = skipped, 0
+        self.nonfinite = NonFiniteSteps(self.device)
         self.loader = build_loader(self.config, self.accelerator, data_state)
         self._reset_marks()
         return iter(self.loader)

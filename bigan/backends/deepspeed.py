@@ -131,6 +131,8 @@ def zero_stage(config: dict) -> int:
 class DeepSpeedBackend:
     """Same interface as PlainBackend; ``g``/``d`` are DeepSpeed engines, ``g_module``/``d_module`` their modules."""
 
+    fused_adam = False  # the ZeRO optimizer checks for overflow itself (a host read inside engine.step)
+
     def __init__(self, accelerator, precision: str, config_g: dict, config_d: dict, channels_last: bool = False):
         if precision == "fp16" and min(zero_stage(config_g), zero_stage(config_d)) == 0:
             raise DeepSpeedConfigError("train.precision=fp16 with DeepSpeed needs ZeRO stage 1, 2 or 3 "
@@ -174,7 +176,7 @@ class DeepSpeedBackend:
         if not sync:  # not the last micro-batch: let the engine count it (it only steps at the boundary)
             engine.step()
 
-    def step(self, which: str) -> float:
+    def step(self, which: str) -> torch.Tensor:
         engine = self.engines[which]
         engine.step()  # skips the update by itself when the global norm is not finite
         self._stale[which] = True
@@ -183,7 +185,12 @@ class DeepSpeedBackend:
         # (NaN here would make the trainer count it as bad and roll back again and again).
         norm = float(norm) if norm is not None else 0.0
         self.scalers[which].update(math.isfinite(norm))
-        return norm
+        return torch.tensor(norm)
+
+    def settling(self, which: str) -> bool:
+        """Whether a non-finite step is fp16's loss scale still settling (not a bad step)."""
+        scaler = self.scalers[which]
+        return scaler.is_enabled() and scaler.get_scale() >= 1
 
     def describe(self) -> str:
         def one(which):

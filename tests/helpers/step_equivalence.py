@@ -89,8 +89,11 @@ for step in range(3):
     trainer.d_step([{"image": reals[p], "label": None} for p in parts], [(z_d[p], None) for p in parts])
     trainer.g_step([(z_g[p], None) for p in parts])
 final = parameters()  # every rank: a collective under ZeRO-3
+trainer.sync_counters()
 final.update({f"scale.{k}": torch.tensor(float(s.get_scale())) for k, s in trainer.backend.scalers.items()},
              skipped=torch.tensor(trainer.state.skipped))
+final.update({f"compute_dtype.{k}": torch.tensor(DTYPE_CODES[next(iter(v))] if len(v) == 1 else 3)
+              for k, v in compute_dtypes.items()})
 for k, engine in getattr(trainer.backend, "engines", {}).items():  # ZeRO-3: can DeepSpeed prefetch from its trace?
     if hasattr(engine.optimizer, "parameter_offload"):
         coordinator = engine.optimizer.parameter_offload.get_param_coordinator()

@@ -3,6 +3,7 @@
     python train_with_faults.py kill-on-save N [train args]   # SIGKILL right after the Nth save_state writes,
                                                               # before the checkpoint is renamed complete
     python train_with_faults.py nan-d-loss A,B,C [train args] # D loss is NaN on these calls (1-based)
+    python train_with_faults.py slow-data SECONDS [train args]  # every batch takes this long to arrive
 """
 import os
 import signal
@@ -37,4 +38,17 @@ elif fault == "nan-d-loss":
         return (loss * torch.nan if calls["n"] in bad_calls else loss), stats
 
     bigan.losses.d_loss = d_loss
+elif fault == "slow-data":
+    import time
+
+    from bigan.data.stream import Loader
+
+    original_iter = Loader.__iter__
+
+    def slow_iter(self):
+        for batch in original_iter(self):
+            time.sleep(float(arg))
+            yield batch
+
+    Loader.__iter__ = slow_iter
 sys.exit(main(argv))

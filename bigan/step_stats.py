@@ -1,0 +1,68 @@
+"""What the loop counts between log steps, kept on the device so that the host never waits for it.
+
+Losses, logits and gradient norms, and the counts of non-finite steps, stay device tensors
+until a log step (or a checkpoint) reads them all at once: a host read in every step would
+make the host wait for the device there, and a small model, whose kernels take less time than
+Python takes to queue them, would then run at the speed of the two added together.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class StepStats:
+    """Means over a log interval of per-step scalars; nothing is computed until ``means()``."""
+
+    def __init__(self):
+        self.values: dict[str, list] = {}
+
+    def add(self, stats: dict, weight: float = 1.0):
+        """One micro-batch's stats, counted as ``weight`` of a step (1 / number of micro-batches)."""
+        for key, value in stats.items():
+            self.values.setdefault(key, []).append((value, weight))
+
+    def means(self) -> dict[str, float]:
+        """The weighted mean of each key since the last call (one host read for all), then reset."""
+        if not self.values:
+            return {}
+        keys, means = list(self.values), []
+        for key in keys:
+            values = torch.stack([torch.as_tensor(v).float().reshape(()) for v, _ in self.values[key]])
+            weights = torch.tensor([w for _, w in self.values[key]], device=values.device)
+            means.append((values * weights).sum() / weights.sum())
+        devices = {m.device for m in means}
+        device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
+        self.values = {}
+        return dict(zip(keys, torch.stack([m.to(device) for m in means]).tolist()))
+
+
+class NonFiniteSteps:
+    """Optimizer steps skipped as non-finite, and the current run of bad iterations, on the device.
+
+    An iteration is bad when one of its steps was not finite, unless fp16's loss scale was
+    still settling (halving from its start value is expected, not a divergence).
+    """
+
+    def __init__(self, device, bad_in_row: int = 0):
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_in_row = torch.tensor(bad_in_row, dtype=torch.int64, device=device)
+        self.iteration_bad = torch.zeros((), dtype=torch.bool, device=device)
+
+    def step(self, grad_norm: torch.Tensor, settling):
+        """After an optimizer step; ``settling`` is a bool or a device bool tensor."""
+        nonfinite = ~torch.isfinite(grad_norm)
+        self.skipped += nonfinite
+        if isinstance(settling, torch.Tensor):
+            self.iteration_bad |= nonfinite & ~settling
+        elif not settling:
+            self.iteration_bad |= nonfinite
+
+    def end_iteration(self):
+        self.bad_in_row = torch.where(self.iteration_bad, self.bad_in_row + 1, 0)
+        self.iteration_bad.zero_()
+
+    def read(self) -> tuple[int, int]:
+        """(steps skipped since the last read, bad iterations in a row now): one host read."""
+        skipped, bad_in_row = torch.stack([self.skipped, self.bad_in_row]).tolist()
+        self.skipped.zero_()
+        return skipped, bad_in_row
