@@ -239,3 +239,20 @@ def test_reads_plain_webdataset_shards_without_manifest(tmp_path):
     batch = next(iter(_loader(tmp_path / "foreign.tar", batch=3, resolution=8)))
     assert batch["label"] is None and batch["image"].shape == (3, 3, 8, 8)
     assert batch["image"][:, 1].mean() > 0.4
+
+
+def test_worker_buffers_are_reused_but_never_overwritten_while_read(uneven_shards):
+    """Workers send each of their shared batch buffers once and then only its slot number; a slot is
+    refilled only after the Loader has copied it out. With a consumer slower than the workers (so
+    they run as far ahead as the DataLoader lets them), every image must still match its label,
+    which travels with the batch (a refilled buffer would hold a later batch's images)."""
+    import time
+
+    loader = _loader(uneven_shards, batch=3, workers=2, seed=3, shuffle_buffer=4)
+    batches = iter(loader)
+    for i in range(40):
+        batch = next(batches)
+        ids = _ids(batch)
+        assert [v % 3 for v in ids] == batch["label"].tolist(), f"batch {i}: images {ids} vs labels"
+        time.sleep(0.01)
+    assert len(loader.buffers) == 2 * loader.dataset.slots  # each worker's ring, sent once

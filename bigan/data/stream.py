@@ -183,16 +183,28 @@ class StreamSpec:
 
 
 class _Batch:
-    """A uint8 NxHxWx3 batch filled in place, in shared memory inside DataLoader workers (sent without a copy)."""
+    """A uint8 NxHxWx3 batch filled in place, in one of a ring of ``slots`` buffers.
 
-    def __init__(self, size: int, resolution: int, shared: bool):
-        self.size, self.resolution, self.shared = size, resolution, shared
-        self._new()
+    Inside DataLoader workers the buffers live in shared memory and each is sent to the main
+    process once; after that a batch travels as its slot number (plus labels and flips as Python
+    lists, pickled inline: the DataLoader would turn numpy arrays into shared-memory tensors). A fresh shared-memory tensor per batch cost the main process
+    ~2 ms per batch to receive (a socket round trip for its file descriptor, then mmap), which a
+    small model on a GPU pays in every iteration (bench/RESULTS.md). A slot is written again
+    ``slots`` batches later; :class:`Loader` has copied it out long before (see ``RING``).
+    """
 
-    def _new(self):
-        self.images = torch.empty((self.size, self.resolution, self.resolution, 3), dtype=torch.uint8)
-        if self.shared:
-            self.images.share_memory_()
+    def __init__(self, size: int, resolution: int, shared: bool, slots: int):
+        self.size, self.resolution = size, resolution
+        self.buffers = [torch.empty((size, resolution, resolution, 3), dtype=torch.uint8) for _ in range(slots)]
+        if shared:
+            for buffer in self.buffers:
+                buffer.share_memory_()
+        self.sent = [False] * slots
+        self.index = 0
+        self._select(0)
+
+    def _select(self, index):
+        self.index, self.images = index, self.buffers[index]
         self.array, self.n, self.labels, self.flips = self.images.numpy(), 0, [], []
 
     def slot(self) -> np.ndarray:
@@ -213,20 +225,23 @@ class _Batch:
         self.n, self.labels, self.flips = 0, [], []
 
     def take(self):
-        """(images, labels or None, which to flip). Flipping is left to the device: a CPU copy of a
-        mirrored 3-byte-pixel image costs about as much as decoding it (bench/RESULTS.md)."""
-        labels = torch.tensor(self.labels, dtype=torch.int64)
-        out = (self.images, labels if (labels >= 0).any() else None, torch.tensor(self.flips, dtype=torch.bool))
-        self._new()
+        """(the images on their first trip, else None; slot; labels or None; which to flip), then the
+        next slot. Flipping is left to the device: a CPU copy of a mirrored 3-byte-pixel image costs
+        about as much as decoding it (bench/RESULTS.md)."""
+        images = None if self.sent[self.index] else self.images
+        self.sent[self.index] = True
+        out = (images, self.index, self.labels if any(label >= 0 for label in self.labels) else None, self.flips)
+        self._select((self.index + 1) % len(self.buffers))
         return out
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Yields ((uint8 images NxHxWx3, int64 labels N or None, bool flips N), position) from one worker."""
+    """Yields ((uint8 images NxHxWx3 or None, slot, labels (list) or None, flips (list)), position) from
+    one worker; images is None when the slot's buffer was sent before (see _Batch)."""
 
-    def __init__(self, spec: StreamSpec):
+    def __init__(self, spec: StreamSpec, slots: int = 1):
         super().__init__()
-        self.spec = spec
+        self.spec, self.slots = spec, slots
         if spec.mode not in ("infinite", "epoch"):
             raise DataError(f"data mode must be 'infinite' or 'epoch', got {spec.mode!r}")
         if spec.mode == "epoch" and spec.shards.counts is None:
@@ -244,7 +259,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         role = (worker + start.get("batches", 0)) % workers   # batch i of this rank comes from role i % workers
         round_, pos, done, corrupt = start.get("roles", {}).get(str(role), (0, 0, 0, 0))
         empty_rounds = 0
-        batch = _Batch(self.spec.batch_size, self.spec.resolution, shared=info is not None)
+        batch = _Batch(self.spec.batch_size, self.spec.resolution, shared=info is not None, slots=self.slots)
         while self.spec.epochs is None or round_ < self.spec.epochs:
             target = None if self.spec.mode == "infinite" else self._epoch_batches(role, workers, round_)
             good = 0
@@ -365,28 +380,41 @@ class Loader:
         self.spec, self.workers, self.device = spec, workers, torch.device(device)
         self.batches = spec.start.get("batches", 0)
         self.roles = dict(spec.start.get("roles", {}))
-        self.dataset = ShardStream(spec)
+        # A worker writes its batch k + slots into batch k's buffer. The DataLoader asks a worker
+        # for a batch only after taking one from it, with at most `prefetch` asks outstanding, so
+        # when batch k + prefetch + 1 is asked for, batch k has been taken and copied out here.
+        self.dataset = ShardStream(spec, slots=prefetch + 2 if workers > 0 else 1)
+        self.buffers: dict = {}  # (role, slot) -> a worker's shared buffer
+        self.staging = _PinnedStaging(self.device) if self.device.type == "cuda" else None
         from webdataset import WebLoader
 
-        self.loader = WebLoader(self.dataset, batch_size=None, num_workers=workers,
-                                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+        # no pin_memory thread: batches arrive as slot numbers; _PinnedStaging copies them into
+        # pinned memory for an asynchronous transfer
+        self.loader = WebLoader(self.dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                 prefetch_factor=prefetch if workers > 0 else None,
                                 generator=torch.Generator())  # don't draw from the global RNG a resume restores
 
     def __iter__(self):
-        for (images, labels, flips), position in self.loader:
+        for (images, slot, labels, flips), position in self.loader:
             self.batches += 1
-            self.roles[str(position["role"])] = [position["round"], position["pos"], position["done"],
-                                                 position["corrupt"]]
-            images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC bytes -> NCHW view
-            images = images.float().div_(127.5).sub_(1.0)
-            flipped = flips.nonzero().squeeze(1)  # chosen on the host: no device sync
+            role = position["role"]
+            self.roles[str(role)] = [position["round"], position["pos"], position["done"], position["corrupt"]]
+            if images is None:
+                images = self.buffers[role, slot]
+            else:
+                self.buffers[role, slot] = images
+            images = self._to_device(images).permute(0, 3, 1, 2)  # NHWC bytes -> NCHW view
+            images = images.float().div_(127.5).sub_(1.0)  # a copy: the worker may refill its buffer now
+            flipped = np.flatnonzero(flips)  # chosen on the host: no device sync
             if len(flipped):
-                flipped = flipped.to(self.device, non_blocking=True)
+                flipped = torch.from_numpy(flipped).to(self.device, non_blocking=True)
                 images[flipped] = images[flipped].flip(-1)
             if labels is not None:
-                labels = labels.to(self.device, non_blocking=True)
+                labels = torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
             yield {"image": images, "label": labels, "round": position["round"]}
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.staging is None else self.staging.to_device(images)
 
     @property
     def corrupt_samples(self) -> int:
@@ -398,6 +426,31 @@ class Loader:
         return {"batches": self.batches, "roles": dict(self.roles), "workers": max(self.workers, 1),
                 "seed": spec.seed, "rank": spec.rank, "world_size": spec.world_size,
                 "batch_size": spec.batch_size, "mode": spec.mode}
+
+
+class _PinnedStaging:
+    """Host-to-GPU copies through a few pinned buffers, so that they run asynchronously.
+
+    A worker's shared buffer is pageable memory (a copy from it would block the host); the
+    bytes are copied into a pinned buffer on the host, and from there to the GPU without
+    waiting. A pinned buffer is reused only once its last transfer has finished (an event).
+    """
+
+    def __init__(self, device: torch.device, depth: int = 3):
+        self.device, self.depth, self.next = device, depth, 0
+        self.buffers: list = [None] * depth
+        self.events = [torch.cuda.Event() for _ in range(depth)]
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        i, self.next = self.next, (self.next + 1) % self.depth
+        buffer = self.buffers[i]
+        if buffer is None or buffer.shape != images.shape:
+            buffer = self.buffers[i] = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+        self.events[i].synchronize()  # its previous transfer (depth batches ago) is long done
+        buffer.copy_(images)
+        out = buffer.to(self.device, non_blocking=True)
+        self.events[i].record()
+        return out
 
 
 def check_resumable(state: dict, spec: StreamSpec, workers: int):
