@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session's checks and benchmarks, in one command (about 6 minutes on one H100/H200).
+# One GPU session's checks and benchmarks, in one command (under 8 minutes on one H100/H200; each
+# step has its own limit and prints its JSON lines as it measures them).
 # Here first:   bash bench/gpu_wheels.sh           (fills .gpu/: wheels + the yardstick)
 # Then, with the device tool:  run  command="bash bench/gpu_session.sh"  carry=[".gpu"]  timeout_s=540
 # Results land in $OUT (machine.txt, *.json, *.log): copy the figures into bench/RESULTS.md.
@@ -21,8 +22,22 @@ step() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
   echo "== $name"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "exit $? after $SECONDS s"; grep -v "^\[20\|FutureWarning\|return func" "$OUT/$name.log" | tail -25
+  echo "exit $? after $SECONDS s"; grep -v "^\[20\|FutureWarning\|return func\|warn" "$OUT/$name.log" | tail -25
 }
-step zero_overhead 240 "$PYTHON" bench/zero_overhead.py --device "$DEVICE" --out "$OUT/zero_overhead.json"
-step train_step 120 "$PYTHON" bench/train_step.py --device "$DEVICE" --out "$OUT/train_step.json"
-step zero_profile 60 "$PYTHON" bench/zero_profile.py --device "$DEVICE" --top 15
+export BIGAN_CACHE=/tmp/bigan-cache OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# 1. The crash the first GPU run found (issue 10): DeepSpeed with bf16 and fp16, as users start it, from shards.
+ds_run() {  # stage, precision
+  "$PYTHON" -m accelerate.commands.launch --config_file "launch_configs/accelerate/deepspeed_zero$1.yaml" \
+    --num_processes 1 bigan/train.py --data.demo_images=2000 --data.resolution=32 --model.g_channels=32 \
+    --model.d_channels=32 --train.batch_size=64 --train.kimg="${DS_KIMG:-6}" --train.precision="$2" --data.workers=4 \
+    --run.dir="/tmp/ds-run-$1-$2" --run.progress=false --run.log_every=10
+}
+export -f ds_run; export PYTHON
+step deepspeed_zero2_bf16 70 bash -c "ds_run 2 bf16"
+step deepspeed_zero3_fp16 50 bash -c "ds_run 3 fp16"
+# 2. Where an end-to-end iteration's time goes (issue 15): loader, train_step, fit, yardstick.
+step end_to_end 130 "$PYTHON" bench/end_to_end.py --device "$DEVICE" --repeats 2 --out "$OUT/end_to_end.json"
+step end_to_end_compile 70 "$PYTHON" bench/end_to_end.py --device "$DEVICE" --repeats 1 --case dcgan32_compile
+# 3. ZeRO and the plain path beside the yardstick (issue 10's targets), then the step alone.
+step zero_overhead 110 "$PYTHON" bench/zero_overhead.py --device "$DEVICE" --out "$OUT/zero_overhead.json"
+step train_step 40 "$PYTHON" bench/train_step.py --device "$DEVICE" --out "$OUT/train_step.json"

@@ -47,7 +47,8 @@ def yardstick(arch, batch, precision, channels_last, ch, steps, warmup, device):
 
 def bigan_loop(arch, batch, precision, channels_last, ch, steps, warmup, use_yardstick_modules, ema, device,
                extra=()):
-    """Median ms and img/s of Trainer.train_step; `extra` are more config overrides (e.g. a DeepSpeed JSON)."""
+    """Median ms, img/s and peak device memory of Trainer.train_step; `extra` are more config
+    overrides (e.g. a DeepSpeed JSON)."""
     from accelerate import Accelerator
     from reference_gan import ARCHS
 
@@ -63,6 +64,9 @@ def bigan_loop(arch, batch, precision, channels_last, ch, steps, warmup, use_yar
                  f"--train.channels_last={str(channels_last).lower()}", "--run.dir=/tmp/bigan-bench-run", *extra]
     config = load_config(None, overrides)
     accelerator = Accelerator(cpu=device == "cpu")
+    if accelerator.device.type == "cuda":  # peak memory of this run alone
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     models = None
     if use_yardstick_modules:
         torch.manual_seed(0)
@@ -99,13 +103,27 @@ def median_step_ms(trainer, stream, steps: int, warmup: int) -> float:
 
 
 def compare(case, device, runs: dict) -> dict:
-    """One result row: the yardstick before and after the runs (name -> callable giving bigan_loop's dict)."""
+    """One result row: the yardstick before and after the runs (name -> callable giving bigan_loop's dict).
+
+    Each run's own JSON line is printed as soon as it is measured (against the yardstick's first
+    figure), so a crash in a later run loses nothing; the row, against the mean of both, follows.
+    """
     before = yardstick(*case, device)
-    results = {name: run() for name, run in runs.items()}
+    head = {"arch": case[0], "batch": case[1], "precision": case[2], "channels_last": case[3], "ch": case[4],
+            "device": before["device"]}
+    print(json.dumps({**head, "run": "yardstick", **before}), flush=True)
+    results = {}
+    for name, run in runs.items():
+        try:
+            results[name] = run()
+        except Exception as exc:  # noqa: BLE001 - report it and go on with the next backend
+            print(json.dumps({**head, "run": name, "error": f"{type(exc).__name__}: {exc}"[:500]}), flush=True)
+            continue
+        print(json.dumps({**head, "run": name, **results[name],
+                          "ratio": round(results[name]["images_per_s"] / before["images_per_s"], 3)}), flush=True)
     after = yardstick(*case, device)
     reference = (before["images_per_s"] + after["images_per_s"]) / 2
-    row = {"arch": case[0], "batch": case[1], "precision": case[2], "channels_last": case[3], "ch": case[4],
-           "device": before["device"], "yardstick_img_per_s": [before["images_per_s"], after["images_per_s"]],
+    row = {**head, "yardstick_img_per_s": [before["images_per_s"], after["images_per_s"]],
            "yardstick_peak_mem_gib": before["peak_mem_gib"],
            **{f"{k}_img_per_s": v["images_per_s"] for k, v in results.items()},
            **{f"{k}_ratio": round(v["images_per_s"] / reference, 3) for k, v in results.items()},
