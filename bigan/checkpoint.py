@@ -47,8 +47,10 @@ def resolve(run_dir: Path, spec: str) -> Path | None:
     return path
 
 
-def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, backend=None) -> Path:
-    """Every rank calls this (Accelerate has barriers inside save_state)."""
+def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, backend=None,
+         architecture: dict | None = None) -> Path:
+    """Every rank calls this (Accelerate has barriers inside save_state). `architecture` (model
+    settings and resolution) is kept beside the weights, so a resume can say what changed."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"ckpt-{step:09d}"
     tmp = root / f".tmp-ckpt-{step:09d}"
@@ -59,10 +61,18 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, ba
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if backend is not None:
-        backend.save(tmp)  # DeepSpeed engines: G/ and D/ (every rank its partition)
-    (tmp / f"data_rank_{accelerator.process_index}.json").write_text(json.dumps(data_state))
+    try:
+        accelerator.save_state(str(tmp))
+        if backend is not None:
+            backend.save(tmp)  # DeepSpeed engines: G/ and D/ (every rank its partition)
+        (tmp / f"data_rank_{accelerator.process_index}.json").write_text(json.dumps(data_state))
+        if accelerator.is_main_process and architecture is not None:
+            (tmp / "architecture.json").write_text(json.dumps(architecture, indent=1))
+    except Exception as exc:  # a full disk surfaces as OSError or safetensors' own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"could not write checkpoint {final} ({reason}); earlier checkpoints "
+                              f"in {root} are intact") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp.rename(final)
@@ -72,8 +82,17 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, ba
     return final
 
 
-def load(accelerator, path: Path, backend=None) -> dict:
-    """Restore everything save() wrote; returns this rank's data stream state."""
+def load(accelerator, path: Path, backend=None, architecture: dict | None = None) -> dict:
+    """Restore everything save() wrote; returns this rank's data stream state. Refuses, naming
+    the settings, a checkpoint whose model was built with other ones than `architecture`."""
+    saved_file = Path(path) / "architecture.json"
+    if architecture is not None and saved_file.exists():
+        saved = json.loads(saved_file.read_text())
+        changed = [f"{key}={saved[key]!r} (now {architecture.get(key)!r})" for key in sorted(saved)
+                   if saved[key] != architecture.get(key)]
+        if changed:
+            raise CheckpointError(f"{path} was trained with " + ", ".join(changed)
+                                  + "; resume with those settings or start a new run.dir")
     accelerator.load_state(str(path))
     if backend is not None:
         backend.load(path)

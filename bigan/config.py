@@ -6,6 +6,8 @@ values stop at start-up with a message naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,12 +131,20 @@ def _convert(key: str, value, spec: dataclasses.Field):
     if kind in (tuple, list):
         if not isinstance(value, (list, tuple)) or len(value) != len(spec.default):
             raise ConfigError(f"{key}: expected a list of {len(spec.default)} numbers, got {value!r}")
-        value = [float(v) for v in value]
+        try:
+            value = [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a list of {len(spec.default)} numbers, got {value!r}") from None
     elif kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    elif kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     elif not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
     choices = spec.metadata.get("choices")
@@ -156,24 +166,74 @@ def _set(config: Config, key: str, value):
 
 
 def _validate(c: Config):
+    d, m, loss, t, r, e = c.data, c.model, c.loss, c.train, c.run, c.eval
     checks = [
-        ("data.resolution", c.data.resolution in (32, 64, 128, 256), "must be 32, 64, 128 or 256"),
-        ("data.workers", c.data.workers >= 0, "must be >= 0"),
-        ("data.crop_scale_min", 0 < c.data.crop_scale_min <= 1, "must be in (0, 1]"),
-        ("model.z_dim", c.model.z_dim > 0, "must be positive"),
-        ("loss.r", 0 <= c.loss.r <= 1, "must be in [0, 1]"),
-        ("loss.d_steps", c.loss.d_steps >= 1, "must be >= 1"),
-        ("loss.r1_interval", c.loss.r1_interval >= 1, "must be >= 1"),
-        ("train.batch_size", c.train.batch_size >= 1, "must be >= 1"),
-        ("train.grad_accum", c.train.grad_accum >= 1, "must be >= 1"),
-        ("train.kimg", c.train.kimg > 0, "must be positive"),
-        ("run.ckpt_limit", c.run.ckpt_limit >= 1, "must be >= 1"),
-        ("run.log_every", c.run.log_every >= 1, "must be >= 1"),
+        ("data.resolution", d.resolution in (32, 64, 128, 256), "must be 32, 64, 128 or 256"),
+        ("data.workers", d.workers >= 0, "must be >= 0"),
+        ("data.shuffle_buffer", d.shuffle_buffer >= 1, "must be >= 1"),
+        ("data.crop_scale_min", 0 < d.crop_scale_min <= 1, "must be in (0, 1]"),
+        ("data.demo_images", d.demo_images >= 1, "must be >= 1"),
+        ("model.z_dim", m.z_dim > 0, "must be positive"),
+        ("model.g_channels", m.g_channels >= 1, "must be >= 1"),
+        ("model.d_channels", m.d_channels >= 1, "must be >= 1"),
+        ("model.num_classes", m.num_classes >= 0, "must be >= 0 (0 = unconditional)"),
+        ("loss.r", 0 <= loss.r <= 1, "must be in [0, 1]"),
+        ("loss.gp", loss.gp >= 0, "must be >= 0"),
+        ("loss.r1", loss.r1 >= 0, "must be >= 0"),
+        ("loss.d_steps", loss.d_steps >= 1, "must be >= 1"),
+        ("loss.r1_interval", loss.r1_interval >= 1, "must be >= 1"),
+        ("train.batch_size", t.batch_size >= 1, "must be >= 1"),
+        ("train.grad_accum", t.grad_accum >= 1, "must be >= 1"),
+        ("train.kimg", t.kimg > 0, "must be positive"),
+        ("train.g_lr", t.g_lr > 0, "must be positive"),
+        ("train.d_lr", t.d_lr > 0, "must be positive"),
+        ("train.g_betas", all(0 <= b < 1 for b in t.g_betas), "must be two numbers in [0, 1)"),
+        ("train.d_betas", all(0 <= b < 1 for b in t.d_betas), "must be two numbers in [0, 1)"),
+        ("train.adam_eps", t.adam_eps > 0, "must be positive"),
+        ("train.ema_kimg", t.ema_kimg >= 0, "must be >= 0 (0 = no EMA)"),
+        ("train.ema_rampup", t.ema_rampup >= 0, "must be >= 0 (0 = no ramp-up)"),
+        ("train.grad_clip", t.grad_clip >= 0, "must be >= 0 (0 = off)"),
+        ("train.max_bad_steps", t.max_bad_steps >= 1, "must be >= 1"),
+        ("run.log_every", r.log_every >= 1, "must be >= 1"),
+        ("run.image_every_kimg", r.image_every_kimg > 0, "must be positive"),
+        ("run.ckpt_every_kimg", r.ckpt_every_kimg > 0, "must be positive"),
+        ("run.ckpt_limit", r.ckpt_limit >= 1, "must be >= 1"),
+        ("run.grid_size", r.grid_size >= 1, "must be >= 1"),
+        ("eval.every_kimg", e.every_kimg >= 0, "must be >= 0 (0 = off)"),
+        ("eval.n", e.n >= 1, "must be >= 1"),
+        ("eval.metrics", {x.strip() for x in e.metrics.split(",") if x.strip()} <= {"fid", "kid", "is", "pr"},
+         "must name some of fid, kid, is, pr"),
     ]
+    for section in dataclasses.fields(c):  # no inf or nan anywhere (train.kimg=.inf never ends)
+        for f in dataclasses.fields(getattr(c, section.name)):
+            value = getattr(getattr(c, section.name), f.name)
+            numbers = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ConfigError(f"{section.name}.{f.name}: must be a finite number, got {value!r}")
     for key, ok, message in checks:
         if not ok:
             section, name = key.split(".")
             raise ConfigError(f"{key}: {message}, got {getattr(getattr(c, section), name)!r}")
+
+
+def check_files(c: Config):
+    """What the config names on disk, checked before anything is built or written (cheap checks only).
+
+    The shards themselves are checked by the caller (bigan.data.stream.resolve_shards)."""
+    for key in ("train.deepspeed", "train.deepspeed_g", "train.deepspeed_d", "eval.inception"):
+        section, name = key.split(".")
+        value = getattr(getattr(c, section), name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{key}: file not found: {value}")
+    if c.eval.extractor != "inception" and not Path(c.eval.extractor).is_file():
+        raise ConfigError(f"eval.extractor: 'inception' or a TorchScript/module file, and {c.eval.extractor} is no file")
+    if c.run.resume not in ("", "latest") and not Path(c.run.resume).is_dir():
+        raise ConfigError(f"run.resume: '', 'latest' or a checkpoint folder, and {c.run.resume} is no folder")
+    run_dir = Path(c.run.dir)
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"run.dir: cannot create or write {run_dir} ({existing} is "
+                          f"{'not a folder' if not existing.is_dir() else 'not writable'})")
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -183,7 +243,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected sections (data:, model:, …) at the top level")
         for section, values in data.items():

@@ -59,7 +59,7 @@ def load_generator(path: str | Path, ema: bool = True):
             raise SampleError(f"--checkpoint: {meta_file} is missing (it describes the generator's architecture)")
         meta = json.loads(meta_file.read_text())
         g = _build(meta["model"], meta["resolution"])
-        g.load_state_dict(load_file(str(path)))
+        g.load_state_dict(_read_safetensors(path))
         return g.eval(), meta["model"]
     config_file = path.parent.parent / "config.yaml"  # RUN/checkpoints/ckpt-N -> RUN/config.yaml
     if not config_file.exists():
@@ -70,7 +70,7 @@ def load_generator(path: str | Path, ema: bool = True):
     if ema and ema_file.exists():
         g.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=False))
     elif (path / "model.safetensors").exists():
-        g.load_state_dict(load_file(str(path / "model.safetensors")))
+        g.load_state_dict(_read_safetensors(path / "model.safetensors"))
     else:  # a DeepSpeed checkpoint: merge G's ZeRO partitions on the CPU
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -125,6 +125,14 @@ def write(images: torch.Tensor, out: str | Path, columns: int | None = None):
         raise SampleError(f"--out: {out} must end in .png/.jpg (grid), .npz (array) or / (one PNG each)")
 
 
+def _read_safetensors(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for truncated or corrupt files
+        raise SampleError(f"--checkpoint: {path} is not a readable safetensors file "
+                          f"({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})") from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="bigan-sample", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or exported .safetensors")
@@ -137,6 +145,10 @@ def main(argv=None):
     parser.add_argument("--no-ema", action="store_true", help="the raw generator instead of its EMA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.truncation is not None and not args.truncation > 0:  # redrawing until |z| <= 0 never ends
+        parser.error(f"--truncation must be positive, got {args.truncation}")
+    if args.n < 1 or args.interpolate < 0:
+        parser.error("--n must be at least 1" if args.n < 1 else "--interpolate must be >= 0")
     try:
         g, model = load_generator(args.checkpoint, ema=not args.no_ema)
         if args.interpolate:

@@ -12,7 +12,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not the fi
 
 import argparse  # noqa: E402
 
-from bigan.config import ConfigError, load_config  # noqa: E402
+from bigan.config import ConfigError, check_files, load_config  # noqa: E402
 
 
 def make_accelerator(config):
@@ -39,15 +39,30 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
     try:
         config = load_config(args.config, overrides)
+        run_config = Path(config.run.dir) / "config.yaml"
+        if config.run.resume and run_config.exists():  # the run's own settings, the command line on top
+            config = load_config(run_config, overrides)
     except ConfigError as exc:
         print(f"bigan: error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(config.to_yaml(), end="")
         return 0
+    from bigan.data.stream import DataError, resolve_shards
+
+    try:  # before anything is built or written into the run folder
+        check_files(config)
+        for key, shards in (("data.shards", config.data.shards), ("eval.data", config.eval.data)):
+            if shards and shards != "demo":
+                try:
+                    resolve_shards(shards)
+                except DataError as exc:
+                    raise ConfigError(f"{key}: {exc}") from None
+    except ConfigError as exc:
+        print(f"bigan: error: {exc}", file=sys.stderr)
+        return 2
     from bigan.backends.deepspeed import DeepSpeedConfigError
     from bigan.checkpoint import CheckpointError
-    from bigan.data.stream import DataError
     from bigan.metrics.features import ExtractorError
     from bigan.trainer import DivergedError, Trainer
 
@@ -60,6 +75,9 @@ def main(argv=None):
     except (DataError, CheckpointError, ExtractorError, DeepSpeedConfigError, DivergedError) as exc:
         print(f"bigan: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once (the first one stops with a checkpoint)
+        print("bigan: interrupted; the last checkpoint is the one to resume from", file=sys.stderr)
+        return 130
     return 0
 
 

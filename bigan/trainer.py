@@ -23,7 +23,7 @@ import torch
 from bigan import checkpoint, losses
 from bigan.backends import make_backend
 from bigan.config import Config
-from bigan.data.stream import Loader, StreamSpec, resolve_shards
+from bigan.data.stream import DataError, Loader, StreamSpec, resolve_shards
 from bigan.ema import EMA
 from bigan.models import build_models, init_weights
 from bigan.models.layers import update_spectral_norms
@@ -32,6 +32,10 @@ from bigan.tracking import Tracker, memory_gib
 
 
 STOP_FILE = "STOP"  # created in the run dir (e.g. by slurm/train.sh on preemption): checkpoint and exit 0
+
+
+class StopWhileWaiting(Exception):
+    """A stop was requested while this process was blocked waiting for its next batch."""
 
 
 class DivergedError(Exception):
@@ -66,8 +70,11 @@ def data_source(config: Config, accelerator) -> str:
 def build_loader(config: Config, accelerator, start: dict | None = None) -> Loader:
     shard_set = resolve_shards(data_source(config, accelerator))
     if config.model.num_classes and shard_set.labels is not None and len(shard_set.labels) != config.model.num_classes:
-        raise ValueError(f"model.num_classes={config.model.num_classes} but the shards have "
-                         f"{len(shard_set.labels)} labels")
+        raise DataError(f"model.num_classes={config.model.num_classes} but the shards have "
+                        f"{len(shard_set.labels)} labels")
+    if config.model.num_classes and shard_set.counts is not None and shard_set.labels is None:
+        raise DataError(f"model.num_classes={config.model.num_classes} but the shards' manifest names no "
+                        f"labels (write them with bigan-shards --labels-from-dirs or --label-column)")
     spec = StreamSpec(shard_set, config.train.batch_size, config.data.resolution, rank=accelerator.process_index,
                       world_size=accelerator.num_processes, seed=config.train.seed, mode=config.data.mode,
                       shuffle_buffer=config.data.shuffle_buffer, flip=config.data.flip,
@@ -112,6 +119,8 @@ class Trainer:
         self.stats = StepStats()
         self.nonfinite = NonFiniteSteps(self.device)
         self.data_wait = 0.0  # seconds this process waited for batches since the last log step
+        self.waiting_for_data = False  # set around each wait, for the signal handler
+        self.loader_position = None  # the stream's position to save when a stop interrupted a wait
         generator = torch.Generator().manual_seed(t.seed)
         self.grid_z = torch.randn(config.run.grid_size, m.z_dim, generator=generator).to(self.device)
         self.grid_y = (torch.arange(config.run.grid_size) % max(m.num_classes, 1)).to(self.device) if m.num_classes else None
@@ -163,8 +172,9 @@ class Trainer:
 
     def train_step(self, batches):
         t = self.config.train
-        for _ in range(self.config.loss.d_steps):
-            reals = [self._next_batch(batches) for _ in range(t.grad_accum)]
+        # every batch of the iteration first: a stop that interrupts the wait finds nothing half-done
+        d_batches = [[self._next_batch(batches) for _ in range(t.grad_accum)] for _ in range(self.config.loss.d_steps)]
+        for reals in d_batches:
             self.d_step(reals, [self.sample_z(len(r["image"])) for r in reals])
         self.g_step([self.sample_z(t.batch_size) for _ in range(t.grad_accum)])
         self.state.step += 1
@@ -176,7 +186,11 @@ class Trainer:
 
     def _next_batch(self, batches):
         start = time.perf_counter()
-        batch = next(batches)
+        self.waiting_for_data = True
+        try:
+            batch = next(batches)
+        finally:
+            self.waiting_for_data = False
         self.data_wait += time.perf_counter() - start
         return batch
 
@@ -198,9 +212,27 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self):
+        batches = self._start()
+        try:
+            progress = self._progress()
+            self._loop(batches, progress)
+            self.save()
+            self.export()
+            progress.close()
+        finally:  # also on errors: the workers ignore SIGTERM, so they are stopped here
+            self.loader.close()
+        self.tracker.close()
+        if self.accelerator.is_main_process:
+            if self.stop_requested:  # deleting it tells slurm/train.sh the stop was honoured
+                (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+            state = "stopped on request (signal or STOP file)" if self.stop_requested else "done"
+            print(f"bigan: {state} at {self.state.images_seen / 1000:.1f} kimg; generator in {self.run_dir / 'export'}")
+
+    def _start(self):
+        """Resume (if asked), build the loader, trackers and signal handlers; the batch iterator."""
         c = self.config
         resume_from = checkpoint.resolve(self.run_dir, c.run.resume)
-        data_state = checkpoint.load(self.accelerator, resume_from, self.backend) if resume_from else None
+        data_state = checkpoint.load(self.accelerator, resume_from, self.backend, self.architecture()) if resume_from else None
         self.nonfinite = NonFiniteSteps(self.device, self.state.bad_in_row)
         self.loader = build_loader(c, self.accelerator, data_state)
         self.extractor = None
@@ -213,32 +245,32 @@ class Trainer:
         print(f"bigan: rank {self.accelerator.process_index}/{self.accelerator.num_processes} on "
               f"{socket.gethostname()}, device {self.device}", flush=True)
         if self.accelerator.is_main_process:
-            where = f"resuming from {resume_from}" if resume_from else "starting fresh"
+            where = f"resuming from {resume_from} with the settings in {self.run_dir / 'config.yaml'}" if resume_from \
+                else "starting fresh" + (f" (run.resume=latest: no checkpoint in {self.run_dir / 'checkpoints'})"
+                                         if c.run.resume == "latest" else "")
             print(f"bigan: {self.backend.describe()}", flush=True)
             print(f"bigan: {where}; run dir {self.run_dir}: TensorBoard logs in {self.run_dir / 'logs'}, "
                   f"checkpoints in {self.run_dir / 'checkpoints'}, samples in {self.run_dir / 'samples'}", flush=True)
-        batches = iter(self.loader)
-        progress = self._progress()
+        return iter(self.loader)
+
+    def _loop(self, batches, progress):
+        c = self.config
         self._last_log, self._last_input_warning = (time.perf_counter(), self.state.images_seen, self.state.step), -1e9
         self.data_wait = 0.0
         self._reset_marks()
         while self.state.images_seen < self.total_images and not self.stop_requested:
-            self.train_step(batches)
+            position = self.loader.state_dict()
+            try:
+                self.train_step(batches)
+            except StopWhileWaiting:  # nothing of this iteration ran; its batches go back to the stream
+                self.stop_requested, self.loader_position = True, position
+                return
             if self.state.step % c.run.log_every == 0:
                 self._log(progress)
                 if self.state.bad_in_row >= c.train.max_bad_steps:  # counted on the device, read at log steps
                     batches = self._roll_back()
             self._maybe_images_and_save()
             self._maybe_evaluate()
-        self.save()
-        self.export()
-        progress.close()
-        self.tracker.close()
-        if self.accelerator.is_main_process:
-            if self.stop_requested:  # deleting it tells slurm/train.sh the stop was honoured
-                (self.run_dir / STOP_FILE).unlink(missing_ok=True)
-            state = "stopped on request (signal or STOP file)" if self.stop_requested else "done"
-            print(f"bigan: {state} at {self.state.images_seen / 1000:.1f} kimg; generator in {self.run_dir / 'export'}")
 
     def _next_mark(self, every_kimg: float) -> int:
         every = max(int(every_kimg * 1000), 1)
@@ -355,8 +387,14 @@ class Trainer:
 
     def save(self):
         self.sync_counters()
+        position = self.loader_position or self.loader.state_dict()
         return checkpoint.save(self.accelerator, self.run_dir, self.state.step, self.config.run.ckpt_limit,
-                               self.loader.state_dict(), self.backend)
+                               position, self.backend, self.architecture())
+
+    def architecture(self) -> dict:
+        """What the weights' shapes depend on (kept in checkpoints, compared on resume)."""
+        return {**{f"model.{k}": v for k, v in self.config.to_dict()["model"].items() if k != "sync_batchnorm"},
+                "data.resolution": self.config.data.resolution}
 
     def _roll_back(self):
         latest = checkpoint.resolve(self.run_dir, "latest")
@@ -366,9 +404,10 @@ class Trainer:
         if self.accelerator.is_main_process:
             print(f"bigan: {self.state.bad_in_row} non-finite steps in a row; rolling back to {latest}", flush=True)
         skipped = self.state.skipped
-        data_state = checkpoint.load(self.accelerator, latest, self.backend)
+        data_state = checkpoint.load(self.accelerator, latest, self.backend, self.architecture())
         self.state.skipped, self.state.bad_in_row = skipped, 0
         self.nonfinite = NonFiniteSteps(self.device)
+        self.loader.close()
         self.loader = build_loader(self.config, self.accelerator, data_state)
         self._reset_marks()
         return iter(self.loader)
@@ -383,9 +422,23 @@ class Trainer:
                                     self.config.to_dict()["model"], meta)
 
     def _install_signal_handlers(self):
-        """SIGTERM/SIGUSR1 (Slurm preemption): finish the step, checkpoint, exit 0."""
-        def request_stop(signum, frame):
-            self.signal_received = True
+        """SIGTERM/SIGUSR1 (Slurm preemption) and a first Ctrl-C: finish the step, checkpoint, exit 0.
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        Slurm and most supervisors signal the whole process group; the DataLoader workers ignore
+        these signals (bigan.data.stream) and leave the shutdown to this process. A second Ctrl-C
+        stops at once (KeyboardInterrupt). While this process is blocked waiting for a batch, the
+        stop takes effect at once too: the handler interrupts the wait (StopWhileWaiting).
+        """
+        def request_stop(signum, frame):
+            if signum == signal.SIGINT:
+                if self.signal_received:
+                    raise KeyboardInterrupt
+                if self.accelerator.is_main_process:
+                    print("\nbigan: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+                          flush=True)
+            self.signal_received = True
+            if self.waiting_for_data and self.accelerator.num_processes == 1:  # (other ranks would wait in
+                raise StopWhileWaiting                                          # a collective for this one)
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, request_stop)

@@ -100,6 +100,7 @@ def test_bigan_eval_end_to_end_and_training_lowers_fid(tiny_shards, small_extrac
         evaluated.append(json.loads(out.read_text()))
     untrained, trained = evaluated
     assert set(trained) >= {"fid", "kid", "kid_std", "is", "is_std", "precision", "recall", "n", "n_ref"}
+    assert trained["n_ref"] == 96  # every reference image, the last partial batch of 64 too
     assert trained["fid"] < 0.5 * untrained["fid"], (untrained["fid"], trained["fid"])
 
     best = json.loads((run_dir / "best" / "metrics.json").read_text())

@@ -30,6 +30,7 @@ import io
 import json
 import math
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,10 +60,26 @@ class ShardSet:
 
 
 def resolve_shards(spec: str | Path) -> ShardSet:
-    """A manifest, a directory of shards, a brace pattern, a tar path or pipe: URL(s) ("::"-separated)."""
+    """A manifest, a directory of shards, a brace pattern, a tar path or pipe: URL(s); "::" joins any of them."""
+    parts = [part for part in str(spec).split("::") if part]
+    if not parts:
+        raise DataError(f"no shards named in {str(spec)!r}")
+    sets = [_resolve_one(part) for part in parts]
+    if len(sets) == 1:
+        return sets[0]
+    counts = None if any(s.counts is None for s in sets) else [c for s in sets for c in s.counts]
+    labels = {tuple(s.labels) for s in sets if s.labels is not None}
+    if len(labels) > 1:
+        raise DataError(f"the sources joined by '::' in {str(spec)!r} name different classes; "
+                        f"write them into one shard set with one label list")
+    resolutions = {s.resolution for s in sets}
+    return ShardSet([u for s in sets for u in s.urls], counts, list(labels.pop()) if labels else None,
+                    resolutions.pop() if len(resolutions) == 1 else None)
+
+
+def _resolve_one(spec: str) -> ShardSet:
     import braceexpand
 
-    spec = str(spec)
     path = Path(spec)
     if path.is_dir() and (path / "manifest.json").exists():
         path = path / "manifest.json"
@@ -78,10 +95,13 @@ def resolve_shards(spec: str | Path) -> ShardSet:
         if not urls:
             raise DataError(f"no .tar shards in {path}")
         return ShardSet(urls)
-    urls = [url for part in spec.split("::") for url in braceexpand.braceexpand(part)]
+    urls = list(braceexpand.braceexpand(spec))
     missing = [u for u in urls if not u.startswith(("pipe:", "http:", "https:")) and not Path(u).exists()]
     if missing:
         raise DataError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    directories = [u for u in urls if not u.startswith(("pipe:", "http:", "https:")) and Path(u).is_dir()]
+    if directories:
+        raise DataError(f"{directories[0]} is a folder without .tar shards or manifest.json")
     return ShardSet(urls)
 
 
@@ -264,9 +284,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             target = None if self.spec.mode == "infinite" else self._epoch_batches(role, workers, round_)
             good = 0
             for position, raw, refill in self._raw_round(role, workers, round_, skip=pos) if target != 0 else ():
-                empty_rounds = -1
                 if refill and good == 0 and done == 0:
-                    raise DataError(f"no readable samples in rank {self.spec.rank}'s share of epoch {round_}")
+                    raise DataError(f"no readable samples in rank {self.spec.rank}'s share of epoch {round_} "
+                                    f"({corrupt} unreadable) of {', '.join(self.spec.shards.urls[:3])}"
+                                    + (", ..." if len(self.spec.shards.urls) > 3 else ""))
                 try:
                     rng = random.Random(hash((self.spec.seed, self.spec.rank, role, round_, position)))
                     slot = batch.slot()
@@ -275,7 +296,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 except Exception:
                     corrupt += 1
                     continue
-                good += 1
+                good, empty_rounds = good + 1, -1
                 batch.add(image, _label(raw), flip=self.spec.flip and rng.random() < 0.5)
                 if batch.full():
                     done += 1
@@ -287,8 +308,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 batch.clear()  # only a refill's leftover can be here; epochs end on a full batch
             round_, pos, done = round_ + 1, 0, 0
             empty_rounds += 1
-            if empty_rounds >= 100:  # resampling keeps drawing unreadable shards
-                raise DataError(f"no samples could be read from 100 rounds of shards, e.g. {self.spec.shards.urls[:2]}")
+            if empty_rounds >= 100:  # resampling keeps drawing shards of which nothing decodes
+                raise DataError(f"no sample could be decoded in 100 rounds of shards ({corrupt} unreadable), "
+                                f"e.g. {', '.join(self.spec.shards.urls[:2])}")
 
     def _raw_round(self, role, workers, round_, skip):
         """(position, raw sample, is_refill) of one round for one role, shuffled, the first `skip` dropped.
@@ -386,16 +408,33 @@ class Loader:
         self.dataset = ShardStream(spec, slots=prefetch + 2 if workers > 0 else 1)
         self.buffers: dict = {}  # (role, slot) -> a worker's shared buffer
         self.staging = _PinnedStaging(self.device) if self.device.type == "cuda" else None
-        from webdataset import WebLoader
-
         # no pin_memory thread: batches arrive as slot numbers; _PinnedStaging copies them into
         # pinned memory for an asynchronous transfer
-        self.loader = WebLoader(self.dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                                prefetch_factor=prefetch if workers > 0 else None,
-                                generator=torch.Generator())  # don't draw from the global RNG a resume restores
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=workers,
+                                                  persistent_workers=workers > 0,
+                                                  worker_init_fn=_worker_init,
+                                                  prefetch_factor=prefetch if workers > 0 else None,
+                                                  generator=torch.Generator())  # not the global RNG a resume restores
 
     def __iter__(self):
-        for (images, slot, labels, flips), position in self.loader:
+        # Workers are forked here. They inherit this block of the stop signals and ignore them
+        # before unblocking (_worker_init), so a signal to the group cannot reach one in between.
+        stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            iterator = iter(self.loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return self._batches(iterator)
+
+    def _batches(self, iterator):
+        try:
+            yield from self._device_batches(iterator)
+        except DataError as exc:  # raised in a worker: the DataLoader wraps it in a traceback
+            raise DataError(_worker_message(exc)) from None
+
+    def _device_batches(self, iterator):
+        for (images, slot, labels, flips), position in iterator:
             self.batches += 1
             role = position["role"]
             self.roles[str(role)] = [position["round"], position["pos"], position["done"], position["corrupt"]]
@@ -413,6 +452,19 @@ class Loader:
                 labels = torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
             yield {"image": images, "label": labels, "round": position["round"]}
 
+    def close(self):
+        """Stop the workers now. They ignore SIGTERM (``_worker_init``), so the terminate() that
+        multiprocessing sends its children at interpreter exit would not end them: they are told to
+        finish (as the DataLoader does when it is dropped), and any still alive after that is killed."""
+        import multiprocessing
+
+        iterator = getattr(self.loader, "_iterator", None)  # the persistent workers' iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        for child in multiprocessing.active_children():  # a worker blocked in a read (e.g. a stalled pipe:)
+            child.kill()
+            child.join(timeout=5)
+
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images if self.staging is None else self.staging.to_device(images)
 
@@ -426,6 +478,35 @@ class Loader:
         return {"batches": self.batches, "roles": dict(self.roles), "workers": max(self.workers, 1),
                 "seed": spec.seed, "rank": spec.rank, "world_size": spec.world_size,
                 "batch_size": spec.batch_size, "mode": spec.mode}
+
+
+def _worker_init(worker_id: int):
+    """In each DataLoader worker: leave stopping to the trainer, and die with it.
+
+    Slurm, supervisors and Ctrl-C signal the whole process group; the trainer catches SIGTERM,
+    SIGUSR1 and SIGINT to checkpoint first, and a worker killed by them would crash it before it
+    can ("DataLoader worker ... is killed by signal"). If the trainer itself is killed (SIGKILL),
+    the kernel kills its workers too (Linux's PR_SET_PDEATHSIG) instead of leaving them running.
+    """
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    for sig in stop_signals:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)  # blocked by Loader.__iter__ around the fork
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers still exit when the trainer closes its loader
+        pass
+
+
+def _worker_message(exc: DataError) -> str:
+    """The original message of a DataError raised in a worker (torch prefixes where, appends the traceback)."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split("DataError: ", 1)[-1]
 
 
 class _PinnedStaging:
@@ -457,7 +538,9 @@ def check_resumable(state: dict, spec: StreamSpec, workers: int):
     """Raise DataError unless `state` was saved by a stream laid out like this one."""
     now = {"seed": spec.seed, "rank": spec.rank, "world_size": spec.world_size, "batch_size": spec.batch_size,
            "mode": spec.mode, "workers": max(workers, 1)}
-    changed = [f"{key} {state.get(key)} -> {value}" for key, value in now.items() if state.get(key) != value]
+    names = {"seed": "train.seed", "rank": "process rank", "world_size": "number of processes",
+             "batch_size": "train.batch_size", "mode": "data.mode", "workers": "data.workers"}
+    changed = [f"{names[key]} {state.get(key)} -> {value}" for key, value in now.items() if state.get(key) != value]
     if changed:
         raise DataError("cannot continue the data stream exactly: " + ", ".join(changed)
                         + " since the checkpoint; resume with the same settings")

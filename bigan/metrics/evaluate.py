@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -45,24 +46,26 @@ def reference_stats(shards, resolution: int, extractor: Extractor, accelerator, 
         shard_set.counts = count_samples(shard_set.urls)
     total = sum(shard_set.counts)
     world = accelerator.num_processes
-    batch = max(1, min(batch, total // world))
-    n = min(n or total, (total // (world * batch)) * world * batch)
+    n = min(n or total, (total // world) * world)  # every image on one process; < world left out on several
     cached = _cache_file(shard_set, resolution, extractor, n)
     if cached.exists():
         return dict(np.load(cached))
     per_rank = n // world
-    # No shuffling, one reader: rank r reads samples [r * per_rank, (r + 1) * per_rank) of the
-    # epoch-0 layout, so the kept set and the sums do not depend on the number of ranks.
-    spec = StreamSpec(shard_set, batch, resolution, rank=accelerator.process_index, world_size=world,
+    # No shuffling, one reader, batches of one image (so no partial batch is dropped): rank r reads
+    # samples [r * per_rank, (r + 1) * per_rank) of the epoch-0 layout, so the kept set and the sums
+    # do not depend on the number of ranks. Images are gathered into batches for the extractor.
+    spec = StreamSpec(shard_set, 1, resolution, rank=accelerator.process_index, world_size=world,
                       mode="epoch", epochs=1, shuffle_buffer=1, flip=False)
-    stats, seen = None, 0
-    for data in Loader(spec, workers=0, device=accelerator.device):
-        if seen >= per_rank:
-            break
-        features, _ = extractor(to_uint8(data["image"]))
-        stats = stats or FeatureStats(features.shape[1], keep)
-        stats.update(features, torch.arange(len(features)) + accelerator.process_index * per_rank + seen)
-        seen += len(features)
+    stats, seen, pending = None, 0, []
+    images = (data["image"] for _, data in zip(range(per_rank), Loader(spec, workers=0, device=accelerator.device)))
+    for image in itertools.chain(images, [None]):
+        if image is not None:
+            pending.append(image)
+        if pending and (image is None or len(pending) == batch):
+            features, _ = extractor(to_uint8(torch.cat(pending)))
+            stats = stats or FeatureStats(features.shape[1], keep)
+            stats.update(features, torch.arange(len(features)) + accelerator.process_index * per_rank + seen)
+            seen, pending = seen + len(features), []
     stats.reduce(accelerator)
     if accelerator.is_main_process:
         stats.save(cached)
@@ -129,6 +132,10 @@ def main(argv=None):
     parser.add_argument("--no-ema", action="store_true", help="the raw generator instead of its EMA")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.n < 1 or args.batch < 1:
+        parser.error("--n must be at least 1" if args.n < 1 else "--batch must be at least 1")
+    if args.out is not None and not args.out.parent.is_dir():  # not after computing everything
+        parser.error(f"--out: folder {args.out.parent} does not exist")
     wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(wanted) - set(METRICS))
     if unknown:

@@ -56,7 +56,12 @@ class Extractor:
             try:
                 return pickle.load(f)  # StyleGAN's inception-2015-12-05.pkl: a pickled TorchScript module
             except Exception:
-                return torch.load(path, map_location="cpu", weights_only=False)
+                pass
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ExtractorError(f"{path} is neither TorchScript nor a pickled module "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
     @torch.no_grad()
     def __call__(self, images_uint8: torch.Tensor, want_probs: bool = False):

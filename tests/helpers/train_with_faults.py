@@ -4,6 +4,7 @@
                                                               # before the checkpoint is renamed complete
     python train_with_faults.py nan-d-loss A,B,C [train args] # D loss is NaN on these calls (1-based)
     python train_with_faults.py slow-data SECONDS [train args]  # every batch takes this long to arrive
+    python train_with_faults.py disk-full N [train args]      # the Nth save_state fails: no space left
 """
 import os
 import signal
@@ -38,6 +39,18 @@ elif fault == "nan-d-loss":
         return (loss * torch.nan if calls["n"] in bad_calls else loss), stats
 
     bigan.losses.d_loss = d_loss
+elif fault == "disk-full":
+    import errno
+
+    original = Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == int(arg):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir, **kwargs)
+
+    Accelerator.save_state = save_state
 elif fault == "slow-data":
     import time
 
