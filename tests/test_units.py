@@ -121,3 +121,24 @@ def test_dry_run_prints_the_resolved_config():
     out = subprocess.run([sys.executable, "-m", "bigan.train", "--dry-run", "--loss.name=hinge"],
                          capture_output=True, text=True, check=True).stdout
     assert "name: hinge" in out and "batch_size: 64" in out and "shards: demo" in out
+
+
+def test_a_stale_deepspeed_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch, capsys):
+    """A killed JIT build leaves its lock, on which every later DeepSpeed launch would wait forever."""
+    import os
+    import time
+
+    from bigan.backends import ds_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (folder,) = ds_build.build_dirs()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "shm.o").write_bytes(b"")
+    (folder / "lock").write_text("")
+    long_ago = time.time() - 3600
+    for p in folder.iterdir():
+        os.utime(p, (long_ago, long_ago))
+    assert ds_build.clear_stale_locks(stale_s=600) == [folder / "lock"]
+    assert not (folder / "lock").exists() and "removed a stale DeepSpeed build lock" in capsys.readouterr().out
+    (folder / "lock").write_text("")  # a build that is alive (just touched its files)
+    assert ds_build.clear_stale_locks(stale_s=600) == [] and (folder / "lock").exists()

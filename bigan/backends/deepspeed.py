@@ -137,10 +137,15 @@ class DeepSpeedBackend:
         if precision == "fp16" and min(zero_stage(config_g), zero_stage(config_d)) == 0:
             raise DeepSpeedConfigError("train.precision=fp16 with DeepSpeed needs ZeRO stage 1, 2 or 3 "
                                        "(bigan's loss scaling goes through the ZeRO optimizer)")
-        import deepspeed
+        from bigan.backends import ds_build
 
-        if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend="gloo" if accelerator.device.type == "cpu" else "nccl")
+        if accelerator.device.type == "cpu":  # only CPU runs JIT-build an op (DeepSpeed's shm communication)
+            ds_build.clear_stale_locks()
+        with ds_build.LockWatch():
+            import deepspeed
+
+            if not torch.distributed.is_initialized():
+                deepspeed.init_distributed(dist_backend="gloo" if accelerator.device.type == "cpu" else "nccl")
         self.accelerator, self.device = accelerator, accelerator.device
         self.dtype = DTYPES[precision]
         # channels_last weights cannot survive ZeRO: stages 1-2 make every weight a contiguous view
@@ -154,10 +159,13 @@ class DeepSpeedBackend:
     def wrap(self, g, d, opt_g, opt_d):
         import deepspeed
 
+        from bigan.backends.ds_build import LockWatch
+
         engines = {}
         for which, model, optimizer in (("g", g, opt_g), ("d", d, opt_d)):
             model = reenter_autocast(model.to(self.device), self.device, self.dtype)
-            engines[which], *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.configs[which])
+            with LockWatch():  # the first engine builds DeepSpeed's communication op on CPUs
+                engines[which], *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.configs[which])
         self.g, self.d = engines["g"], engines["d"]
         self.g_module, self.d_module = self.g.module, self.d.module
         self.d_penalty = self.d_module  # autograd.grad(create_graph=True) through the engine breaks ZeRO
