@@ -1,7 +1,10 @@
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -36,10 +39,43 @@ def tiny_args(shards, run_dir, **overrides):
 
 
 def run(cmd, env, timeout=300, check=True):
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    """cmd in its own process group, failed after `timeout` seconds without progress (no new output),
+    so a loaded machine makes it slower, not red; whatever it started (ranks, workers) is killed after."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            stalled = wait_with_progress(process, [out, err], timeout)
+        finally:
+            kill_group(process.pid)
+        out.seek(0), err.seek(0)
+        result = subprocess.CompletedProcess(cmd, process.returncode, out.read(), err.read())
+    if stalled:
+        raise AssertionError(f"{cmd}: no output for {timeout} s, killed\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def wait_with_progress(process, files, stall_s: float, poll_s: float = 0.2) -> bool:
+    """Wait for process; True if it was killed after stall_s seconds in which `files` did not grow."""
+    sizes, last_progress = None, time.time()
+    while process.poll() is None:
+        now_sizes = [os.fstat(f.fileno()).st_size for f in files]
+        if now_sizes != sizes:
+            sizes, last_progress = now_sizes, time.time()
+        elif time.time() - last_progress > stall_s:
+            kill_group(process.pid)
+            process.wait()
+            return True
+        time.sleep(poll_s)
+    return False
+
+
+def kill_group(pid: int):
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def train(args, env, check=True):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_args
+from conftest import ROOT, run, tiny_args
 
 
 def start(args, env, log: Path):
@@ -23,15 +23,28 @@ def start(args, env, log: Path):
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_for(log: Path, text: str, process, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if text in log.read_text():
-            return
+def wait_for(log: Path, text: str, process, stall_s=120):
+    """Until `text` is in the log; fails only after stall_s seconds in which the log did not grow."""
+    size, progress_at = -1, time.time()
+    while text not in log.read_text():
         assert process.poll() is None, f"exited {process.returncode} before {text!r}:\n{log.read_text()[-3000:]}"
+        if log.stat().st_size != size:
+            size, progress_at = log.stat().st_size, time.time()
+        if time.time() - progress_at > stall_s:
+            process.kill()
+            raise AssertionError(f"no {text!r}, and no output for {stall_s} s:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"no {text!r} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def exit_code(process, log: Path, stall_s=120) -> int:
+    """The process's exit status; fails only after stall_s seconds in which its log did not grow."""
+    size, progress_at = -1, time.time()
+    while process.poll() is None:
+        if log.stat().st_size != size:
+            size, progress_at = log.stat().st_size, time.time()
+        assert time.time() - progress_at < stall_s, f"no exit and no output for {stall_s} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    return process.returncode
 
 
 def children(pid: int) -> list[int]:
@@ -67,7 +80,7 @@ def test_group_signal_checkpoints_exits_zero_and_resume_continues(signum, long_r
     wait_for(log, "starting fresh", process)
     time.sleep(3)  # some steps
     os.killpg(process.pid, signum)  # the whole group: trainer and its DataLoader workers
-    assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert exit_code(process, log) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "stopped on request" in text and "Traceback" not in text, text[-3000:]
     checkpoints = sorted((run_dir / "checkpoints").glob("ckpt-*"))
@@ -78,7 +91,7 @@ def test_group_signal_checkpoints_exits_zero_and_resume_continues(signum, long_r
     wait_for(resumed_log, f"resuming from {checkpoints[-1]}", resumed)
     time.sleep(2)
     os.killpg(resumed.pid, signal.SIGTERM)
-    assert resumed.wait(timeout=120) == 0
+    assert exit_code(resumed, resumed_log) == 0
     assert int(sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1].name.split("-")[1]) > stopped_at
 
 
@@ -95,7 +108,7 @@ def test_second_ctrl_c_stops_at_once(tiny_shards, tmp_path, env):
         os.killpg(process.pid, signal.SIGINT)
         wait_for(log, "Ctrl-C again to stop at once", process)
         os.killpg(process.pid, signal.SIGINT)
-        assert process.wait(timeout=60) == 130
+        assert exit_code(process, log) == 130
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -143,8 +156,7 @@ def unreadable_shards(tmp_path):
 @pytest.mark.parametrize("mode", ["infinite", "epoch"])
 def test_all_unreadable_shards_end_in_one_line(mode, unreadable_shards, tmp_path, env):
     args = tiny_args(unreadable_shards, tmp_path / "run", **{"data.mode": mode, "data.workers": 2})
-    result = subprocess.run([sys.executable, "-m", "bigan.train", *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=180)
+    result = run([sys.executable, "-m", "bigan.train", *args], env, check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -163,8 +175,7 @@ def test_sources_joined_with_double_colon_combine(tiny_shards, tmp_path, env):
             shutil.copy(shard, folder / f"{folder.name}-{shard.name}")
     for i, source in enumerate([f"{folder_a}::{folder_b}", f"{manifest}::{folder_b}"]):
         args = tiny_args(source, tmp_path / f"run{i}", **{"train.kimg": 0.032, "data.workers": 1})
-        result = subprocess.run([sys.executable, "-m", "bigan.train", *args], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=180)
+        result = run([sys.executable, "-m", "bigan.train", *args], env, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "done at" in result.stdout
 
@@ -221,8 +232,7 @@ def test_yaml_floats_without_a_dot_and_yaml_errors(tmp_path, capsys):
     (["--truncation", "0"], "--truncation"), (["--n", "0"], "--n"), (["--n", "-3"], "--n"),
 ])
 def test_bigan_sample_refuses_bad_flags(argv, flag, tmp_path, env):
-    result = subprocess.run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(tmp_path), *argv],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(tmp_path), *argv], env, check=False)
     assert result.returncode == 2 and flag in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
@@ -232,14 +242,13 @@ def test_full_disk_and_changed_architecture_are_one_line(tiny_shards, tmp_path, 
 
     run_dir = tmp_path / "run"
     args = tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.064, "run.ckpt_every_kimg": 0.016})
-    full = subprocess.run([sys.executable, str(HELPERS / "train_with_faults.py"), "disk-full", "2", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    full = run([sys.executable, str(HELPERS / "train_with_faults.py"), "disk-full", "2", *args], env, check=False)
     assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
     last = full.stderr.strip().splitlines()[-1]
     assert "could not write checkpoint" in last and "No space left on device" in last and str(run_dir) in last
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["ckpt-000000002"]  # the first one survives
-    changed = subprocess.run([sys.executable, "-m", "bigan.train", *args, "--run.resume=latest",
-                              "--model.g_channels=16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    changed = run([sys.executable, "-m", "bigan.train", *args, "--run.resume=latest",
+                              "--model.g_channels=16"], env, check=False)
     assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-3000:]
     assert "was trained with model.g_channels=8 (now 16)" in changed.stderr.strip().splitlines()[-1]
 
@@ -261,23 +270,31 @@ def test_sample_and_eval_refuse_bad_files_and_flags_in_one_line(tiny_shards, sma
           "--extractor", str(not_a_module)], "neither TorchScript nor a pickled module"),
     ]
     for argv, message in cases:
-        result = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=120)
+        result = run([sys.executable, "-m", *argv], env, check=False)
         assert result.returncode == 2 and "Traceback" not in result.stderr, (argv, result.stderr[-2000:])
         assert message in result.stderr.strip().splitlines()[-1], (argv, result.stderr[-2000:])
 
 
 def test_resume_takes_the_runs_own_settings_and_says_when_nothing_is_there(tiny_shards, tmp_path, env):
     run_dir = tmp_path / "run"
-    first = subprocess.run([sys.executable, "-m", "bigan.train", *tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.032})],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    first = run([sys.executable, "-m", "bigan.train", *tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.032})], env, check=False)
     assert first.returncode == 0, first.stderr[-2000:]
     # only the run dir and what changes: shards, model widths, workers ... come from RUN/config.yaml
-    resumed = subprocess.run([sys.executable, "-m", "bigan.train", f"--run.dir={run_dir}", "--run.resume=latest",
-                              "--train.kimg=0.064"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    resumed = run([sys.executable, "-m", "bigan.train", f"--run.dir={run_dir}", "--run.resume=latest",
+                              "--train.kimg=0.064"], env, check=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "done at 0.1 kimg" in resumed.stdout
-    empty = subprocess.run([sys.executable, "-m", "bigan.train", *tiny_args(tiny_shards, tmp_path / "empty",
+    empty = run([sys.executable, "-m", "bigan.train", *tiny_args(tiny_shards, tmp_path / "empty",
                                                                              **{"train.kimg": 0.016}),
-                            "--run.resume=latest"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+                            "--run.resume=latest"], env, check=False)
     assert empty.returncode == 0 and "starting fresh (run.resume=latest: no checkpoint in" in empty.stdout
+
+
+def test_divergence_before_the_first_checkpoint_is_one_line(tiny_shards, tmp_path, env):
+    from conftest import HELPERS
+
+    args = tiny_args(tiny_shards, tmp_path / "run", **{"train.max_bad_steps": 2, "train.kimg": 0.08})
+    result = run([sys.executable, str(HELPERS / "train_with_faults.py"), "nan-d-loss", "1,2,3,4,5,6", *args], env,
+                 check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "training diverged" in result.stderr.strip().splitlines()[-1]

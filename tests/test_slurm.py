@@ -32,6 +32,22 @@ def slurm(tmp_path_factory, env):
     subprocess.run(["bash", "tests/slurm_cluster.sh", "stop", str(state)], cwd=ROOT, timeout=60)
 
 
+SUBMITTED: list = []  # job ids, cancelled after each test whatever its outcome
+
+
+@pytest.fixture(autouse=True)
+def cancel_jobs(request):
+    yield
+    if not SUBMITTED:
+        return
+    slurm_env = request.getfixturevalue("slurm")
+    subprocess.run(["scancel", *SUBMITTED], env=slurm_env, capture_output=True)
+    deadline = time.time() + 60
+    while any(state(slurm_env, job) for job in SUBMITTED) and time.time() < deadline:
+        time.sleep(1)
+    SUBMITTED.clear()
+
+
 def sbatch(slurm_env, run_dir, nodes, procs_per_node, train_args, accelerate_config="cpu_multi"):
     knobs = {"ACCELERATE_CONFIG": f"launch_configs/accelerate/{accelerate_config}.yaml", "PROCS_PER_NODE": procs_per_node,
              "RUN_DIR": run_dir, "MAIN_PORT": free_port(), "BIGAN_ENV": f"{sys.prefix}/bin/activate"}
@@ -40,7 +56,8 @@ def sbatch(slurm_env, run_dir, nodes, procs_per_node, train_args, accelerate_con
     cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gres=none", f"--cpus-per-task={max(1, 2 // nodes)}",
            f"--output={run_dir}/job-%j.out", f"--export={export}", "slurm/train.sh", *train_args]
     submitted = subprocess.run(cmd, cwd=ROOT, env=slurm_env, capture_output=True, text=True, check=True)
-    return submitted.stdout.strip()
+    SUBMITTED.append(submitted.stdout.strip())
+    return SUBMITTED[-1]
 
 
 def state(slurm_env, job):
@@ -48,10 +65,16 @@ def state(slurm_env, job):
     return out.stdout.strip()
 
 
-def wait(slurm_env, job, timeout=300):
-    deadline = time.time() + timeout
+def wait(slurm_env, job, run_dir, timeout=300):
+    """Until the job leaves the queue; fails after `timeout` seconds in which nothing in run_dir changed
+    (logs, checkpoints), so a slow machine takes longer instead of failing."""
+    last, progress_at = None, time.time()
     while state(slurm_env, job):
-        assert time.time() < deadline, f"job {job} still {state(slurm_env, job)} after {timeout} s"
+        files = list(run_dir.rglob("*"))
+        now = (len(files), sum(p.stat().st_size for p in files if p.is_file()))
+        if now != last:
+            last, progress_at = now, time.time()
+        assert time.time() - progress_at < timeout, f"job {job} still {state(slurm_env, job)}, no progress for {timeout} s"
         time.sleep(1)
 
 
@@ -63,7 +86,7 @@ def test_sbatch_runs_two_process_training_to_completion(slurm, tiny_shards, tmp_
     run_dir = tmp_path / "run"
     job = sbatch(slurm, run_dir, nodes=1, procs_per_node=2,
                  train_args=tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.064, "data.workers": 1}))
-    wait(slurm, job)
+    wait(slurm, job, run_dir)
     batch_log = (run_dir / f"job-{job}.out").read_text()
     assert "on 1 node(s) x 2 process(es)" in batch_log and "training exited with status 0" in batch_log
     (log,) = node_logs(run_dir).values()
@@ -79,12 +102,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes_without_repeating_steps(
     run_dir = tmp_path / "run"
     args = tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.8, "data.workers": 1, "run.log_every": 1})
     job = sbatch(slurm, run_dir, nodes=1, procs_per_node=2, train_args=args)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not list((run_dir / "samples").glob("*.png")):  # training has started
         assert time.time() < deadline and state(slurm, job), "training did not start"
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
-    wait(slurm, job, timeout=400)
+    wait(slurm, job, run_dir, timeout=400)
 
     batch_log = (run_dir / f"job-{job}.out").read_text()
     assert "USR1 received" in batch_log and f"requeueing job {job}" in batch_log
@@ -107,7 +130,7 @@ def test_two_nodes_rendezvous_through_slurm(accelerate_config, slurm, tiny_shard
     run_dir = tmp_path / "run"
     job = sbatch(slurm, run_dir, nodes=2, procs_per_node=1, accelerate_config=accelerate_config,
                  train_args=tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.064, "data.workers": 1}))
-    wait(slurm, job)
+    wait(slurm, job, run_dir)
     assert "on 2 node(s) x 1 process(es)" in (run_dir / f"job-{job}.out").read_text()
     logs = node_logs(run_dir)
     assert len(logs) == 2, logs.keys()
