@@ -9,12 +9,16 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
 .PHONY: install train test
-install: $(VENV)/.installed
+# A TORCH different from the one .venv was built with reinstalls (.venv/.torch records it).
+install:
+	@test "$$(cat $(VENV)/.torch 2>/dev/null)" = "$(TORCH)" || rm -f $(VENV)/.installed
+	@$(MAKE) --no-print-directory $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev,deepspeed]" "$(TORCH)"
+	echo "$(TORCH)" > $(VENV)/.torch
 	touch $@
 
 train: install

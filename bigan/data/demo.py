@@ -15,6 +15,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,13 @@ def ensure_demo_shards(n: int = 10_000, resolution: int = 64, seed: int = 0, roo
         options = ShardOptions(resolution=resolution, format="jpg", quality=95, maxcount=2000,
                                workers=workers or os.cpu_count() or 1, progress=progress)
         items = [(seed, i, resolution) for i in range(n)]
+        if progress:  # a line even where the progress bar is not shown (output not a terminal)
+            print(f"bigan: rendering the demo set once: {n} landscapes at {resolution} px into {final} "
+                  f"({options.workers} processes)", flush=True)
+        start = time.time()
         write_shards(items, _load_demo_item, tmp, options, source=f"bigan demo landscapes (seed {seed})")
+        if progress:
+            print(f"bigan: demo set rendered in {time.time() - start:.0f} s", flush=True)
         try:
             tmp.rename(final)
         except OSError:  # another process finished first: use its copy
