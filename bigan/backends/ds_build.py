@@ -9,7 +9,8 @@ leaves the lock behind, and every later launch then waits on it silently, foreve
   ``TORCH_EXTENSIONS_DIR`` is set, so environments (and users sharing a home folder) do not
   wait on each other's builds;
 * removes a lock whose build has shown no sign of life (no file in its folder changed) for
-  ``STALE_S`` seconds, saying so;
+  ``STALE_S`` seconds, saying so: at start-up, so the op is built afresh, and while waiting on
+  it, so the wait ends (that start then fails to load the op; the next one builds it);
 * prints, every minute that start-up waits on a lock, what it waits for.
 """
 from __future__ import annotations
@@ -64,6 +65,9 @@ class LockWatch:
         waited = 0.0
         while not self.done.wait(self.every_s):
             waited += self.every_s
+            if clear_stale_locks():  # this process waits on a dead build: it fails to load the op now,
+                print("bigan: the op will be built afresh at the next start", flush=True)  # not never
+                continue
             for folder in build_dirs():
                 if (folder / "lock").exists():
                     print(f"bigan: start-up has waited {waited / 60:.0f} min on DeepSpeed's build lock "
