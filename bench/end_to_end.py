@@ -55,6 +55,8 @@ def make_shards(fmt: str, resolution: int, n: int, root: Path) -> Path:
         return ensure_demo_shards(n, resolution, root=root, progress=False)
     out = root / f"landscapes-png-{resolution}px-n{n}"
     if not (out / "manifest.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
         options = ShardOptions(resolution=resolution, format="png", maxcount=max(n // 24, 1),
                                workers=os.cpu_count() or 1, progress=False)
         write_shards([(i, resolution) for i in range(n)], _png_item, out, options, source="bench: demo as PNG",
