@@ -11,7 +11,6 @@ exported ``.safetensors`` file with ``generator.json`` beside it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from bigan.cli import Parser
 from bigan import checkpoint
 from bigan.models import build_models
 from bigan.tracking import image_grid, to_uint8
@@ -134,7 +134,7 @@ def _read_safetensors(path: Path) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="bigan-sample", description=__doc__.splitlines()[0])
+    parser = Parser(prog="bigan-sample", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or exported .safetensors")
     parser.add_argument("--n", type=int, default=64, help="number of images")
     parser.add_argument("--seed", type=int, default=0)
@@ -149,6 +149,9 @@ def main(argv=None):
         parser.error(f"--truncation must be positive, got {args.truncation}")
     if args.n < 1 or args.interpolate < 0:
         parser.error("--n must be at least 1" if args.n < 1 else "--interpolate must be >= 0")
+    out = str(args.out)
+    if not (out.endswith("/") or Path(out).is_dir() or Path(out).suffix.lower() in (".npz", ".png", ".jpg", ".jpeg")):
+        parser.error(f"--out: {out} must end in .png/.jpg (grid), .npz (array) or / (one PNG each)")
     try:
         g, model = load_generator(args.checkpoint, ema=not args.no_ema)
         if args.interpolate:

@@ -4,14 +4,14 @@ Also ``python -m bigan.train``. With no arguments it trains a DCGAN on the built
 paintings at 64 px. ``--dry-run`` prints the resolved configuration and exits.
 """
 import os
+import signal
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package, not the files beside this one
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import argparse  # noqa: E402
-
+from bigan.cli import Parser  # noqa: E402
 from bigan.config import ConfigError, check_files, load_config  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def make_accelerator(config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = Parser(prog="bigan.train", description=__doc__.splitlines()[0],
                                      epilog="Any --section.key=value overrides the config (see --dry-run).")
     parser.add_argument("--config", help="YAML preset, e.g. launch_configs/experiments/demo.yaml")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -72,6 +72,8 @@ def main(argv=None):
         (Path(config.run.dir) / "config.yaml").write_text(config.to_yaml())
     try:
         Trainer(config, accelerator).fit()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # done and checkpointed: a late signal must not turn
+            signal.signal(sig, signal.SIG_IGN)        # the clean exit that follows into a kill
     except (DataError, CheckpointError, ExtractorError, DeepSpeedConfigError, DivergedError) as exc:
         print(f"bigan: error: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,6 @@ same shard writer `bigan-shards` uses, and reused from then on.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bigan.cli import Parser
 
 # name: sky top, sky at the horizon, far ridge, near ridge, water, foliage, sun or moon (RGB 0-1)
 PALETTES = {
@@ -225,13 +226,16 @@ def _load_demo_item(item):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Render the built-in landscape demo set into shards.")
+    parser = Parser(prog="bigan-demo-data", description="Render the built-in landscape demo set into shards.")
     parser.add_argument("--n", type=int, default=10_000, help="number of images")
     parser.add_argument("--resolution", type=int, default=64, help="pixels per side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", type=Path, default=None, help="cache dir (default $BIGAN_CACHE or ~/.cache/bigan)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
+    for flag, value in (("--n", args.n), ("--resolution", args.resolution), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
     print(ensure_demo_shards(args.n, args.resolution, args.seed, args.root, args.workers))
 
 

@@ -10,7 +10,6 @@ counted and listed at the end; one bad file never stops the run.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import io
 import json
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from bigan.cli import Parser
 from PIL import Image, ImageOps
 
 import bigan
@@ -298,7 +299,7 @@ def make_shards(source: Path, out_dir: Path, options: ShardOptions, labels_from_
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="bigan-shards", description=__doc__.splitlines()[0])
+    parser = Parser(prog="bigan-shards", description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="image folder, save_to_disk folder, or parquet/arrow file(s)")
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--resolution", type=int, default=None,
@@ -319,8 +320,11 @@ def main(argv=None):
         parser.error(f"--resolution must be positive, got {args.resolution}")
     if not 1 <= args.quality <= 100:
         parser.error(f"--quality must be in 1..100, got {args.quality}")
+    for flag, value in (("--maxcount", args.maxcount), ("--maxsize", args.maxsize), ("--workers", args.workers)):
+        if not value >= 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
     options = ShardOptions(resolution=args.resolution, format=args.format, quality=args.quality,
-                           maxcount=args.maxcount, maxsize=int(args.maxsize), workers=max(1, args.workers),
+                           maxcount=args.maxcount, maxsize=int(args.maxsize), workers=args.workers,
                            progress=not args.no_progress and sys.stderr.isatty())
     try:
         manifest = make_shards(args.source, args.output_dir, options, args.labels_from_dirs,

@@ -10,7 +10,6 @@ samples (the same samples whatever the number of ranks); statistics are summed a
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigan.cli import Parser
 from bigan.metrics import metrics
 from bigan.metrics.features import Extractor, ExtractorError, FeatureStats
 from bigan.tracking import to_uint8
@@ -119,7 +119,7 @@ def evaluate(g, model: dict, data, resolution: int, extractor: Extractor, accele
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="bigan-eval", description=__doc__.splitlines()[0])
+    parser = Parser(prog="bigan-eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or exported .safetensors")
     parser.add_argument("--data", required=True, help="reference shards: manifest, folder, pattern, pipe: URLs")
     parser.add_argument("--n", type=int, default=10_000, help="generated samples")
