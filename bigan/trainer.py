@@ -258,8 +258,11 @@ class Trainer:
         self._last_log, self._last_input_warning = (time.perf_counter(), self.state.images_seen, self.state.step), -1e9
         self.data_wait = 0.0
         self._reset_marks()
+        # A stop that interrupts a wait for data leaves the batches this iteration already took to be
+        # saved as untaken; with one batch per iteration none was taken, and nothing is copied per step.
+        several = self.config.train.grad_accum * self.config.loss.d_steps > 1
         while self.state.images_seen < self.total_images and not self.stop_requested:
-            position = self.loader.state_dict()
+            position = self.loader.state_dict() if several else None
             try:
                 self.train_step(batches)
             except StopWhileWaiting:  # nothing of this iteration ran; its batches go back to the stream

@@ -429,41 +429,41 @@ class Loader:
 
     def _batches(self, iterator):
         try:
-            yield from self._device_batches(iterator)
+            yield from map(self._to_batch, iterator)
         except DataError as exc:  # raised in a worker: the DataLoader wraps it in a traceback
             raise DataError(_worker_message(exc)) from None
 
-    def _device_batches(self, iterator):
-        for (images, slot, labels, flips), position in iterator:
-            self.batches += 1
-            role = position["role"]
-            self.roles[str(role)] = [position["round"], position["pos"], position["done"], position["corrupt"]]
-            if images is None:
-                images = self.buffers[role, slot]
-            else:
-                self.buffers[role, slot] = images
-            images = self._to_device(images).permute(0, 3, 1, 2)  # NHWC bytes -> NCHW view
-            images = images.float().div_(127.5).sub_(1.0)  # a copy: the worker may refill its buffer now
-            flipped = np.flatnonzero(flips)  # chosen on the host: no device sync
-            if len(flipped):
-                flipped = torch.from_numpy(flipped).to(self.device, non_blocking=True)
-                images[flipped] = images[flipped].flip(-1)
-            if labels is not None:
-                labels = torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
-            yield {"image": images, "label": labels, "round": position["round"]}
+    def _to_batch(self, item) -> dict:
+        (images, slot, labels, flips), position = item
+        self.batches += 1
+        role = position["role"]
+        self.roles[str(role)] = [position["round"], position["pos"], position["done"], position["corrupt"]]
+        if images is None:
+            images = self.buffers[role, slot]
+        else:
+            self.buffers[role, slot] = images
+        images = self._to_device(images).permute(0, 3, 1, 2)  # NHWC bytes -> NCHW view
+        images = images.float().div_(127.5).sub_(1.0)  # a copy: the worker may refill its buffer now
+        flipped = np.flatnonzero(flips)  # chosen on the host: no device sync
+        if len(flipped):
+            flipped = torch.from_numpy(flipped).to(self.device, non_blocking=True)
+            images[flipped] = images[flipped].flip(-1)
+        if labels is not None:
+            labels = torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
+        return {"image": images, "label": labels, "round": position["round"]}
 
     def close(self):
         """Stop the workers now. They ignore SIGTERM (``_worker_init``), so the terminate() that
         multiprocessing sends its children at interpreter exit would not end them: they are told to
         finish (as the DataLoader does when it is dropped), and any still alive after that is killed."""
-        import multiprocessing
-
         iterator = getattr(self.loader, "_iterator", None)  # the persistent workers' iterator
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        for child in multiprocessing.active_children():  # a worker blocked in a read (e.g. a stalled pipe:)
-            child.kill()
-            child.join(timeout=5)
+        if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+            return
+        iterator._shutdown_workers()
+        for worker in getattr(iterator, "_workers", []):  # one blocked in a read (e.g. a stalled pipe:)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images if self.staging is None else self.staging.to_device(images)

@@ -11,7 +11,6 @@ samples (the same samples whatever the number of ranks); statistics are summed a
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -57,15 +56,21 @@ def reference_stats(shards, resolution: int, extractor: Extractor, accelerator, 
     spec = StreamSpec(shard_set, 1, resolution, rank=accelerator.process_index, world_size=world,
                       mode="epoch", epochs=1, shuffle_buffer=1, flip=False)
     stats, seen, pending = None, 0, []
-    images = (data["image"] for _, data in zip(range(per_rank), Loader(spec, workers=0, device=accelerator.device)))
-    for image in itertools.chain(images, [None]):
-        if image is not None:
-            pending.append(image)
-        if pending and (image is None or len(pending) == batch):
-            features, _ = extractor(to_uint8(torch.cat(pending)))
-            stats = stats or FeatureStats(features.shape[1], keep)
-            stats.update(features, torch.arange(len(features)) + accelerator.process_index * per_rank + seen)
-            seen, pending = seen + len(features), []
+
+    def add(images):
+        nonlocal stats, seen
+        features, _ = extractor(to_uint8(torch.cat(images)))
+        stats = stats or FeatureStats(features.shape[1], keep)
+        stats.update(features, torch.arange(len(features)) + accelerator.process_index * per_rank + seen)
+        seen += len(features)
+
+    for _, data in zip(range(per_rank), Loader(spec, workers=0, device=accelerator.device)):
+        pending.append(data["image"])
+        if len(pending) == batch:
+            add(pending)
+            pending = []
+    if pending:
+        add(pending)
     stats.reduce(accelerator)
     if accelerator.is_main_process:
         stats.save(cached)
