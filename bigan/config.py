@@ -56,6 +56,7 @@ class LossConfig:
     r1: float = _f(0.0, "R1 gamma on reals; 0 = off")
     r1_interval: int = _f(16, "apply R1 every N D steps (lazy regularization, Adam betas adjusted)")
     d_steps: int = _f(1, "D steps per G step")
+    pack: int = _f(1, "PacGAN: D judges this many samples at once, stacked on channels (1 = off)")
 
 
 @dataclass
@@ -99,7 +100,9 @@ class EvalConfig:
     n: int = _f(5000, "generated samples per evaluation")
     extractor: str = _f("inception", "'inception' (local file, see eval.inception) or a TorchScript/module path")
     inception: str = _f("", "path of inception-2015-12-05.pkl ('' = $BIGAN_INCEPTION or $BIGAN_CACHE/…)")
-    metrics: str = _f("fid,kid", "comma-separated: fid, kid, is, pr")
+    metrics: str = _f("fid,kid", "comma-separated: fid, kid, is, pr ('' = none, e.g. with eval.modes only)")
+    modes: str = _f("", "mode-coverage classifier file (uint8 images -> class logits): logs Metrics/modes, "
+                        "Metrics/kl_modes; '' = off")
     data: str = _f("", "reference shards ('' = data.shards)")
 
 
@@ -182,6 +185,11 @@ def _validate(c: Config):
         ("loss.r1", loss.r1 >= 0, "must be >= 0"),
         ("loss.d_steps", loss.d_steps >= 1, "must be >= 1"),
         ("loss.r1_interval", loss.r1_interval >= 1, "must be >= 1"),
+        ("loss.pack", loss.pack >= 1, "must be >= 1 (1 = off)"),
+        ("loss.pack", loss.pack == 1 or t.batch_size % loss.pack == 0,
+         f"must divide train.batch_size ({t.batch_size}) so that every micro-batch splits into packs"),
+        ("loss.pack", loss.pack == 1 or m.num_classes == 0,
+         "packing is for unconditional models (a pack of samples has no one label); set model.num_classes=0"),
         ("train.batch_size", t.batch_size >= 1, "must be >= 1"),
         ("train.grad_accum", t.grad_accum >= 1, "must be >= 1"),
         ("train.kimg", t.kimg > 0, "must be positive"),
@@ -203,6 +211,8 @@ def _validate(c: Config):
         ("eval.n", e.n >= 1, "must be >= 1"),
         ("eval.metrics", {x.strip() for x in e.metrics.split(",") if x.strip()} <= {"fid", "kid", "is", "pr"},
          "must name some of fid, kid, is, pr"),
+        ("eval.metrics", e.every_kimg == 0 or e.metrics.strip(",").strip() or e.modes,
+         "is empty and so is eval.modes: evaluation every eval.every_kimg would compute nothing"),
     ]
     for section in dataclasses.fields(c):  # no inf or nan anywhere (train.kimg=.inf never ends)
         for f in dataclasses.fields(getattr(c, section.name)):
@@ -220,7 +230,7 @@ def check_files(c: Config):
     """What the config names on disk, checked before anything is built or written (cheap checks only).
 
     The shards themselves are checked by the caller (bigan.data.stream.resolve_shards)."""
-    for key in ("train.deepspeed", "train.deepspeed_g", "train.deepspeed_d", "eval.inception"):
+    for key in ("train.deepspeed", "train.deepspeed_g", "train.deepspeed_d", "eval.inception", "eval.modes"):
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
         if value and not Path(value).is_file():

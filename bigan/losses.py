@@ -45,20 +45,27 @@ def g_loss(name: str, fake_logits):
     return loss, {"Loss/G": loss.detach(), "D/fake_for_G": fake_logits.detach().mean()}
 
 
-def r1_penalty(real_images, real_logits):
-    """R1 (Mescheder et al. 2018): E ||∇_x D(x)||² on reals; real_images must require grad."""
+def r1_penalty(real_images, real_logits, pack: int = 1):
+    """R1 (Mescheder et al. 2018): E ||∇_x D(x)||² on reals; real_images must require grad.
+
+    With packing (loss.pack=m) D's input is a pack of m images, so the norm is over the pack."""
     (grad,) = torch.autograd.grad(real_logits.float().sum(), real_images, create_graph=True)
-    penalty = grad.float().square().sum(dim=(1, 2, 3)).mean()
+    penalty = grad.float().square().sum(dim=(1, 2, 3)).reshape(-1, pack).sum(1).mean()
     return penalty, {"Penalty/R1": penalty.detach()}
 
 
-def gradient_penalty(discriminator, real_images, fake_images, labels=None, generator=None):
-    """WGAN-GP (Gulrajani et al. 2017): E (||∇_x D(x̂)||₂ - 1)² at random interpolates x̂."""
-    alpha = torch.rand(real_images.shape[0], 1, 1, 1, device=real_images.device, generator=generator)
+def gradient_penalty(discriminator, real_images, fake_images, labels=None, generator=None, pack: int = 1,
+                     alpha=None):
+    """WGAN-GP (Gulrajani et al. 2017): E (||∇_x D(x̂)||₂ - 1)² at random interpolates x̂.
+
+    Each sample has its own mixing weight (`alpha`, shape (N, 1, 1, 1), drawn when not given);
+    with packing the norm is over each pack of `pack` samples, D's input."""
+    if alpha is None:
+        alpha = torch.rand(real_images.shape[0], 1, 1, 1, device=real_images.device, generator=generator)
     mixed = (alpha * real_images.detach() + (1 - alpha) * fake_images.detach()).requires_grad_(True)
     logits = discriminator(mixed, labels)
     (grad,) = torch.autograd.grad(logits.float().sum(), mixed, create_graph=True)
-    penalty = (grad.float().flatten(1).norm(dim=1) - 1).square().mean()
+    penalty = (grad.float().reshape(grad.shape[0] // pack, -1).norm(dim=1) - 1).square().mean()
     return penalty, {"Penalty/GP": penalty.detach()}
 
 

@@ -92,7 +92,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         if models is None:
             g, d = build_models(m.arch, config.data.resolution, m.z_dim, m.g_channels, m.d_channels,
-                                m.num_classes, m.d_norm)
+                                m.num_classes, m.d_norm, loss.pack)
             if m.arch == "dcgan":
                 g.apply(init_weights), d.apply(init_weights)
         else:
@@ -146,10 +146,10 @@ class Trainer:
                 fake_logits = b.d(fake, y_fake)
                 loss, stats = losses.d_loss(c.name, real_logits, fake_logits, c.r)
                 if regularize:
-                    r1, r1_stats = losses.r1_penalty(image, real_logits)
+                    r1, r1_stats = losses.r1_penalty(image, real_logits, c.pack)
                     loss, stats = loss + (c.r1 / 2 * c.r1_interval) * r1, {**stats, **r1_stats}
                 if c.name == "wgan" and c.gp > 0:
-                    gp, gp_stats = losses.gradient_penalty(b.d_penalty, image, fake, real["label"])
+                    gp, gp_stats = losses.gradient_penalty(b.d_penalty, image, fake, real["label"], pack=c.pack)
                     loss, stats = loss + c.gp * gp, {**stats, **gp_stats}
             b.backward(loss / len(reals), "d", sync=i == len(reals) - 1)
             self._collect(stats, len(reals))
@@ -235,11 +235,14 @@ class Trainer:
         data_state = checkpoint.load(self.accelerator, resume_from, self.backend, self.architecture()) if resume_from else None
         self.nonfinite = NonFiniteSteps(self.device, self.state.bad_in_row)
         self.loader = build_loader(c, self.accelerator, data_state)
-        self.extractor = None
+        self.extractor = self.classifier = None
         if c.eval.every_kimg > 0:  # fail now, not hours in, if the feature extractor is missing
-            from bigan.metrics.features import Extractor
+            from bigan.metrics.features import Extractor, ModeClassifier
 
-            self.extractor = Extractor(c.eval.extractor, self.device, c.eval.inception or None)
+            if self.eval_metrics():
+                self.extractor = Extractor(c.eval.extractor, self.device, c.eval.inception or None)
+            if c.eval.modes:
+                self.classifier = ModeClassifier(c.eval.modes, self.device)
         self.tracker = Tracker(self.accelerator, self.run_dir, c.to_yaml())
         self._install_signal_handlers()
         print(f"bigan: rank {self.accelerator.process_index}/{self.accelerator.num_processes} on "
@@ -300,26 +303,33 @@ class Trainer:
             return
         self.next_eval = self._next_mark(self.config.eval.every_kimg)
         results = self.evaluate()
-        self.tracker.scalars({f"Metrics/{k}": v for k, v in results.items() if isinstance(v, float)},
+        self.tracker.scalars({f"Metrics/{k}": float(v) for k, v in results.items()
+                              if isinstance(v, (int, float)) and k not in ("n", "n_ref", "modes_of")},
                              self.state.images_seen)
         if "fid" in results and results["fid"] < self.state.best_fid:
             self.state.best_fid = results["fid"]
             self._keep_best(results)
 
     def evaluate(self) -> dict:
-        """Metrics of EMA-G (else G) against eval.data, on every rank (each generates its share)."""
-        from bigan.metrics.evaluate import evaluate
+        """Metrics of EMA-G (else G) against eval.data, and its mode coverage under eval.modes,
+        on every rank (each generates its share)."""
+        from bigan.metrics.evaluate import evaluate, generated_images
 
-        e = self.config.eval
+        e, m = self.config.eval, self.config.model
         g = self.ema.model if self.ema is not None else self.backend.plain_copy("g")
         was_training = g.training
         g.eval()
+        wanted = self.eval_metrics()
         with self.backend.autocast():
-            results = evaluate(g, self.config.to_dict()["model"], e.data or data_source(self.config, self.accelerator),
-                               self.config.data.resolution, self.extractor, self.accelerator, e.n,
-                               [m.strip() for m in e.metrics.split(",") if m.strip()], seed=self.config.train.seed)
+            blocks = generated_images(g, m.z_dim, m.num_classes, self.accelerator, e.n, self.config.train.seed)
+            results = evaluate(blocks, (e.data or data_source(self.config, self.accelerator)) if wanted else None,
+                               self.config.data.resolution, self.extractor, self.accelerator, e.n, wanted,
+                               classifier=self.classifier)
         g.train(was_training)
         return results
+
+    def eval_metrics(self) -> list[str]:
+        return [m.strip() for m in self.config.eval.metrics.split(",") if m.strip()]
 
     def _keep_best(self, results: dict):
         """Copy this step's checkpoint to RUN/best/ (outside rotation), with its metrics."""
@@ -397,7 +407,7 @@ class Trainer:
     def architecture(self) -> dict:
         """What the weights' shapes depend on (kept in checkpoints, compared on resume)."""
         return {**{f"model.{k}": v for k, v in self.config.to_dict()["model"].items() if k != "sync_batchnorm"},
-                "data.resolution": self.config.data.resolution}
+                "data.resolution": self.config.data.resolution, "loss.pack": self.config.loss.pack}
 
     def _roll_back(self):
         latest = checkpoint.resolve(self.run_dir, "latest")

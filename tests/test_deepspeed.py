@@ -32,6 +32,7 @@ PENALTIES = {
     "r1": {"loss.name": "bce", "loss.r1": 1.0, "loss.r1_interval": 1},
     "gp": {"loss.name": "wgan", "loss.gp": 10.0},
 }
+PACKED = {"loss.pack": 2}  # PacGAN: D judges pairs
 BASE = {"model.arch": "resnet", "data.resolution": 32, "model.g_channels": 4, "model.d_channels": 4,
         "model.z_dim": 8, "train.adam_eps": 1.0, "train.g_lr": 0.01, "train.d_lr": 0.01}
 FP16_NAN = {"train.precision": "fp16"}  # with BIGAN_TEST_NAN_D_STEP=1: D step 1 is non-finite
@@ -67,7 +68,8 @@ def references(tmp_path_factory, env):
     bf16_split = {**BF16, "train.batch_size": 2, "train.grad_accum": 4}
     for name, penalty, extra, extra_env in [*((p, p, whole, {}) for p in PENALTIES),
                                             ("fp16_nan", "none", {**whole, **FP16_NAN}, {"BIGAN_TEST_NAN_D_STEP": "1"}),
-                                            ("bf16_r1", "r1", bf16_split, {})]:
+                                            ("bf16_r1", "r1", bf16_split, {}),
+                                            ("r1_packed", "r1", {**whole, **PACKED}, {})]:
         target = out / f"{name}.pt"
         run([sys.executable, str(HELPERS / "step_equivalence.py"), str(target),
              *_args(out / "run", penalty, **extra)], {**env, **extra_env})
@@ -88,6 +90,17 @@ def test_zero_stages_match_the_plain_path(stage, penalty, accum, references, tmp
     _assert_close(reference, result, initial)
     if stage == 3:  # G runs only in G steps on its engine, so DeepSpeed can prefetch from its trace
         assert result["zero3_trace_complete.g"], "G's ZeRO-3 module trace is re-recorded at every forward"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_packed_discriminator_with_r1_matches_the_plain_path(stage, references, tmp_path, env):
+    """loss.pack=2 with R1 (its norm over each pack), 2 ranks x 2 accumulated micro-batches of one pack each."""
+    target = tmp_path / "zero.pt"
+    accelerate_launch(stage, str(HELPERS / "step_equivalence.py"),
+                      [str(target), *_args(tmp_path / "run", "r1", **PACKED, **{"train.batch_size": 2,
+                                                                                "train.grad_accum": 2})], env)
+    reference, initial = references["r1_packed"]
+    _assert_close(reference, _params(target), initial)
 
 
 @pytest.mark.parametrize("ds_config", ["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])

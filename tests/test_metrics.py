@@ -79,8 +79,46 @@ def test_two_process_evaluation_equals_one_process(tiny_shards, small_extractor,
          helper, str(tmp_path / "two.json"), str(tiny_shards), str(small_extractor)], two)
     a, b = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
     assert a["n_ref"] == b["n_ref"] == 96
-    for key in ("fid", "kid", "kid_std", "precision", "recall", "is", "is_std"):
+    for key in ("fid", "kid", "kid_std", "precision", "recall", "is", "is_std", "kl_modes"):
         assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+    assert a["modes"] == b["modes"] >= 1 and a["modes_of"] == b["modes_of"]
+
+
+def test_mode_coverage_counts_modes_and_kl_to_uniform():
+    assert metrics.mode_coverage(np.full(1000, 26)) == (1000, pytest.approx(0.0, abs=1e-12))
+    assert metrics.mode_coverage(np.eye(1000)[3] * 26000) == (1, pytest.approx(np.log(1000)))
+    assert metrics.mode_coverage(np.r_[np.full(500, 52), np.zeros(500)]) == (500, pytest.approx(np.log(2)))
+
+
+class BrightnessClassifier(torch.nn.Module):
+    """4 classes: the quartile of an image's mean value."""
+
+    def forward(self, x):
+        level = (x.float().mean(dim=(1, 2, 3)) / 64).long().clamp(0, 3)
+        return torch.nn.functional.one_hot(level, 4).float()
+
+
+def test_bigan_eval_scores_modes_of_a_samples_file(tmp_path, env):
+    classifier = tmp_path / "classifier.pt"
+    torch.jit.script(BrightnessClassifier()).save(str(classifier))
+    levels = np.repeat(np.array([10, 80, 150, 220], np.uint8), 25)  # 100 images, 25 per class
+    np.savez(tmp_path / "even.npz", images=np.broadcast_to(levels[:, None, None, None], (100, 8, 8, 3)).copy())
+    np.savez(tmp_path / "one.npz", images=np.full((100, 8, 8, 3), 80, np.uint8))
+    scores = {}
+    for name in ("even", "one"):
+        out = run([sys.executable, "-m", "bigan.metrics.evaluate", "--samples", str(tmp_path / f"{name}.npz"),
+                   "--modes", str(classifier)], env).stdout
+        scores[name] = json.loads(out.strip().splitlines()[-1])
+    assert (scores["even"]["modes"], scores["even"]["modes_of"], scores["even"]["n"]) == (4, 4, 100)
+    assert scores["even"]["kl_modes"] == pytest.approx(0, abs=1e-12)
+    assert scores["one"]["modes"] == 1 and scores["one"]["kl_modes"] == pytest.approx(np.log(4))
+    (tmp_path / "junk.npz").write_text("not an array")
+    for argv, message in [(["--samples", str(tmp_path / "junk.npz"), "--modes", str(classifier)], "junk.npz"),
+                          (["--samples", str(tmp_path / "one.npz")], "nothing to compute"),
+                          (["--samples", str(tmp_path / "one.npz"), "--modes", str(tmp_path / "no.pt")], "no.pt")]:
+        result = run([sys.executable, "-m", "bigan.metrics.evaluate", *argv], env, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert message in result.stderr.strip().splitlines()[-1]
 
 
 def test_bigan_eval_end_to_end_and_training_lowers_fid(tiny_shards, small_extractor, tmp_path, env):
@@ -89,7 +127,7 @@ def test_bigan_eval_end_to_end_and_training_lowers_fid(tiny_shards, small_extrac
     args = tiny_args(tiny_shards, run_dir, **{
         "train.kimg": 3.2, "model.g_channels": 16, "model.d_channels": 16, "train.batch_size": 16,
         "run.log_every": 10, "eval.every_kimg": 1.6, "eval.n": 96, "eval.extractor": small_extractor,
-        "eval.metrics": "fid,kid,pr"})
+        "eval.metrics": "fid,kid,pr", "eval.modes": small_extractor})
     train(args, env)
     evaluated = []
     for checkpoint in ("untrained", "trained"):
@@ -111,6 +149,8 @@ def test_bigan_eval_end_to_end_and_training_lowers_fid(tiny_shards, small_extrac
     events.Reload()
     fids = [e.value for e in events.Scalars("Metrics/fid")]
     assert len(fids) == 2 and best["fid"] == pytest.approx(min(fids), rel=1e-5)
+    modes, kl = events.Scalars("Metrics/modes"), events.Scalars("Metrics/kl_modes")  # eval.modes, in the loop
+    assert len(modes) == len(kl) == 2 and all(e.value >= 1 for e in modes) and all(e.value >= 0 for e in kl)
 
 
 def _untrained(tmp_path, run_dir):

@@ -53,6 +53,34 @@ def test_r1_and_gradient_penalty_on_linear_critics():
     assert losses.gradient_penalty(critic(1.0), real, fake)[0].item() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_packed_penalties_take_the_norm_over_each_pack():
+    """With loss.pack=m, D's input is a pack of m images: R1 and GP norms run over the whole pack."""
+    x = torch.randn(4, 1, 2, 2, requires_grad=True)
+    logits = (3 * x).sum(dim=(1, 2, 3)).reshape(2, 2).sum(1)  # 2 packs of 2; grad = 3 everywhere
+    assert losses.r1_penalty(x, logits, pack=2)[0].item() == pytest.approx(9 * 4 * 2)  # |g|^2 over 8 pixels
+
+    def packed_critic(c):
+        return lambda x, y=None: (c * x).sum(dim=(1, 2, 3)).reshape(-1, 2).sum(1)  # |grad| = c * sqrt(8)
+
+    real, fake = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    assert losses.gradient_penalty(packed_critic(8 ** -0.5), real, fake, pack=2)[0].item() == pytest.approx(0, abs=1e-6)
+    assert losses.gradient_penalty(packed_critic(0.5), real, fake)[0].item() == pytest.approx(0, abs=1e-6)  # per image
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+@pytest.mark.parametrize("resolution", [32, 64, 128, 256])
+def test_packed_discriminators_give_one_logit_per_pack(arch, resolution):
+    g, d = build_models(arch, resolution, z_dim=16, g_channels=4, d_channels=4, d_norm="spectral", pack=2)
+    images = g(torch.randn(6, 16))
+    assert d(images).shape == (3, 1)
+    # a pack is consecutive samples: the logit of pack 1 depends on samples 2 and 3 only
+    changed = images.detach().clone()
+    changed[[0, 1, 4, 5]] = 0
+    assert torch.allclose(d(images)[1], d(changed)[1], atol=1e-6) and not torch.allclose(d(images)[0], d(changed)[0])
+    with pytest.raises(ValueError, match="loss.pack=2"):
+        d(images[:5])
+
+
 def test_lazy_regularization_adjusts_adam():
     lr, betas = losses.lazy_adam(2e-4, (0.0, 0.99), 16)
     assert lr == pytest.approx(2e-4 * 16 / 17) and betas == pytest.approx((0.0, 0.99 ** (16 / 17)))
@@ -115,6 +143,10 @@ def test_config_precedence_cli_over_file_over_defaults(tmp_path):
         load_config(None, ["--train.precision=fp8"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"loss.pack: must divide train.batch_size \(64\)"):
+        load_config(None, ["--loss.pack=3"])
+    with pytest.raises(ConfigError, match="loss.pack: packing is for unconditional models"):
+        load_config(None, ["--loss.pack=2", "--model.num_classes=10"])
 
 
 def test_dry_run_prints_the_resolved_config():

@@ -140,3 +140,46 @@ class FeatureStats:
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, mu=mu, sigma=sigma, n=self.n, kept=self.kept_features())
         tmp.rename(path)
+
+
+class ModeClassifier:
+    """A classifier file for mode coverage: TorchScript or a pickled module mapping uint8 NCHW
+    images to K class logits (or to (features, logits)); calling it gives each image's class."""
+
+    def __init__(self, path: str, device="cpu"):
+        path = Path(path)
+        if not path.exists():
+            raise ExtractorError(f"mode classifier not found: {path}")
+        self.device = torch.device(device)
+        self.net = Extractor._load(path).to(self.device).eval()
+        self.name = f"{path.stem}-{_digest(path)}"
+
+    def classes(self, resolution: int) -> int:
+        """K, asked of the network itself on a blank image of this size."""
+        return self._logits(torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8)).shape[1]
+
+    @torch.no_grad()
+    def _logits(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        out = self.net(images_uint8.to(self.device))
+        logits = out[1] if isinstance(out, (tuple, list)) else out
+        if logits.ndim != 2:
+            raise ExtractorError(f"mode classifier {self.name} gives shape {tuple(logits.shape)}, not (N, classes)")
+        return logits
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return self._logits(images_uint8).argmax(1).cpu()
+
+
+class ModeCounts:
+    """How many images fell in each of K classes; additive across ranks."""
+
+    def __init__(self, classes: int):
+        self.counts = np.zeros(classes, np.int64)
+
+    def update(self, classes: torch.Tensor):
+        np.add.at(self.counts, classes.numpy(), 1)
+
+    def reduce(self, accelerator):
+        if accelerator.num_processes > 1:
+            self.counts = accelerator.reduce(torch.from_numpy(self.counts).to(accelerator.device), "sum").cpu().numpy()
+        return self

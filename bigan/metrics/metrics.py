@@ -5,6 +5,8 @@
     IS  = exp E_x KL(p(y|x) || p(y)), per split, mean and std             Salimans et al. 2016
     precision / recall: share of fakes inside the reals' k-NN balls, and the reverse
                                                                           Kynkaanniemi et al. 2019
+    modes: classes a classifier finds among the samples; KL(p_samples || uniform over K)
+                                                                          VEEGAN, PacGAN (Stacked MNIST)
 """
 import numpy as np
 import scipy.linalg
@@ -72,3 +74,10 @@ def precision_recall(real, fake, k: int = 3, block: int = 1024) -> tuple[float, 
     precision = _coverage(fake, real, _kth_neighbour_radius(real, k, block), block)
     recall = _coverage(real, fake, _kth_neighbour_radius(fake, k, block), block)
     return precision, recall
+
+
+def mode_coverage(counts) -> tuple[int, float]:
+    """(modes reached, KL(sample class histogram || uniform)) from per-class counts over all K classes."""
+    counts = np.asarray(counts, np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return int((counts > 0).sum()), float((p * np.log(p * len(counts))).sum())

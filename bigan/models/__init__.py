@@ -3,14 +3,14 @@ from bigan.models import dcgan, resnet
 
 
 def build_models(arch: str, resolution: int, z_dim: int, g_channels: int, d_channels: int,
-                 num_classes: int = 0, d_norm: str = "batch"):
-    """(G, D) for an architecture name: 'dcgan' or 'resnet'."""
+                 num_classes: int = 0, d_norm: str = "batch", pack: int = 1):
+    """(G, D) for an architecture name: 'dcgan' or 'resnet'; D judges `pack` samples at once (PacGAN)."""
     if arch == "dcgan":
         return (dcgan.Generator(z_dim, resolution, g_channels, num_classes),
-                dcgan.Discriminator(resolution, d_channels, num_classes, d_norm))
+                dcgan.Discriminator(resolution, d_channels, num_classes, d_norm, pack))
     if arch == "resnet":
         return (resnet.Generator(z_dim, resolution, g_channels, num_classes),
-                resnet.Discriminator(resolution, d_channels, num_classes))
+                resnet.Discriminator(resolution, d_channels, num_classes, pack))
     raise ValueError(f"model.arch must be 'dcgan' or 'resnet', got {arch!r}")
 
 

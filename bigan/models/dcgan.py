@@ -6,7 +6,7 @@ other resolutions (32-256) add or drop one stride-2 stage per octave.
 import torch
 from torch import nn
 
-from bigan.models.layers import ConditionalBatchNorm2d, make_norm, spectral_norm, upsamplings
+from bigan.models.layers import ConditionalBatchNorm2d, make_norm, pack_samples, spectral_norm, upsamplings
 
 
 class Generator(nn.Module):
@@ -28,20 +28,22 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, resolution=64, ch=64, num_classes=0, norm="batch"):
-        """norm: 'batch' (DCGAN), 'spectral' (SN-DCGAN, Miyato et al. 2018: no batch statistics) or 'none'."""
+    def __init__(self, resolution=64, ch=64, num_classes=0, norm="batch", pack=1):
+        """norm: 'batch' (DCGAN), 'spectral' (SN-DCGAN, Miyato et al. 2018: no batch statistics) or 'none';
+        pack: samples judged together (PacGAN; one logit per pack)."""
         super().__init__()
+        self.pack = pack
         stages = upsamplings("dcgan", resolution)
         widths = [ch * min(2**i, 16) for i in range(stages)]  # 64 px: ch, 2ch, 4ch, 8ch
         sn = spectral_norm if norm == "spectral" else (lambda m: m)
-        self.input = sn(nn.Conv2d(3, widths[0], 4, 2, 1, bias=False))
+        self.input = sn(nn.Conv2d(3 * pack, widths[0], 4, 2, 1, bias=False))
         self.downs = nn.ModuleList(sn(nn.Conv2d(a, b, 4, 2, 1, bias=False)) for a, b in zip(widths, widths[1:]))
         self.norms = nn.ModuleList(make_norm(norm, w) for w in widths[1:])
         self.output = sn(nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False))
         self.embed = nn.Embedding(num_classes, widths[-1] * 16) if num_classes else None
 
     def forward(self, x, y=None):
-        h = nn.functional.leaky_relu(self.input(x), 0.2)
+        h = nn.functional.leaky_relu(self.input(pack_samples(x, self.pack)), 0.2)
         for down, norm in zip(self.downs, self.norms):
             h = nn.functional.leaky_relu(norm(down(h)), 0.2)
         logits = self.output(h).flatten(1)

@@ -92,3 +92,16 @@ def upsamplings(arch: str, resolution: int) -> int:
     if 2 ** (stages + 2) != resolution or not 3 <= stages <= 6:
         raise ValueError(f"{arch} supports resolutions 32, 64, 128 and 256, not {resolution}")
     return stages
+
+
+def pack_samples(x: torch.Tensor, pack: int) -> torch.Tensor:
+    """PacGAN (Lin et al. 2018): groups of `pack` consecutive samples side by side on channels.
+
+    (N, C, H, W) -> (N / pack, pack * C, H, W); a discriminator that reads packs sees the joint
+    distribution of m samples, so a generator that repeats itself is easy to tell from data.
+    """
+    if pack == 1:
+        return x
+    if x.shape[0] % pack:
+        raise ValueError(f"loss.pack={pack}: a batch of {x.shape[0]} samples does not split into packs")
+    return x.reshape(x.shape[0] // pack, pack * x.shape[1], *x.shape[2:])

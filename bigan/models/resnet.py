@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bigan.models.layers import upsamplings, ConditionalBatchNorm2d, spectral_norm
+from bigan.models.layers import upsamplings, ConditionalBatchNorm2d, pack_samples, spectral_norm
 
 
 class GBlock(nn.Module):
@@ -61,17 +61,19 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, resolution=128, ch=64, num_classes=0):
+    def __init__(self, resolution=128, ch=64, num_classes=0, pack=1):
+        """pack: samples judged together (PacGAN; one logit per pack)."""
         super().__init__()
+        self.pack = pack
         blocks = upsamplings("resnet", resolution)
         mult = [1] + [min(2 ** (i + 1), 16) for i in range(blocks)]  # 128 px: 1, 2, 4, 8, 16, 16
-        layers = [DBlock(3, ch, first=True)] + [DBlock(ch * a, ch * b) for a, b in zip(mult, mult[1:])]
+        layers = [DBlock(3 * pack, ch, first=True)] + [DBlock(ch * a, ch * b) for a, b in zip(mult, mult[1:])]
         self.blocks = nn.Sequential(*layers, DBlock(ch * mult[-1], ch * mult[-1], down=False))
         self.fc = spectral_norm(nn.Linear(ch * mult[-1], 1))
         self.embed = spectral_norm(nn.Embedding(num_classes, ch * mult[-1])) if num_classes else None
 
     def forward(self, x, y=None):
-        h = F.relu(self.blocks(x)).sum(dim=(2, 3))
+        h = F.relu(self.blocks(pack_samples(x, self.pack))).sum(dim=(2, 3))
         logits = self.fc(h)
         if self.embed is not None:  # projection discriminator
             logits = logits + (self.embed(y) * h).sum(1, keepdim=True)

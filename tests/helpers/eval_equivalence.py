@@ -1,4 +1,4 @@
-"""Evaluate a fixed generator with 1 or N processes and write the metrics (rank 0).
+"""Evaluate a fixed generator with 1 or N processes and write the metrics and mode coverage (rank 0).
 
     python eval_equivalence.py OUT.json SHARDS EXTRACTOR
     torchrun --nproc_per_node 2 eval_equivalence.py OUT.json SHARDS EXTRACTOR
@@ -10,8 +10,8 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from bigan.metrics.evaluate import evaluate
-from bigan.metrics.features import Extractor
+from bigan.metrics.evaluate import evaluate, generated_images
+from bigan.metrics.features import Extractor, ModeClassifier
 from bigan.models import build_models
 
 out, shards, extractor_path = sys.argv[1:4]
@@ -20,9 +20,10 @@ assert accelerator.num_processes == int(os.environ.get("WORLD_SIZE", "1"))
 torch.manual_seed(0)
 g, _ = build_models("dcgan", 32, 16, 8, 8)
 g.eval()
-model = {"z_dim": 16, "num_classes": 0}
-result = evaluate(g, model, shards, 32, Extractor(extractor_path), accelerator, n=80,
-                  wanted=("fid", "kid", "pr", "is"), batch=16, keep=64)
+blocks = generated_images(g, 16, 0, accelerator, n=80, batch=16)
+result = evaluate(blocks, shards, 32, Extractor(extractor_path), accelerator, n=80,
+                  wanted=("fid", "kid", "pr", "is"), batch=16, keep=64,
+                  classifier=ModeClassifier(extractor_path))  # its logits as classes: mode counts add up too
 if accelerator.is_main_process:
     with open(out, "w") as f:
         json.dump(result, f)
