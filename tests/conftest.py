@@ -38,11 +38,11 @@ def tiny_args(shards, run_dir, **overrides):
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-def run(cmd, env, timeout=300, check=True):
+def run(cmd, env, timeout=300, check=True, cwd=ROOT):
     """cmd in its own process group, failed after `timeout` seconds without progress (no new output),
     so a loaded machine makes it slower, not red; whatever it started (ranks, workers) is killed after."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
         try:
             stalled = wait_with_progress(process, [out, err], timeout)
         finally:

@@ -8,6 +8,7 @@ rendered into shards under a cache dir (`$BIGAN_CACHE`, default `~/.cache/bigan`
 same shard writer `bigan-shards` uses, and reused from then on.
 
     bigan-demo-data --n 10000 --resolution 64      # prints the manifest path
+    bigan-demo-data --grid real.png                # a grid of the first 64 images instead
 """
 from __future__ import annotations
 
@@ -232,10 +233,21 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", type=Path, default=None, help="cache dir (default $BIGAN_CACHE or ~/.cache/bigan)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--grid", type=Path, default=None, metavar="PNG",
+                        help="write a grid of the first 64 images of the set here instead (rendered, not read back)")
     args = parser.parse_args(argv)
     for flag, value in (("--n", args.n), ("--resolution", args.resolution), ("--workers", args.workers)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    if args.grid is not None:
+        import torch
+
+        from bigan.sample import write
+
+        images = np.stack([render_landscape(args.seed, i, args.resolution) for i in range(min(args.n, 64))])
+        write(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, args.grid)
+        print(args.grid)
+        return
     print(ensure_demo_shards(args.n, args.resolution, args.seed, args.root, args.workers))
 
 
