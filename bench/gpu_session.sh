@@ -4,6 +4,9 @@
 # Here first:   bash bench/gpu_wheels.sh           (fills .gpu/: wheels + the yardstick)
 # Then, with the device tool:  run  command="bash bench/gpu_session.sh"  carry=[".gpu"]  timeout_s=540
 # Results land in $OUT (machine.txt, *.json, *.log): copy the figures into bench/RESULTS.md.
+# `bash bench/gpu_session.sh modes` is a session of its own: the full mode-coverage run (issue 12),
+# bench/modes.py at 32 px in bf16 for MODES_KIMG (default 1000) per candidate in MODES_CANDIDATES
+# (default "default packed"); about 5 minutes per 1000 kimg at the 3.1k img/s measured on an H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bigan-gpu-out}
@@ -33,6 +36,12 @@ ds_run() {  # stage, precision
     --run.dir="/tmp/ds-run-$1-$2" --run.progress=false --run.log_every=10
 }
 export -f ds_run; export PYTHON
+if [ "${1:-}" = modes ]; then
+  # shellcheck disable=SC2086
+  step modes 560 "$PYTHON" bench/modes.py --kimg "${MODES_KIMG:-1000}" --precision bf16 --out "$OUT/modes.jsonl" \
+    ${MODES_CANDIDATES:-default packed}
+  exit 0
+fi
 step deepspeed_zero2_bf16 70 bash -c "ds_run 2 bf16"
 step deepspeed_zero3_fp16 50 bash -c "ds_run 3 fp16"
 # 2. Where an end-to-end iteration's time goes (issue 15): loader, train_step, fit, yardstick.

@@ -180,3 +180,26 @@ def test_missing_inception_weights_is_a_one_line_error(tmp_path, env):
     result = train([f"--run.dir={tmp_path / 'run'}", "--eval.every_kimg=1", "--train.kimg=0.1"],
                    {**env, "BIGAN_INCEPTION": str(missing)}, check=False)
     assert result.returncode == 2 and "FID Inception weights not found" in result.stderr.strip().splitlines()[-1]
+
+
+def test_stacked_glyphs_and_the_mode_classifier_agree_on_mode_order():
+    """bench/modes.py: mode = 100 * class(R) + 10 * class(G) + class(B), in the data and in the classifier."""
+    sys.path.insert(0, str(HELPERS.parents[1] / "bench"))
+    import modes
+    from bigan.data import glyphs
+
+    image, mode = glyphs.stacked(seed=0, index=5)
+    again, _ = glyphs.stacked(seed=0, index=5)
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and np.array_equal(image, again)
+    rng = np.random.default_rng([0, 5])
+    assert mode == int(np.dot(rng.integers(10, size=3), [100, 10, 1]))
+
+    class Brightness(torch.nn.Module):  # class = tenths of the mean value of one glyph channel
+        def forward(self, x):
+            return torch.nn.functional.one_hot((x.mean(dim=(1, 2, 3)) * 10).long().clamp(0, 9), 10).float() * 50
+
+    levels = torch.tensor([0.05, 0.35, 0.75])  # classes 0, 3, 7
+    images = (levels[None, :, None, None].expand(2, 3, 32, 32) * 255).round().to(torch.uint8)
+    classifier = modes.StackedClassifier(Brightness())
+    assert classifier(images).argmax(1).tolist() == [37, 37]
+    assert classifier(images.flip(1)).argmax(1).tolist() == [730, 730]

@@ -1,0 +1,213 @@
+"""Mode coverage: bigan's own Stacked-MNIST-style benchmark (1000 modes at 32 px), through its real tools.
+
+    .venv/bin/python bench/modes.py --kimg 100 --channels 32 --out bench/modes.jsonl default packed   # CPU, small
+    python bench/modes.py --kimg 2000 --precision bf16 --out "$OUT/modes.jsonl" ...   # the full run (GPU)
+
+1. Data: ten procedural glyph classes (bigan/data/glyphs.py: varied stroke, position, scale,
+   rotation, shear; no handwriting data set), three stacked on R, G, B per image, so 1000 modes;
+   `--n` images written by bigan's shard writer (PNG: JPEG's chroma subsampling would mix the
+   channels) once into WORK/data/.
+2. A glyph classifier (a small CNN) trained on freshly rendered single glyphs; its held-out
+   accuracy is printed. It is saved as TorchScript (WORK/classifier.pt) that maps uint8 NCHW
+   images to 1000 mode logits (the sum of the three channels' class log-probabilities), the
+   format `bigan-eval --modes` and `eval.modes` take.
+3. The real data's own score: 26,000 held-back images (another seed) as a .npz, scored by
+   `bigan-eval --samples real.npz --modes classifier.pt`.
+4. Per candidate (a set of overrides): `accelerate launch bigan/train.py --data.shards=WORK/data
+   --data.resolution=32 --data.flip=false ...`, then `bigan-sample --n 26000 --out samples.npz`
+   (EMA-G), then `bigan-eval --samples samples.npz --modes classifier.pt`.
+
+One JSON line per candidate (modes reached of 1000, KL(generated || uniform), images seen,
+seconds), printed as soon as it exists. WORK (default ~/.cache/bigan/modes) keeps the data and
+the classifier between runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bigan.data import glyphs  # noqa: E402
+
+SAMPLES = 26_000
+CANDIDATES = {  # overrides on top of bigan's defaults
+    "default": [],
+    "sn_hinge": ["--model.d_norm=spectral", "--loss.name=hinge", "--loss.r1=0",  # the defaults before 2026-11-27
+                 "--train.g_betas=[0.5, 0.999]", "--train.d_betas=[0.5, 0.999]"],
+    "sn_hinge_packed": ["--model.d_norm=spectral", "--loss.name=hinge", "--loss.r1=0", "--loss.pack=2",
+                        "--train.g_betas=[0.5, 0.999]", "--train.d_betas=[0.5, 0.999]"],
+    "packed": ["--loss.pack=2"],
+    "packed4": ["--loss.pack=4"],
+    "r1_1": ["--loss.r1=1.0"],
+    "r1_0.05": ["--loss.r1=0.05"],
+    "d2": ["--loss.d_steps=2"],
+    "ema_2kimg": ["--train.ema_kimg=2"],
+    "no_ema_rampup": ["--train.ema_rampup=0"],
+    "batch128": ["--train.batch_size=128"],
+    "lr1e-4": ["--train.g_lr=1e-4", "--train.d_lr=1e-4"],
+    "ttur": ["--train.g_lr=1e-4", "--train.d_lr=4e-4"],
+    "betas0.5": ["--train.g_betas=[0.5, 0.999]", "--train.d_betas=[0.5, 0.999]"],
+}
+
+
+class GlyphNet(nn.Module):
+    """One 32 px glyph (1 channel, [0, 1]) -> 10 class logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, glyphs.CLASSES))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class StackedClassifier(nn.Module):
+    """uint8 NCHW RGB images -> 1000 mode logits: log p(c0 | R) + log p(c1 | G) + log p(c2 | B),
+    ordered as mode = 100 * c0 + 10 * c1 + c2."""
+
+    def __init__(self, net: GlyphNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images):
+        x = images.float() / 255
+        if x.shape[-1] != glyphs.SIZE:
+            x = nn.functional.interpolate(x, size=(glyphs.SIZE, glyphs.SIZE), mode="area")
+        n = x.shape[0]
+        lp = torch.log_softmax(self.net(x.reshape(n * 3, 1, glyphs.SIZE, glyphs.SIZE)), 1).reshape(n, 3, 10)
+        return (lp[:, 0, :, None, None] + lp[:, 1, None, :, None] + lp[:, 2, None, None, :]).reshape(n, -1)
+
+
+def train_classifier(path: Path, n_train: int = 20_000, n_test: int = 5_000, epochs: int = 3) -> float:
+    """Train GlyphNet on fresh glyphs, save the stacked classifier as TorchScript; the held-out accuracy."""
+    torch.manual_seed(0)
+    batch = min(128, n_train)
+    x, y = glyphs.glyph_batch(seed=7, start=0, n=n_train)
+    xt, yt = glyphs.glyph_batch(seed=8, start=0, n=n_test)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, y, xt, yt = (torch.from_numpy(a).to(device) for a in (x[:, None], y, xt[:, None], yt))
+    net = GlyphNet().to(device)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    steps = epochs * (n_train // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
+    for epoch in range(epochs):
+        order = torch.randperm(n_train, device=device)
+        for i in range(n_train // batch):
+            idx = order[i * batch:(i + 1) * batch]
+            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = float((torch.cat([net(xt[i:i + 1000]).argmax(1) for i in range(0, n_test, 1000)]) == yt)
+                         .float().mean())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(StackedClassifier(net.cpu())).save(str(path))
+    return accuracy
+
+
+def _load_stacked(item):
+    seed, index = item
+    image, _ = glyphs.stacked(seed, index)
+    return image, None, f"{index:08d}"
+
+
+def write_data(out: Path, n: int, seed: int = 0) -> Path:
+    """n stacked-glyph images as PNG shards (bigan's shard writer); the manifest path."""
+    from bigan.data.shards import ShardOptions, write_shards
+
+    manifest = out / "manifest.json"
+    if not manifest.exists():
+        tmp = out.with_name(out.name + ".tmp")
+        options = ShardOptions(resolution=glyphs.SIZE, format="png", maxcount=10_000, workers=os.cpu_count() or 1)
+        write_shards([(seed, i) for i in range(n)], _load_stacked, tmp, options, source=f"stacked glyphs (seed {seed})")
+        tmp.rename(out)
+    return manifest
+
+
+def score(npz: Path, classifier: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "bigan.metrics.evaluate", "--samples", str(npz), "--modes", str(classifier)],
+                            check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def emit(row: dict, out: Path | None):
+    row = {**row, "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("candidates", nargs="*", default=["default", "packed"], help=f"of {', '.join(CANDIDATES)}")
+    parser.add_argument("--kimg", type=float, default=100, help="training length per candidate")
+    parser.add_argument("--n", type=int, default=60_000, help="training images")
+    parser.add_argument("--precision", default="no", help="train.precision")
+    parser.add_argument("--samples", type=int, default=SAMPLES, help="samples scored per candidate (and real images)")
+    parser.add_argument("--glyphs", type=int, default=20_000, help="glyphs the classifier trains on")
+    parser.add_argument("--channels", type=int, default=64, help="G and D base width (64: as the issue's H200 run)")
+    parser.add_argument("--work", type=Path, default=None, help="data, classifier and runs (default $BIGAN_CACHE/modes)")
+    parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    parser.add_argument("--launch-config", default=None, help="Accelerate YAML (default: cpu.yaml without CUDA, "
+                        "single_gpu.yaml with)")
+    args = parser.parse_args()
+    unknown = [c for c in args.candidates if c not in CANDIDATES]
+    if unknown:
+        parser.error(f"unknown candidates {', '.join(unknown)} (choose from {', '.join(CANDIDATES)})")
+    from bigan.data.demo import cache_dir
+
+    work = args.work or cache_dir() / "modes"
+    classifier = work / "classifier.pt"
+    if not classifier.exists():
+        start = time.time()
+        accuracy = train_classifier(classifier, n_train=args.glyphs)
+        emit({"step": "classifier", "held_out_accuracy": round(accuracy, 4), "seconds": round(time.time() - start)},
+             args.out)
+    start = time.time()
+    manifest = write_data(work / f"data-n{args.n}", args.n)
+    real = work / f"real-{args.samples}.npz"
+    if not real.exists():
+        np.savez(real, images=np.stack([glyphs.stacked(seed=1, index=i)[0] for i in range(args.samples)]))
+    emit({"step": "real data", **score(real, classifier), "seconds": round(time.time() - start)}, args.out)
+    launch = args.launch_config or ("launch_configs/accelerate/single_gpu.yaml" if torch.cuda.is_available()
+                                    else "launch_configs/accelerate/cpu.yaml")
+    for name in args.candidates:
+        run_dir = work / "runs" / f"{name}-{args.channels}ch-{args.kimg:g}kimg"
+        overrides = [f"--model.g_channels={args.channels}", f"--model.d_channels={args.channels}",
+                     *CANDIDATES[name]]
+        start = time.time()
+        subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch, "bigan/train.py",
+                        f"--data.shards={manifest}", "--data.resolution=32", "--data.flip=false",
+                        f"--train.kimg={args.kimg}", f"--train.precision={args.precision}", f"--run.dir={run_dir}",
+                        "--run.progress=false", "--run.image_every_kimg=50", *overrides],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        seconds = time.time() - start
+        samples = run_dir / "samples.npz"
+        subprocess.run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir), "--n", str(args.samples),
+                        "--out", str(samples)], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+        result = score(samples, classifier)
+        emit({"candidate": name, "overrides": overrides, "modes": result["modes"], "kl_modes": round(result["kl_modes"], 3),
+              "kimg": args.kimg, "precision": args.precision, "train_s": round(seconds, 1)}, args.out)
+
+
+if __name__ == "__main__":
+    main()
