@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: install
-	$(BIN)/accelerate launch --config_file launch_configs/accelerate/cpu.yaml bigan/train.py $(ARGS)
+	$(BIN)/accelerate launch --config_file launch_configs/accelerate/cpu.yaml bigan/train.py \
+		--config launch_configs/experiments/demo.yaml $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -43,17 +43,17 @@ class ModelConfig:
     g_channels: int = _f(32, "generator base width (64 = classic DCGAN; 32 keeps the CPU demo quick)")
     d_channels: int = _f(32, "discriminator base width")
     num_classes: int = _f(0, "class-conditional with this many classes (labels from the shards); 0 = off")
-    d_norm: str = _f("spectral", "dcgan D: 'spectral' (SN-DCGAN), 'batch' (classic DCGAN) or 'none'",
-                     ("batch", "spectral", "none"))
+    d_norm: str = _f("none", "dcgan D: 'none' (kept in check by loss.r1), 'spectral' (SN-DCGAN) or 'batch' "
+                             "(classic DCGAN)", ("batch", "spectral", "none"))
     sync_batchnorm: bool = _f(False, "use SyncBatchNorm across ranks (BatchNorm over the global batch)")
 
 
 @dataclass
 class LossConfig:
-    name: str = _f("hinge", "'bce' (non-saturating), 'lsgan', 'hinge' or 'wgan'", ("bce", "lsgan", "hinge", "wgan"))
+    name: str = _f("bce", "'bce' (non-saturating), 'lsgan', 'hinge' or 'wgan'", ("bce", "lsgan", "hinge", "wgan"))
     r: float = _f(0.5, "balance of real vs fake D terms: 2*(r*real + (1-r)*fake); 0.5 = plain sum")
     gp: float = _f(10.0, "WGAN-GP weight (used with loss.name=wgan; 0 = off)")
-    r1: float = _f(0.0, "R1 gamma on reals; 0 = off")
+    r1: float = _f(0.2, "R1 gamma on reals; 0 = off")
     r1_interval: int = _f(16, "apply R1 every N D steps (lazy regularization, Adam betas adjusted)")
     d_steps: int = _f(1, "D steps per G step")
     pack: int = _f(1, "PacGAN: D judges this many samples at once, stacked on channels (1 = off)")
@@ -68,8 +68,8 @@ class TrainConfig:
     seed: int = _f(0, "random seed (models, latents, data order)")
     g_lr: float = _f(2e-4, "generator Adam learning rate")
     d_lr: float = _f(2e-4, "discriminator Adam learning rate")
-    g_betas: list = _f((0.5, 0.999), "generator Adam betas")
-    d_betas: list = _f((0.5, 0.999), "discriminator Adam betas")
+    g_betas: list = _f((0.0, 0.99), "generator Adam betas")
+    d_betas: list = _f((0.0, 0.99), "discriminator Adam betas")
     adam_eps: float = _f(1e-8, "Adam epsilon (both models)")
     ema_kimg: float = _f(10.0, "EMA half-life of G in kimg; 0 = no EMA")
     ema_rampup: float = _f(0.05, "EMA half-life at most this fraction of images seen so far; 0 = no ramp-up")

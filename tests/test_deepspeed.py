@@ -28,9 +28,9 @@ from conftest import HELPERS, free_port, run, tiny_args  # noqa: E402
 from test_trainer import _assert_close, _params  # noqa: E402
 
 PENALTIES = {
-    "none": {"loss.name": "hinge"},
+    "none": {"loss.name": "hinge", "loss.r1": 0},
     "r1": {"loss.name": "bce", "loss.r1": 1.0, "loss.r1_interval": 1},
-    "gp": {"loss.name": "wgan", "loss.gp": 10.0},
+    "gp": {"loss.name": "wgan", "loss.gp": 10.0, "loss.r1": 0},
 }
 PACKED = {"loss.pack": 2}  # PacGAN: D judges pairs
 BASE = {"model.arch": "resnet", "data.resolution": 32, "model.g_channels": 4, "model.d_channels": 4,
@@ -92,7 +92,7 @@ def test_zero_stages_match_the_plain_path(stage, penalty, accum, references, tmp
         assert result["zero3_trace_complete.g"], "G's ZeRO-3 module trace is re-recorded at every forward"
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])  # packing changes only D's input: the stage with partitioned weights
 def test_packed_discriminator_with_r1_matches_the_plain_path(stage, references, tmp_path, env):
     """loss.pack=2 with R1 (its norm over each pack), 2 ranks x 2 accumulated micro-batches of one pack each."""
     target = tmp_path / "zero.pt"

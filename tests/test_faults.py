@@ -192,7 +192,7 @@ BAD_VALUES = {  # every config key, with a value it must refuse (the key is name
     "model.arch": "stylegan", "model.z_dim": "0", "model.g_channels": "0", "model.d_channels": "-8",
     "model.num_classes": "-1", "model.d_norm": "layer", "model.sync_batchnorm": "2",
     "loss.name": "l1", "loss.r": "1.5", "loss.gp": "-1", "loss.r1": "-0.5", "loss.r1_interval": "0",
-    "loss.d_steps": "0",
+    "loss.d_steps": "0", "loss.pack": "3",
     "train.batch_size": "0", "train.grad_accum": "0", "train.kimg": ".inf", "train.precision": "fp8",
     "train.seed": "1.5", "train.g_lr": "-1", "train.d_lr": "0", "train.g_betas": "[2,2]",
     "train.d_betas": "[0.5]", "train.adam_eps": "0", "train.ema_kimg": "-1", "train.ema_rampup": "-0.1",
@@ -201,7 +201,7 @@ BAD_VALUES = {  # every config key, with a value it must refuse (the key is name
     "run.dir": "/dev/null/run", "run.resume": "/nowhere/ckpt-000000010", "run.log_every": "0", "run.image_every_kimg": "0",
     "run.ckpt_every_kimg": "-1", "run.ckpt_limit": "0", "run.grid_size": "0", "run.progress": "sometimes",
     "eval.every_kimg": "-1", "eval.n": "0", "eval.extractor": "/nowhere/net.pt", "eval.inception": "/nowhere/inception.pkl",
-    "eval.metrics": "fid,lpips", "eval.data": "/nowhere/ref-{0..3}.tar",
+    "eval.metrics": "fid,lpips", "eval.data": "/nowhere/ref-{0..3}.tar", "eval.modes": "/nowhere/classifier.pt",
 }
 
 
