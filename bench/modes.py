@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -135,6 +136,8 @@ def write_data(out: Path, n: int, seed: int = 0) -> Path:
     manifest = out / "manifest.json"
     if not manifest.exists():
         tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # a run that was stopped while writing
+        tmp.mkdir(parents=True)
         options = ShardOptions(resolution=glyphs.SIZE, format="png", maxcount=10_000, workers=os.cpu_count() or 1)
         write_shards([(seed, i) for i in range(n)], _load_stacked, tmp, options, source=f"stacked glyphs (seed {seed})")
         tmp.rename(out)
