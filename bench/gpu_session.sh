@@ -5,8 +5,9 @@
 # Then, with the device tool:  run  command="bash bench/gpu_session.sh"  carry=[".gpu"]  timeout_s=540
 # Results land in $OUT (machine.txt, *.json, *.log): copy the figures into bench/RESULTS.md.
 # `bash bench/gpu_session.sh modes` is a session of its own: the full mode-coverage run (issue 12),
-# bench/modes.py at 32 px in bf16 for MODES_KIMG (default 1000) per candidate in MODES_CANDIDATES
-# (default "default packed"); about 5 minutes per 1000 kimg at the 3.1k img/s measured on an H200.
+# bench/modes.py at 32 px, 64 channels, bf16, MODES_KIMG (default 1200) per candidate in
+# MODES_CANDIDATES (default "packed"): at the 3.1k img/s measured on an H200, 1200 kimg is about
+# 6.5 minutes after ~1.5 minutes of data and classifier, the most one call's 560 s holds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bigan-gpu-out}
@@ -38,8 +39,8 @@ ds_run() {  # stage, precision
 export -f ds_run; export PYTHON
 if [ "${1:-}" = modes ]; then
   # shellcheck disable=SC2086
-  step modes 560 "$PYTHON" bench/modes.py --kimg "${MODES_KIMG:-1000}" --precision bf16 --out "$OUT/modes.jsonl" \
-    ${MODES_CANDIDATES:-default packed}
+  step modes 560 "$PYTHON" bench/modes.py --kimg "${MODES_KIMG:-1200}" --precision bf16 --out "$OUT/modes.jsonl" \
+    ${MODES_CANDIDATES:-packed}
   exit 0
 fi
 step deepspeed_zero2_bf16 70 bash -c "ds_run 2 bf16"
