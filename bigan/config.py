@@ -38,13 +38,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("dcgan", "'dcgan' (conv + BatchNorm) or 'resnet' (residual, spectral norm)", ("dcgan", "resnet"))
+    arch: str = _f("dcgan", "'dcgan' (conv + BatchNorm), 'resnet' (residual, spectral norm) or 'pix2pix' (paired "
+                            "image-to-image: U-Net G, PatchGAN D; needs paired shards)", ("dcgan", "resnet", "pix2pix"))
     z_dim: int = _f(128, "latent dimension")
     g_channels: int = _f(32, "generator base width (64 = classic DCGAN; 32 keeps the CPU demo quick)")
     d_channels: int = _f(32, "discriminator base width")
     num_classes: int = _f(0, "class-conditional with this many classes (labels from the shards); 0 = off")
     d_norm: str = _f("none", "dcgan D: 'none' (kept in check by loss.r1), 'spectral' (SN-DCGAN) or 'batch' "
                              "(classic DCGAN)", ("batch", "spectral", "none"))
+    norm: str = _f("batch", "pix2pix G and D: 'batch' or 'instance' normalization", ("batch", "instance"))
+    dropout: float = _f(0.5, "pix2pix G: dropout in the three innermost decoder blocks (its noise); 0 = none")
     sync_batchnorm: bool = _f(False, "use SyncBatchNorm across ranks (BatchNorm over the global batch)")
 
 
@@ -57,6 +60,7 @@ class LossConfig:
     r1_interval: int = _f(16, "apply R1 every N D steps (lazy regularization, Adam betas adjusted)")
     d_steps: int = _f(1, "D steps per G step")
     pack: int = _f(1, "PacGAN: D judges this many samples at once, stacked on channels (1 = off)")
+    l1: float = _f(100.0, "pix2pix: weight of the L1 distance from G's output to the target (lambda); 0 = GAN loss only")
 
 
 @dataclass
@@ -100,10 +104,11 @@ class EvalConfig:
     n: int = _f(5000, "generated samples per evaluation")
     extractor: str = _f("inception", "'inception' (local file, see eval.inception) or a TorchScript/module path")
     inception: str = _f("", "path of inception-2015-12-05.pkl ('' = $BIGAN_INCEPTION or $BIGAN_CACHE/…)")
-    metrics: str = _f("fid,kid", "comma-separated: fid, kid, is, pr ('' = none, e.g. with eval.modes only)")
+    metrics: str = _f("fid,kid", "comma-separated: fid, kid, is, pr; pix2pix also l1, psnr (to the targets) "
+                                 "('' = none, e.g. with eval.modes only)")
     modes: str = _f("", "mode-coverage classifier file (uint8 images -> class logits): logs Metrics/modes, "
                         "Metrics/kl_modes; '' = off")
-    data: str = _f("", "reference shards ('' = data.shards)")
+    data: str = _f("", "reference shards ('' = data.shards; pix2pix: held-out pairs, '' = the demo's held-out set)")
 
 
 @dataclass
@@ -190,6 +195,12 @@ def _validate(c: Config):
          f"must divide train.batch_size ({t.batch_size}) so that every micro-batch splits into packs"),
         ("loss.pack", loss.pack == 1 or m.num_classes == 0,
          "packing is for unconditional models (a pack of samples has no one label); set model.num_classes=0"),
+        ("loss.l1", loss.l1 >= 0, "must be >= 0 (0 = GAN loss only)"),
+        ("model.dropout", 0 <= m.dropout < 1, "must be in [0, 1)"),
+        ("model.num_classes", m.arch != "pix2pix" or m.num_classes == 0,
+         "model.arch=pix2pix is conditioned on its input image, not a class; set model.num_classes=0"),
+        ("loss.pack", m.arch != "pix2pix" or loss.pack == 1, "packing is for unconditional models; model.arch=pix2pix "
+         "needs loss.pack=1"),
         ("train.batch_size", t.batch_size >= 1, "must be >= 1"),
         ("train.grad_accum", t.grad_accum >= 1, "must be >= 1"),
         ("train.kimg", t.kimg > 0, "must be positive"),
@@ -209,8 +220,14 @@ def _validate(c: Config):
         ("run.grid_size", r.grid_size >= 1, "must be >= 1"),
         ("eval.every_kimg", e.every_kimg >= 0, "must be >= 0 (0 = off)"),
         ("eval.n", e.n >= 1, "must be >= 1"),
-        ("eval.metrics", {x.strip() for x in e.metrics.split(",") if x.strip()} <= {"fid", "kid", "is", "pr"},
-         "must name some of fid, kid, is, pr"),
+        ("eval.metrics", {x.strip() for x in e.metrics.split(",") if x.strip()} <= {"fid", "kid", "is", "pr", "l1", "psnr"},
+         "must name some of fid, kid, is, pr, l1, psnr"),
+        ("eval.metrics", m.arch == "pix2pix" or not {x.strip() for x in e.metrics.split(",")} & {"l1", "psnr"},
+         "l1 and psnr compare outputs with targets: they need model.arch=pix2pix"),
+        ("eval.metrics", m.arch != "pix2pix" or not {x.strip() for x in e.metrics.split(",")} & {"is", "pr"},
+         "model.arch=pix2pix is evaluated with l1, psnr, fid and kid"),
+        ("eval.modes", m.arch != "pix2pix" or not e.modes, "mode coverage is for noise-to-image models, "
+         "not model.arch=pix2pix"),
         ("eval.metrics", e.every_kimg == 0 or e.metrics.strip(",").strip() or e.modes,
          "is empty and so is eval.modes: evaluation every eval.every_kimg would compute nothing"),
     ]

@@ -45,6 +45,12 @@ def g_loss(name: str, fake_logits):
     return loss, {"Loss/G": loss.detach(), "D/fake_for_G": fake_logits.detach().mean()}
 
 
+def l1_term(fake_images, targets):
+    """pix2pix's reconstruction term: mean |G(x) - y| over pixels (the trainer weighs it by loss.l1)."""
+    l1 = (fake_images.float() - targets.float()).abs().mean()
+    return l1, {"Loss/L1": l1.detach()}
+
+
 def r1_penalty(real_images, real_logits, pack: int = 1):
     """R1 (Mescheder et al. 2018): E ||∇_x D(x)||² on reals; real_images must require grad.
 

@@ -44,10 +44,10 @@ class Tracker:
     def scalars(self, values: dict, images_seen: int):
         self.accelerator.log(values, step=images_seen)
 
-    def images(self, name: str, images: torch.Tensor, images_seen: int):
+    def images(self, name: str, images: torch.Tensor, images_seen: int, columns: int | None = None):
         if not self.accelerator.is_main_process:
             return
-        grid = image_grid(images)
+        grid = image_grid(images, columns)
         writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
         writer.add_image(name, grid, global_step=images_seen, dataformats="HWC")
         out = self.run_dir / "samples" / f"{name.replace('/', '_')}_{images_seen / 1000:08.1f}kimg.png"

@@ -55,9 +55,12 @@ def main(argv=None):
         for key, shards in (("data.shards", config.data.shards), ("eval.data", config.eval.data)):
             if shards and shards != "demo":
                 try:
-                    resolve_shards(shards)
+                    shard_set = resolve_shards(shards)
                 except DataError as exc:
                     raise ConfigError(f"{key}: {exc}") from None
+                if config.model.arch == "pix2pix" and shard_set.paired is False:
+                    raise ConfigError(f"{key}: model.arch=pix2pix needs pairs, and {shards} holds single images "
+                                      f"(write pairs with bigan-shards TARGETS OUT --src-dir INPUTS)")
     except ConfigError as exc:
         print(f"bigan: error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,10 @@
         g_step(latent micro-batches)             # D frozen, bare; G trained, synced
         ema.update(); maybe_log(); maybe_images(); maybe_save()
 
+G is called as G(input, condition) and D as D(image, condition). A noise model's input is a
+latent and its condition a class label (or None); a paired model (pix2pix) takes the batch's
+input images as both, and its G step also pulls G's output towards the batch's targets (L1).
+
 Wrapping, precision and stepping belong to the backend (bigan.backends); this file only
 says what a GAN step is.
 """
@@ -56,19 +60,28 @@ class TrainState:
         vars(self).update(state)
 
 
-def data_source(config: Config, accelerator) -> str:
-    """data.shards, with 'demo' rendered on first use (by rank 0; the others then find it)."""
-    if config.data.shards != "demo":
-        return config.data.shards
-    from bigan.data.demo import ensure_demo_shards
+def data_source(config: Config, accelerator, held_out: bool = False) -> str:
+    """data.shards (held_out: eval.data, else data.shards), with 'demo' rendered on first use (by rank 0;
+    the others then find it): landscapes, or layout -> painting pairs for model.arch=pix2pix, whose
+    held-out set is drawn with other seeds."""
+    shards = (config.eval.data or config.data.shards) if held_out else config.data.shards
+    if shards != "demo":
+        return shards
+    from bigan.data.demo import HELD_OUT_SEED, ensure_demo_shards
 
+    paired = config.model.arch == "pix2pix"
+    n, seed = (512, HELD_OUT_SEED) if paired and held_out else (config.data.demo_images, 0)
     with accelerator.main_process_first():
-        return str(ensure_demo_shards(config.data.demo_images, config.data.resolution,
-                                      progress=accelerator.is_main_process))
+        return str(ensure_demo_shards(n, config.data.resolution, seed, progress=accelerator.is_main_process,
+                                      paired=paired))
 
 
 def build_loader(config: Config, accelerator, start: dict | None = None) -> Loader:
     shard_set = resolve_shards(data_source(config, accelerator))
+    paired = config.model.arch == "pix2pix"
+    if paired and shard_set.paired is False:
+        raise DataError(f"data.shards: model.arch=pix2pix trains on pairs, and {config.data.shards} holds single "
+                        f"images; write pairs with bigan-shards TARGETS OUT --src-dir INPUTS")
     if config.model.num_classes and shard_set.labels is not None and len(shard_set.labels) != config.model.num_classes:
         raise DataError(f"model.num_classes={config.model.num_classes} but the shards have "
                         f"{len(shard_set.labels)} labels")
@@ -79,7 +92,7 @@ def build_loader(config: Config, accelerator, start: dict | None = None) -> Load
                       world_size=accelerator.num_processes, seed=config.train.seed, mode=config.data.mode,
                       shuffle_buffer=config.data.shuffle_buffer, flip=config.data.flip,
                       crop_scale=None if config.data.crop_scale_min >= 1 else (config.data.crop_scale_min, 1.0),
-                      start=start or {})
+                      start=start or {}, paired=paired)
     return Loader(spec, workers=config.data.workers, device=accelerator.device)
 
 
@@ -92,8 +105,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         if models is None:
             g, d = build_models(m.arch, config.data.resolution, m.z_dim, m.g_channels, m.d_channels,
-                                m.num_classes, m.d_norm, loss.pack)
-            if m.arch == "dcgan":
+                                m.num_classes, m.d_norm, loss.pack, m.norm, m.dropout)
+            if m.arch in ("dcgan", "pix2pix"):
                 g.apply(init_weights), d.apply(init_weights)
         else:
             g, d = models
@@ -121,9 +134,11 @@ class Trainer:
         self.data_wait = 0.0  # seconds this process waited for batches since the last log step
         self.waiting_for_data = False  # set around each wait, for the signal handler
         self.loader_position = None  # the stream's position to save when a stop interrupted a wait
+        self.paired = m.arch == "pix2pix"
         generator = torch.Generator().manual_seed(t.seed)
         self.grid_z = torch.randn(config.run.grid_size, m.z_dim, generator=generator).to(self.device)
         self.grid_y = (torch.arange(config.run.grid_size) % max(m.num_classes, 1)).to(self.device) if m.num_classes else None
+        self.grid_pairs = None  # pix2pix: (inputs, targets) of fixed held-out pairs, read at start
 
     # ------------------------------------------------------------ one GAN step
 
@@ -132,8 +147,15 @@ class Trainer:
         y = torch.randint(self.config.model.num_classes, (n,), device=self.device) if self.config.model.num_classes else None
         return z, y
 
+    def g_inputs(self, batch: dict) -> tuple:
+        """(G's input, condition) for generating a micro-batch like `batch`: a fresh latent and class,
+        or, for pix2pix, the batch's input images as both."""
+        if self.paired:
+            return batch["source"], batch["source"]
+        return self.sample_z(len(batch["image"]))
+
     def d_step(self, reals: list[dict], latents: list[tuple]):
-        """One D optimizer step over micro-batches of reals and latents (gradients averaged)."""
+        """One D optimizer step over micro-batches of reals and (G input, condition) pairs (gradients averaged)."""
         b, c = self.backend, self.config.loss
         regularize = c.r1 > 0 and self.state.d_steps % c.r1_interval == 0
         update_spectral_norms(b.d_module)
@@ -141,15 +163,16 @@ class Trainer:
             with torch.no_grad(), b.autocast():
                 fake = b.frozen("g")(z, y_fake)  # bare G: no gradient, no DDP sync
             image = real["image"].detach().requires_grad_(True) if regularize else real["image"]
+            condition = real["source"] if self.paired else real["label"]
             with b.autocast():
-                real_logits = (b.d_penalty if regularize else b.d)(image, real["label"])
+                real_logits = (b.d_penalty if regularize else b.d)(image, condition)
                 fake_logits = b.d(fake, y_fake)
                 loss, stats = losses.d_loss(c.name, real_logits, fake_logits, c.r)
                 if regularize:
                     r1, r1_stats = losses.r1_penalty(image, real_logits, c.pack)
                     loss, stats = loss + (c.r1 / 2 * c.r1_interval) * r1, {**stats, **r1_stats}
                 if c.name == "wgan" and c.gp > 0:
-                    gp, gp_stats = losses.gradient_penalty(b.d_penalty, image, fake, real["label"], pack=c.pack)
+                    gp, gp_stats = losses.gradient_penalty(b.d_penalty, image, fake, condition, pack=c.pack)
                     loss, stats = loss + c.gp * gp, {**stats, **gp_stats}
             b.backward(loss / len(reals), "d", sync=i == len(reals) - 1)
             self._collect(stats, len(reals))
@@ -157,14 +180,19 @@ class Trainer:
         self._after_step("d", b.step("d"))
         self.state.d_steps += 1
 
-    def g_step(self, latents: list[tuple]):
-        """One G optimizer step through a frozen, bare D (D gets no gradients and fires no hooks)."""
+    def g_step(self, latents: list[tuple], targets: list | None = None):
+        """One G optimizer step through a frozen, bare D (D gets no gradients and fires no hooks);
+        with targets (pix2pix), plus loss.l1 times the L1 distance of G's output to them."""
         b = self.backend
         update_spectral_norms(b.g_module)
         b.d_module.requires_grad_(False)
         for i, (z, y) in enumerate(latents):
             with b.autocast():
-                loss, stats = losses.g_loss(self.config.loss.name, b.d_module(b.g(z, y), y))
+                fake = b.g(z, y)
+                loss, stats = losses.g_loss(self.config.loss.name, b.d_module(fake, y))
+                if targets is not None:
+                    l1, l1_stats = losses.l1_term(fake, targets[i])
+                    loss, stats = loss + self.config.loss.l1 * l1, {**stats, **l1_stats}
             b.backward(loss / len(latents), "g", sync=i == len(latents) - 1)
             self._collect(stats, len(latents))
         b.d_module.requires_grad_(True)
@@ -175,8 +203,11 @@ class Trainer:
         # every batch of the iteration first: a stop that interrupts the wait finds nothing half-done
         d_batches = [[self._next_batch(batches) for _ in range(t.grad_accum)] for _ in range(self.config.loss.d_steps)]
         for reals in d_batches:
-            self.d_step(reals, [self.sample_z(len(r["image"])) for r in reals])
-        self.g_step([self.sample_z(t.batch_size) for _ in range(t.grad_accum)])
+            self.d_step(reals, [self.g_inputs(r) for r in reals])
+        if self.paired:  # G learns from the same pairs D just saw, as in pix2pix
+            self.g_step([self.g_inputs(r) for r in d_batches[-1]], [r["image"] for r in d_batches[-1]])
+        else:
+            self.g_step([self.sample_z(t.batch_size) for _ in range(t.grad_accum)])
         self.state.step += 1
         self.nonfinite.end_iteration()
         if self.ema is not None:
@@ -239,10 +270,15 @@ class Trainer:
         if c.eval.every_kimg > 0:  # fail now, not hours in, if the feature extractor is missing
             from bigan.metrics.features import Extractor, ModeClassifier
 
-            if self.eval_metrics():
+            if set(self.eval_metrics()) - {"l1", "psnr"}:
                 self.extractor = Extractor(c.eval.extractor, self.device, c.eval.inception or None)
             if c.eval.modes:
                 self.classifier = ModeClassifier(c.eval.modes, self.device)
+        if self.paired and self.accelerator.is_main_process:  # grids of input | output | target
+            from bigan.metrics.evaluate import held_out_pairs
+
+            self.grid_pairs = held_out_pairs(data_source(c, self.accelerator, held_out=True), c.data.resolution,
+                                             min(c.run.grid_size, 16), self.device)
         self.tracker = Tracker(self.accelerator, self.run_dir, c.to_yaml())
         self._install_signal_handlers()
         print(f"bigan: rank {self.accelerator.process_index}/{self.accelerator.num_processes} on "
@@ -311,9 +347,9 @@ class Trainer:
             self._keep_best(results)
 
     def evaluate(self) -> dict:
-        """Metrics of EMA-G (else G) against eval.data, and its mode coverage under eval.modes,
-        on every rank (each generates its share)."""
-        from bigan.metrics.evaluate import evaluate, generated_images
+        """Metrics of EMA-G (else G) against eval.data, and its mode coverage under eval.modes; for
+        pix2pix, on held-out pairs. On every rank (each generates its share)."""
+        from bigan.metrics.evaluate import evaluate, evaluate_pairs, generated_images
 
         e, m = self.config.eval, self.config.model
         g = self.ema.model if self.ema is not None else self.backend.plain_copy("g")
@@ -321,10 +357,14 @@ class Trainer:
         g.eval()
         wanted = self.eval_metrics()
         with self.backend.autocast():
-            blocks = generated_images(g, m.z_dim, m.num_classes, self.accelerator, e.n, self.config.train.seed)
-            results = evaluate(blocks, (e.data or data_source(self.config, self.accelerator)) if wanted else None,
-                               self.config.data.resolution, self.extractor, self.accelerator, e.n, wanted,
-                               classifier=self.classifier)
+            if self.paired:  # on held-out pairs: eval.data, or the demo's held-out set
+                results = evaluate_pairs(g, data_source(self.config, self.accelerator, held_out=True),
+                                         self.config.data.resolution, self.extractor, self.accelerator, e.n, wanted)
+            else:
+                blocks = generated_images(g, m.z_dim, m.num_classes, self.accelerator, e.n, self.config.train.seed)
+                results = evaluate(blocks, data_source(self.config, self.accelerator, held_out=True) if wanted else None,
+                                   self.config.data.resolution, self.extractor, self.accelerator, e.n, wanted,
+                                   classifier=self.classifier)
         g.train(was_training)
         return results
 
@@ -391,9 +431,15 @@ class Trainer:
             return
         g.eval()
         with self.backend.autocast():
-            self.tracker.images("samples/G", g(self.grid_z, self.grid_y), self.state.images_seen)
-            if self.ema is not None:
-                self.tracker.images("samples/G_ema", self.ema.model(self.grid_z, self.grid_y), self.state.images_seen)
+            for name, model in (("samples/G", g), ("samples/G_ema", self.ema.model if self.ema else None)):
+                if model is None:
+                    continue
+                if self.paired:  # held-out pairs as input | output | target, two triplets per row
+                    inputs, targets = self.grid_pairs
+                    images, columns = torch.stack([inputs, model(inputs, inputs).float(), targets], 1).flatten(0, 1), 6
+                else:
+                    images, columns = model(self.grid_z, self.grid_y), None
+                self.tracker.images(name, images, self.state.images_seen, columns)
         g.train()
 
     # ------------------------------------------------------------ persistence

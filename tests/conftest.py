@@ -28,6 +28,18 @@ def tiny_shards(tmp_path_factory):
     return ensure_demo_shards(n=96, resolution=32, root=tmp_path_factory.mktemp("shards"), workers=1, progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory):
+    """Layout -> painting pairs of the demo, 32 px."""
+    from bigan.data.demo import ensure_demo_shards
+
+    return ensure_demo_shards(n=96, resolution=32, root=tmp_path_factory.mktemp("pairs"), workers=1, progress=False,
+                              paired=True)
+
+
+PIX2PIX = {"model.arch": "pix2pix", "model.norm": "instance", "loss.r1": 0}
+
+
 def tiny_args(shards, run_dir, **overrides):
     """A few-second CPU run: 32 px, narrow models, batch 8."""
     args = {"data.shards": shards, "data.resolution": 32, "data.workers": 2, "data.shuffle_buffer": 16,

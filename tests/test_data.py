@@ -256,3 +256,106 @@ def test_worker_buffers_are_reused_but_never_overwritten_while_read(uneven_shard
         assert [v % 3 for v in ids] == batch["label"].tolist(), f"batch {i}: images {ids} vs labels"
         time.sleep(0.01)
     assert len(loader.buffers) == 2 * loader.dataset.slots  # each worker's ring, sent once
+
+
+def _noise_pair_folders(root: Path, n=6, size=(40, 30), src_scale=1):
+    """Targets of random pixels (every crop and flip shows) and inputs that are the same pictures with
+    R and B swapped, optionally stored at another size: an aligned pair has source == image[::-1 channels]."""
+    rng = np.random.default_rng(0)
+    for name in ("paintings", "layouts"):
+        (root / name).mkdir(parents=True)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "paintings" / f"{i:03d}.png")
+        swapped = Image.fromarray(np.ascontiguousarray(pixels[..., ::-1]))
+        if src_scale != 1:
+            swapped = swapped.resize((size[0] * src_scale, size[1] * src_scale), Image.Resampling.NEAREST)
+        swapped.save(root / "layouts" / f"{i:03d}.png")
+    return root / "paintings", root / "layouts"
+
+
+def test_pairs_stay_aligned_under_random_crop_and_flip(tmp_path):
+    targets, inputs = _noise_pair_folders(tmp_path)
+    out = tmp_path / "pairs"
+    assert shards_mod.main([str(targets), str(out), "--src-dir", str(inputs), "--format", "png", "--no-progress"]) == 0
+    augmented = _loader(out, batch=3, resolution=16, paired=True, flip=True, crop_scale=(0.2, 1.0), seed=3)
+    plain = _loader(out, batch=3, resolution=16, paired=True, seed=3)  # the same order, centre crops, no flips
+    changed = 0
+    for _, batch, reference in zip(range(8), augmented, plain):
+        image, source = batch["image"], batch["source"]
+        assert source.shape == image.shape == (3, 3, 16, 16)
+        assert torch.equal(source, image.flip(1)), "a pair's input and target must take the same crop and flip"
+        changed += not torch.equal(image, reference["image"])
+    assert changed == 8, "crops (and flips) were drawn"
+    # the same draws as for single images: a paired stream's targets are what an unpaired one yields
+    single = next(iter(_loader(out, batch=3, resolution=16, flip=True, crop_scale=(0.2, 1.0), seed=3)))
+    paired = next(iter(_loader(out, batch=3, resolution=16, paired=True, flip=True, crop_scale=(0.2, 1.0), seed=3)))
+    assert torch.equal(single["image"], paired["image"]) and single["source"] is None
+
+
+def test_pair_inputs_of_another_size_are_fitted_to_their_target(tmp_path):
+    targets, inputs = _noise_pair_folders(tmp_path, src_scale=2)
+    out = tmp_path / "pairs"
+    shards_mod.make_shards(targets, out, shards_mod.ShardOptions(format="png", progress=False), src_dir=inputs)
+    batch = next(iter(_loader(out, batch=6, resolution=16, paired=True, mode="epoch", epochs=1, flip=True)))
+    # a 2x nearest-neighbour copy, resized back with bicubic: close to, not exactly, the swapped target
+    assert (batch["source"] - batch["image"].flip(1)).abs().mean() < 0.05
+
+
+def test_pairs_from_two_folders_match_by_name_and_list_the_unmatched(tmp_path, capsys):
+    targets, inputs = _noise_pair_folders(tmp_path, n=4)
+    (targets / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(targets / "sub" / "x.png")
+    Image.new("RGB", (8, 8)).save(inputs / "only-input.jpg")
+    (inputs / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(inputs / "sub" / "x.jpg")  # another extension, the same name
+    out = tmp_path / "pairs"
+    assert shards_mod.main([str(targets), str(out), "--src-dir", str(inputs), "--resolution", "8"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["paired"] is True and manifest["total"] == 5
+    assert [entry["input"] for entry in manifest["skipped"]] == [str(inputs / "only-input.jpg")]
+    assert "unmatched" in capsys.readouterr().err
+    with tarfile.open(out / manifest["shards"][0]["name"]) as tar:
+        names = tar.getnames()
+    assert {n.split(".", 1)[1] for n in names} == {"jpg", "src.jpg"}
+    assert resolve_shards(out).paired is True and resolve_shards(tmp_path / "pairs" / "manifest.json").paired
+
+
+def test_pairs_from_a_dataset_with_two_image_columns(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"painting": datasets.Image(), "sketch": datasets.Image()})
+    rows = {"painting": [_solid((i * 30, 0, 0)) for i in range(5)], "sketch": [_solid((0, 0, i * 30)) for i in range(5)]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    manifest = shards_mod.make_shards(tmp_path / "saved", tmp_path / "out",
+                                      shards_mod.ShardOptions(resolution=8, format="png", progress=False),
+                                      image_column="painting", src_column="sketch")
+    assert manifest["paired"] and manifest["total"] == 5
+    batch = next(iter(_loader(tmp_path / "out", batch=5, paired=True, mode="epoch", epochs=1)))
+    assert torch.equal(batch["image"][:, 0], batch["source"][:, 2]), "each painting with its own sketch"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--src-dir", "{missing}"], "--src-dir: {missing} is not a folder"),
+    (["--src-dir", "{inputs}", "--labels-from-dirs"], "pairs (--src-dir/--src-column) carry no class labels"),
+    (["--src-column", "sketch"], "--src-column is for datasets"),
+])
+def test_pair_errors_are_one_line(args, message, tmp_path, capsys):
+    targets, inputs = _noise_pair_folders(tmp_path, n=2)
+    fill = {"missing": tmp_path / "nowhere", "inputs": inputs}
+    code = shards_mod.main([str(targets), str(tmp_path / "out"), *[a.format(**fill) for a in args]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message.format(**fill) in err[0]
+
+
+def test_demo_pairs_are_layouts_of_their_paintings(tmp_path):
+    from bigan.data.demo import LABELS, render_scene
+
+    layout, painting = render_scene(0, 3, 64)
+    assert np.array_equal(painting, render_landscape(0, 3, 64))
+    colours = {tuple(c) for c in layout.reshape(-1, 3).tolist()}
+    labels = {tuple(round(v * 255) for v in rgb) for rgb in LABELS.values()}
+    assert len(colours) <= 12 and len(colours & labels) >= 3  # flat label colours (ridges have their own shades)
+    manifest = ensure_demo_shards(n=6, resolution=16, root=tmp_path, workers=1, progress=False, paired=True)
+    assert json.loads(manifest.read_text())["paired"]
+    batch = next(iter(_loader(manifest, batch=6, resolution=16, paired=True, mode="epoch", epochs=1)))
+    assert batch["source"].shape == batch["image"].shape and not torch.equal(batch["source"], batch["image"])

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-from conftest import HELPERS, free_port, run, tiny_args  # noqa: E402
+from conftest import HELPERS, PIX2PIX, free_port, run, tiny_args  # noqa: E402
 from test_trainer import _assert_close, _params  # noqa: E402
 
 PENALTIES = {
@@ -37,6 +37,7 @@ BASE = {"model.arch": "resnet", "data.resolution": 32, "model.g_channels": 4, "m
         "model.z_dim": 8, "train.adam_eps": 1.0, "train.g_lr": 0.01, "train.d_lr": 0.01}
 FP16_NAN = {"train.precision": "fp16"}  # with BIGAN_TEST_NAN_D_STEP=1: D step 1 is non-finite
 BF16 = {"train.precision": "bf16"}
+PAIRED = {**PIX2PIX, "model.dropout": 0, "loss.l1": 100.0}  # U-Net G and PatchGAN D, GAN + L1 terms
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,8 @@ def references(tmp_path_factory, env):
     for name, penalty, extra, extra_env in [*((p, p, whole, {}) for p in PENALTIES),
                                             ("fp16_nan", "none", {**whole, **FP16_NAN}, {"BIGAN_TEST_NAN_D_STEP": "1"}),
                                             ("bf16_r1", "r1", bf16_split, {}),
-                                            ("r1_packed", "r1", {**whole, **PACKED}, {})]:
+                                            ("r1_packed", "r1", {**whole, **PACKED}, {}),
+                                            ("pix2pix", "none", {**whole, **PAIRED}, {})]:
         target = out / f"{name}.pt"
         run([sys.executable, str(HELPERS / "step_equivalence.py"), str(target),
              *_args(out / "run", penalty, **extra)], {**env, **extra_env})
@@ -100,6 +102,18 @@ def test_packed_discriminator_with_r1_matches_the_plain_path(stage, references, 
                       [str(target), *_args(tmp_path / "run", "r1", **PACKED, **{"train.batch_size": 2,
                                                                                 "train.grad_accum": 2})], env)
     reference, initial = references["r1_packed"]
+    _assert_close(reference, _params(target), initial)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_pix2pix_matches_the_plain_path(stage, references, tmp_path, env):
+    """The image-to-image step (inputs as G's input and D's condition, targets in G's L1 term) on
+    2 ranks x 2 accumulated micro-batches, with optimizer states (1) or the weights too (3) partitioned."""
+    target = tmp_path / "zero.pt"
+    accelerate_launch(stage, str(HELPERS / "step_equivalence.py"),
+                      [str(target), *_args(tmp_path / "run", "none", **PAIRED, **{"train.batch_size": 2,
+                                                                                  "train.grad_accum": 2})], env)
+    reference, initial = references["pix2pix"]
     _assert_close(reference, _params(target), initial)
 
 

@@ -8,10 +8,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from bigan import checkpoint
-from conftest import HELPERS, ROOT, free_port, run, tiny_args, train
+from conftest import HELPERS, PIX2PIX, ROOT, free_port, run, tiny_args, train
 
 
 def _events(run_dir):
@@ -53,10 +54,13 @@ def test_accelerate_launch_trains_logs_checkpoints_exports_and_samples(tiny_shar
     assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
-def test_resume_continues_bitwise(arch, tiny_shards, tmp_path, env):
-    """2N steps straight == N steps, stop, resume, N more: parameters, optimizers, EMA, RNG, data position."""
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "pix2pix"])
+def test_resume_continues_bitwise(arch, tiny_shards, tiny_pairs, tmp_path, env):
+    """2N steps straight == N steps, stop, resume, N more: parameters, optimizers, EMA, RNG, data position
+    (pix2pix: the pairs' position and G's dropout draws too)."""
     common = {"model.arch": arch, "loss.name": "hinge" if arch == "resnet" else "bce"}
+    if arch == "pix2pix":
+        tiny_shards, common = tiny_pairs, {**common, "model.norm": "batch", "data.crop_scale_min": 0.5}
     train(tiny_args(tiny_shards, tmp_path / "straight", **common, **{"train.kimg": 0.048}), env)
     train(tiny_args(tiny_shards, tmp_path / "split", **common, **{"train.kimg": 0.024}), env)
     resumed = train(tiny_args(tiny_shards, tmp_path / "split", **common, **{"train.kimg": 0.048, "run.resume": "latest"}), env)
@@ -103,6 +107,7 @@ def _assert_close(reference, other, initial, rtol=1e-5, update_rtol=1e-3):
     {"loss.name": "hinge", "loss.r1": 0},
     {"loss.name": "bce", "loss.r1": 1.0, "loss.r1_interval": 1},
     {"loss.name": "wgan", "loss.gp": 10.0, "loss.r1": 0, "loss.pack": 2},  # PacGAN: packs never straddle a split
+    {**PIX2PIX, "loss.name": "lsgan", "loss.l1": 100.0},  # U-Net and PatchGAN with instance norm, GAN + L1
 ])
 def test_grad_accum_and_ddp_equal_one_big_batch(loss, tmp_path, env):
     """k x b accumulated, and 2 DDP ranks x b, match one step at the whole batch (resnet: D has no batch statistics).
@@ -110,7 +115,7 @@ def test_grad_accum_and_ddp_equal_one_big_batch(loss, tmp_path, env):
     Adam's epsilon is set large so that its step is linear in the gradient: with the usual 1e-8
     the first step is about lr * sign(g), and float noise in near-zero gradients flips signs.
     """
-    base = [f"--{k}={v}" for k, v in {"model.arch": "resnet", "data.resolution": 32, "model.g_channels": 4,
+    base = [f"--{k}={v}" for k, v in {"model.arch": "resnet", "data.resolution": 32, "model.dropout": 0, "model.g_channels": 4,
                                       "model.d_channels": 4, "model.z_dim": 8, "run.dir": str(tmp_path / "r"),
                                       "train.adam_eps": 1.0, "train.g_lr": 0.01, "train.d_lr": 0.01,
                                       **loss}.items()]
@@ -222,3 +227,53 @@ def test_two_processes_through_accelerate_launch(tiny_shards, tmp_path, env):
         assert (final / name).exists(), name
     ranks = [json.loads((final / f"data_rank_{r}.json").read_text()) for r in range(2)]
     assert [s["rank"] for s in ranks] == [0, 1] and all(s["world_size"] == 2 for s in ranks)
+
+
+def test_pix2pix_trains_from_pairs_shows_held_out_triplets_translates_and_evaluates(tiny_pairs, tmp_path, env):
+    """accelerate launch -> TensorBoard input | output | target grids and held-out L1/PSNR ->
+    bigan-sample --input (a folder of images) -> bigan-eval on held-out pairs."""
+    from bigan.data.demo import write_pair_folders
+
+    held_out = tmp_path / "held_out"
+    write_pair_folders(held_out, 10, 32, seed=7)
+    shards = tmp_path / "held_out_shards"
+    run([sys.executable, "-m", "bigan.data.shards", str(held_out / "paintings"), str(shards),
+         "--src-dir", str(held_out / "layouts"), "--format", "png"], env)
+    run_dir = tmp_path / "run"
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch_configs/accelerate/cpu.yaml",
+         "bigan/train.py", *tiny_args(tiny_pairs, run_dir, **PIX2PIX, **{
+             "train.kimg": 0.048, "eval.every_kimg": 0.024, "eval.metrics": "l1,psnr", "eval.data": shards,
+             "eval.n": 10, "run.grid_size": 4})], env)
+    events = _events(run_dir)
+    assert {"Loss/L1", "Metrics/l1", "Metrics/psnr"} <= set(events.Tags()["scalars"])
+    assert 0 < events.Scalars("Metrics/l1")[-1].value < 2 and events.Scalars("Metrics/psnr")[-1].value > 0
+    grid = events.Images("samples/G_ema")[-1]
+    assert (grid.width, grid.height) == (6 * 32, 2 * 32), "4 held-out pairs as input | output | target, 2 per row"
+    grid_png = np.asarray(Image.open(sorted((run_dir / "samples").glob("samples_G_ema_*"))[-1]))
+    layout = np.asarray(Image.open(held_out / "layouts" / "000000.png"))
+    assert np.array_equal(grid_png[:32, :32], layout), "the first column shows the held-out inputs"
+
+    out = tmp_path / "translated"
+    result = run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir), "--input",
+                  str(held_out / "layouts"), "--out", f"{out}/"], env)
+    assert "translated 10 images" in result.stdout
+    no_input = run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir), "--out", str(tmp_path / "g.png")],
+                   env, check=False)
+    assert no_input.returncode == 2 and "give --input DIR" in no_input.stderr.strip().splitlines()[-1]
+    images = sorted(out.glob("*.png"))
+    assert [p.name for p in images] == [f"{i:06d}.png" for i in range(10)]
+    assert np.asarray(Image.open(images[0])).shape == (32, 32, 3)
+
+    result = run([sys.executable, "-m", "bigan.metrics.evaluate", "--checkpoint", str(run_dir), "--data", str(shards),
+                  "--metrics", "l1,psnr"], env)
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["n"] == 10 and 0 < metrics["l1"] < 2 and metrics["psnr"] > 0
+    assert metrics["l1"] == pytest.approx(events.Scalars("Metrics/l1")[-1].value, rel=1e-6), \
+        "bigan-eval and the loop score the same EMA-G on the same pairs"
+
+
+def test_pix2pix_on_single_images_and_noise_models_with_input_are_one_line_errors(tiny_shards, tmp_path, env):
+    single = run([sys.executable, "-m", "bigan.train", *tiny_args(tiny_shards, tmp_path / "r", **PIX2PIX)],
+                 env, check=False)
+    assert single.returncode == 2 and not (tmp_path / "r").exists()
+    assert "model.arch=pix2pix needs pairs" in single.stderr.strip().splitlines()[-1]

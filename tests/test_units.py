@@ -174,3 +174,52 @@ def test_a_stale_deepspeed_build_lock_is_removed_and_a_live_one_kept(tmp_path, m
     assert not (folder / "lock").exists() and "removed a stale DeepSpeed build lock" in capsys.readouterr().out
     (folder / "lock").write_text("")  # a build that is alive (just touched its files)
     assert ds_build.clear_stale_locks(stale_s=600) == [] and (folder / "lock").exists()
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+@pytest.mark.parametrize("resolution", [32, 64, 128, 256])
+def test_pix2pix_unet_and_patchgan_shapes(resolution, norm):
+    g, d = build_models("pix2pix", resolution, z_dim=16, g_channels=4, d_channels=4, norm=norm)
+    x = torch.rand(2, 3, resolution, resolution) * 2 - 1
+    out = g(x, x)
+    assert out.shape == x.shape and out.abs().max() <= 1
+    patches = resolution // 8 - 2  # 70x70 PatchGAN: 30x30 logits at 256 px
+    assert d(out, x).shape == (2, 1, patches, patches)
+    assert len(g.downs) == len(g.ups) == resolution.bit_length() - 1  # down to 1x1 and back
+
+
+def test_patchgan_sees_70_pixels_and_the_unet_passes_skips():
+    g, d = build_models("pix2pix", 128, z_dim=16, g_channels=4, d_channels=4)
+    d.eval()  # BatchNorm with running statistics: no coupling across the image through batch statistics
+    image = torch.zeros(1, 3, 128, 128, requires_grad=True)
+    logits = d(image, torch.zeros(1, 3, 128, 128))
+    logits[0, 0, 7, 7].backward()
+    rows, cols = image.grad.abs().sum((0, 1)).nonzero().unbind(1)
+    assert rows.max() - rows.min() + 1 <= 70 and cols.max() - cols.min() + 1 <= 70
+    assert rows.max() - rows.min() + 1 >= 60  # the receptive field, less the border taps that multiply zero padding
+    # dropout is G's only noise: two training forwards differ, eval-mode forwards agree
+    x = torch.rand(2, 3, 128, 128)
+    assert not torch.equal(g.train()(x, x), g(x, x))
+    assert torch.equal(g.eval()(x, x), g(x, x))
+    # the outermost skip: a change in one input pixel reaches the output through the last decoder block
+    x2 = x.clone()
+    x2[:, :, 0, 0] += 1
+    assert (g(x2, x2) - g(x, x)).abs()[:, :, :4, :4].sum() > 0
+
+
+def test_l1_term_value_and_gradient():
+    fake = torch.tensor([[0.5, -0.25], [1.0, 0.0]], requires_grad=True)
+    target = torch.tensor([[0.0, 0.25], [0.0, 0.5]])
+    l1, stats = losses.l1_term(fake, target)
+    assert l1.item() == pytest.approx((0.5 + 0.5 + 1.0 + 0.5) / 4) and stats["Loss/L1"] == l1
+    (100 * l1).backward()
+    assert torch.equal(fake.grad, 100 * torch.sign(fake - target).detach() / 4)
+
+
+def test_pix2pix_settings_that_cannot_work_are_refused():
+    for override, key in (("--model.num_classes=3", "model.num_classes"), ("--loss.pack=2", "loss.pack"),
+                          ("--eval.metrics=fid,pr", "eval.metrics")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, ["--model.arch=pix2pix", override])
+    with pytest.raises(ConfigError, match="l1 and psnr compare outputs with targets"):
+        load_config(None, ["--eval.metrics=l1"])

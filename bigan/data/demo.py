@@ -3,12 +3,16 @@
 Each image is a pure function of (seed, index): a sky gradient with clouds, a sun or moon
 with a glow, layered mountain ridgelines fading into aerial haze, an optional lake that
 reflects everything above it with ripples, trees on the shore, and a brush-stroke texture,
-in a palette after a classic landscape style. The first time the demo set is asked for it is
+in a palette after a classic landscape style. Each scene can also be drawn as its layout: the
+same shapes as flat label colours (sky, sun or moon, each mountain ridge, water, ground,
+trees), the input of the layout -> painting pix2pix demo. The first time the demo set is asked for it is
 rendered into shards under a cache dir (`$BIGAN_CACHE`, default `~/.cache/bigan`), by the
 same shard writer `bigan-shards` uses, and reused from then on.
 
     bigan-demo-data --n 10000 --resolution 64      # prints the manifest path
     bigan-demo-data --grid real.png                # a grid of the first 64 images instead
+    bigan-demo-data --pairs                        # layout -> painting pairs (training and held-out sets)
+    bigan-demo-data --pairs --folders data/        # the same as two folders of PNGs: data/layouts, data/paintings
 """
 from __future__ import annotations
 
@@ -38,6 +42,22 @@ _PALETTE_RGB = {
     for name, colors in PALETTES.items()
 }
 _PALETTE_NAMES = sorted(PALETTES)
+# layout label colours (RGB 0-1): what each region of a scene is, flat
+LABELS = {"sky": (0.53, 0.81, 0.98), "sun": (1.0, 0.87, 0.0), "mountain_far": (0.62, 0.55, 0.47),
+          "mountain_near": (0.36, 0.25, 0.16), "water": (0.1, 0.3, 1.0), "ground": (0.71, 0.65, 0.26),
+          "trees": (0.05, 0.5, 0.1)}
+_LABEL_RGB = {name: np.array(color, np.float32) for name, color in LABELS.items()}
+
+
+class _Layout:
+    """The scene's layout, painted alongside it: every region where a painting step's mask is over 1/2."""
+
+    def __init__(self, shape):
+        self.image = np.empty(shape, np.float32)
+        self.image[...] = _LABEL_RGB["sky"]
+
+    def paint(self, color, mask):
+        self.image[mask > 0.5] = color
 
 
 def _smoothstep(t):
@@ -81,16 +101,18 @@ def _sky(rng, pal, yy, xx, horizon):
     return _blend(sky, cloud_color, cloud_mask * rng.uniform(0.3, 0.8))
 
 
-def _sun(rng, pal, img, yy, xx, horizon):
+def _sun(rng, pal, img, yy, xx, horizon, layout):
     cx, cy = rng.uniform(0.15, 0.85), rng.uniform(0.1, horizon * 0.8)
     radius = rng.uniform(0.04, 0.09)
     dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
     glow = np.exp(-dist / (radius * rng.uniform(2, 4))) * rng.uniform(0.3, 0.6)
     img = img + (pal[6] - img) * glow[..., None]
-    return _blend(img, pal[6], _smoothstep((radius - dist) / 0.01))
+    disc = _smoothstep((radius - dist) / 0.01)
+    layout.paint(_LABEL_RGB["sun"], disc)
+    return _blend(img, pal[6], disc)
 
 
-def _mountains(rng, pal, img, yy, xx, horizon):
+def _mountains(rng, pal, img, yy, xx, horizon, layout):
     h, w = yy.shape
     layers = rng.integers(2, 5)
     for k in range(layers):
@@ -105,10 +127,12 @@ def _mountains(rng, pal, img, yy, xx, horizon):
         texture = 1 + 0.12 * (_noise2d(rng, h, w, 8, 16)[..., None] - 0.5)
         mask = _smoothstep((yy - top[None, :]) / 0.012)
         img = img + (color * shade * texture - img) * mask[..., None]
+        far, near_label = _LABEL_RGB["mountain_far"], _LABEL_RGB["mountain_near"]
+        layout.paint(far + (near_label - far) * near, mask)  # each ridge its own shade, far to near
     return img
 
 
-def _trees(rng, pal, img, yy, xx, ground):
+def _trees(rng, pal, img, yy, xx, ground, layout):
     count = rng.integers(3, 14)
     for _ in range(count):
         tx, size = rng.uniform(0, 1), rng.uniform(0.05, 0.16)
@@ -122,10 +146,11 @@ def _trees(rng, pal, img, yy, xx, ground):
             mask = np.maximum(mask, (np.abs(xx - tx) < 0.008) * (yy < base) * (yy > base - size * 0.5))
         color = pal[5] * rng.uniform(0.7, 1.2)
         img = _blend(img, np.clip(color, 0, 1), mask.astype(np.float32))
+        layout.paint(_LABEL_RGB["trees"], mask)
     return img
 
 
-def _water(rng, pal, img, yy, xx, waterline):
+def _water(rng, pal, img, yy, xx, waterline, layout):
     """Mirror the picture above `waterline` into the lake below it, rippled and tinted."""
     h, w = yy.shape
     rows = np.arange(h)
@@ -136,14 +161,16 @@ def _water(rng, pal, img, yy, xx, waterline):
     reflection = img[src_rows[:, None], np.clip(cols, 0, w - 1)]
     reflection = reflection + (pal[4] - reflection) * rng.uniform(0.25, 0.5)
     mask = (rows >= line_row).astype(np.float32)[:, None].repeat(w, 1)
+    layout.paint(_LABEL_RGB["water"], mask)
     return _blend(img, reflection * 0.9, mask)
 
 
-def _ground(rng, pal, img, yy, xx, groundline):
+def _ground(rng, pal, img, yy, xx, groundline, layout):
     h, w = yy.shape
     top = groundline + _ridge(rng, w, 2) * 0.03
     mask = _smoothstep((yy - top[None, :]) / 0.01)
     color = pal[5] * 1.3 + (pal[3] - pal[5]) * 0.3
+    layout.paint(_LABEL_RGB["ground"], mask)
     return _blend(img, np.clip(color, 0, 1), mask)
 
 
@@ -159,34 +186,45 @@ def _brush(rng, img):
 
 def render_landscape(seed: int, index: int, resolution: int = 64) -> np.ndarray:
     """One landscape painting as uint8 (resolution, resolution, 3); the same for the same arguments."""
+    return render_scene(seed, index, resolution)[1]
+
+
+def render_scene(seed: int, index: int, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(layout, painting) of one scene, each uint8 (resolution, resolution, 3)."""
     rng = np.random.default_rng([seed, index])
     pal = _PALETTE_RGB[_PALETTE_NAMES[rng.integers(len(_PALETTE_NAMES))]]
     pal = np.clip(pal * rng.uniform(0.9, 1.1, size=(1, 3)).astype(np.float32), 0, 1)
     coords = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     horizon = rng.uniform(0.45, 0.7)
+    layout = _Layout(yy.shape + (3,))
     img = _sky(rng, pal, yy, xx, horizon)
-    img = _sun(rng, pal, img, yy, xx, horizon)
-    img = _mountains(rng, pal, img, yy, xx, horizon)
+    img = _sun(rng, pal, img, yy, xx, horizon, layout)
+    img = _mountains(rng, pal, img, yy, xx, horizon, layout)
     shore = rng.uniform(horizon + 0.05, 0.85)
     if rng.random() < 0.6:
-        img = _water(rng, pal, img, yy, xx, shore)
+        img = _water(rng, pal, img, yy, xx, shore, layout)
         if rng.random() < 0.5:
-            img = _trees(rng, pal, img, yy, xx, shore)
+            img = _trees(rng, pal, img, yy, xx, shore, layout)
     else:
-        img = _ground(rng, pal, img, yy, xx, shore)
-        img = _trees(rng, pal, img, yy, xx, shore + 0.04)
+        img = _ground(rng, pal, img, yy, xx, shore, layout)
+        img = _trees(rng, pal, img, yy, xx, shore + 0.04, layout)
     img = _brush(rng, img)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    to_uint8 = lambda x: (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
+    return to_uint8(layout.image), to_uint8(img)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("BIGAN_CACHE", Path.home() / ".cache" / "bigan"))
 
 
+HELD_OUT_SEED = 1_000_003  # the held-out pairs of the layout -> painting demo (training uses data seed 0)
+
+
 def ensure_demo_shards(n: int = 10_000, resolution: int = 64, seed: int = 0, root: Path | None = None,
-                       workers: int | None = None, progress: bool = True) -> Path:
-    """Render the demo set into shards once and return its manifest path.
+                       workers: int | None = None, progress: bool = True, paired: bool = False) -> Path:
+    """Render the demo set into shards once and return its manifest path; paired: layout -> painting
+    pairs (the layout as each sample's input, src.png).
 
     The set is built in a temporary folder and renamed into place when complete, so a crash
     leaves nothing half-made and concurrent callers end up sharing one copy.
@@ -194,21 +232,23 @@ def ensure_demo_shards(n: int = 10_000, resolution: int = 64, seed: int = 0, roo
     from bigan.data.shards import ShardOptions, write_shards
 
     root = Path(root) if root is not None else cache_dir()
-    final = root / f"landscapes-{resolution}px-n{n}-seed{seed}-v1"
+    final = root / f"{'layout2painting' if paired else 'landscapes'}-{resolution}px-n{n}-seed{seed}-v1"
     manifest = final / "manifest.json"
     if manifest.exists():
         return manifest
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
     try:
-        options = ShardOptions(resolution=resolution, format="jpg", quality=95, maxcount=2000,
+        # pairs in PNG: a layout is flat label colours, which JPEG would smear at their edges
+        options = ShardOptions(resolution=resolution, format="png" if paired else "jpg", quality=95, maxcount=2000,
                                workers=workers or os.cpu_count() or 1, progress=progress)
-        items = [(seed, i, resolution) for i in range(n)]
+        items = [(seed, i, resolution, paired) for i in range(n)]
         if progress:  # a line even where the progress bar is not shown (output not a terminal)
-            print(f"bigan: rendering the demo set once: {n} landscapes at {resolution} px into {final} "
-                  f"({options.workers} processes)", flush=True)
+            print(f"bigan: rendering the demo set once: {n} {'layout/painting pairs' if paired else 'landscapes'} "
+                  f"at {resolution} px into {final} ({options.workers} processes)", flush=True)
         start = time.time()
-        write_shards(items, _load_demo_item, tmp, options, source=f"bigan demo landscapes (seed {seed})")
+        write_shards(items, _load_demo_item, tmp, options, source=f"bigan demo landscapes (seed {seed})",
+                     paired=paired)
         if progress:
             print(f"bigan: demo set rendered in {time.time() - start:.0f} s", flush=True)
         try:
@@ -222,8 +262,21 @@ def ensure_demo_shards(n: int = 10_000, resolution: int = 64, seed: int = 0, roo
 
 
 def _load_demo_item(item):
-    seed, index, resolution = item
-    return render_landscape(seed, index, resolution), None, f"{index:08d}"
+    seed, index, resolution, paired = item
+    layout, painting = render_scene(seed, index, resolution)
+    return painting, None, f"{index:08d}", layout if paired else None
+
+
+def write_pair_folders(out: Path, n: int, resolution: int, seed: int = 0):
+    """The layout -> painting pairs as two folders of PNGs with matching names (out/layouts, out/paintings)."""
+    from PIL import Image
+
+    for name in ("layouts", "paintings"):
+        (Path(out) / name).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        layout, painting = render_scene(seed, i, resolution)
+        Image.fromarray(layout).save(Path(out) / "layouts" / f"{i:06d}.png")
+        Image.fromarray(painting).save(Path(out) / "paintings" / f"{i:06d}.png")
 
 
 def main(argv=None):
@@ -235,7 +288,13 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--grid", type=Path, default=None, metavar="PNG",
                         help="write a grid of the first 64 images of the set here instead (rendered, not read back)")
+    parser.add_argument("--pairs", action="store_true", help="layout -> painting pairs (pix2pix demo): the "
+                        "training set, and a held-out set of 512 pairs drawn with other seeds")
+    parser.add_argument("--folders", type=Path, default=None, metavar="DIR",
+                        help="with --pairs: write DIR/layouts/ and DIR/paintings/ as PNG files instead of shards")
     args = parser.parse_args(argv)
+    if args.folders is not None and not args.pairs:
+        parser.error("--folders writes pairs: add --pairs")
     for flag, value in (("--n", args.n), ("--resolution", args.resolution), ("--workers", args.workers)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
@@ -244,11 +303,18 @@ def main(argv=None):
 
         from bigan.sample import write
 
-        images = np.stack([render_landscape(args.seed, i, args.resolution) for i in range(min(args.n, 64))])
+        scenes = [render_scene(args.seed, i, args.resolution) for i in range(min(args.n, 64))]
+        images = np.stack([image for scene in scenes for image in (scene if args.pairs else scene[1:])])
         write(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, args.grid)
         print(args.grid)
         return
-    print(ensure_demo_shards(args.n, args.resolution, args.seed, args.root, args.workers))
+    if args.folders is not None:
+        write_pair_folders(args.folders, args.n, args.resolution, args.seed)
+        print(f"wrote {args.n} pairs to {args.folders / 'layouts'} and {args.folders / 'paintings'}")
+        return
+    print(ensure_demo_shards(args.n, args.resolution, args.seed, args.root, args.workers, paired=args.pairs))
+    if args.pairs:
+        print(ensure_demo_shards(512, args.resolution, HELD_OUT_SEED, args.root, args.workers, paired=True))
 
 
 if __name__ == "__main__":

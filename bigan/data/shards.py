@@ -2,10 +2,13 @@
 
     bigan-shards ~/paintings shards/ --resolution 256 --workers 8
     bigan-shards hf_saved_dataset/ shards/ --image-column image --label-column label
+    bigan-shards paintings/ pairs/ --src-dir layouts/ --resolution 256     # pix2pix: input -> target pairs
+    bigan-shards hf_saved_dataset/ pairs/ --image-column painting --src-column sketch
 
 Each of `--workers` processes writes its own range of inputs into its own shards
-(`data-WWW-NNNNNN.tar`, one sample per image: `KEY.jpg` and, with labels, `KEY.cls`), and
-`manifest.json` lists them with their sample counts. Inputs that cannot be read are skipped,
+(`data-WWW-NNNNNN.tar`, one sample per image: `KEY.jpg` and, with labels, `KEY.cls`; a pair
+adds its input image as `KEY.src.jpg`), and `manifest.json` lists them with their sample
+counts. Pairs are matched by path relative to each folder, without the extension. Inputs that cannot be read are skipped,
 counted and listed at the end; one bad file never stops the run.
 """
 from __future__ import annotations
@@ -65,6 +68,30 @@ def folder_items(root: Path, labels_from_dirs: bool):
     return items, names
 
 
+def paired_folder_items(root: Path, src_root: Path):
+    """(target path, input path) for every image under root with a match under src_root (same relative
+    path without extension), and a list of (path, reason) for the images of either side without one."""
+    def index(folder):
+        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise ShardError(f"no images found in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        found = {}
+        for p in paths:
+            found.setdefault(p.relative_to(folder).with_suffix("").as_posix(), p)
+        return found
+
+    if not src_root.is_dir():
+        raise ShardError(f"--src-dir: {src_root} is not a folder")
+    targets, sources = index(root), index(src_root)
+    items = [(targets[k], sources[k]) for k in sorted(targets) if k in sources]
+    if not items:
+        raise ShardError(f"no file names in {root} match those in {src_root} (pairs are matched by path "
+                         f"without extension, e.g. a/001.jpg with a/001.png)")
+    unmatched = [(str(targets[k]), f"no input image {k}.* in {src_root}") for k in sorted(set(targets) - set(sources))]
+    unmatched += [(str(sources[k]), f"no target image {k}.* in {root}") for k in sorted(set(sources) - set(targets))]
+    return items, unmatched
+
+
 def open_hf_dataset(source: Path, split: str):
     """A `datasets.Dataset` from a save_to_disk folder or from local parquet/arrow files."""
     import datasets
@@ -83,28 +110,29 @@ def open_hf_dataset(source: Path, split: str):
     return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
 
 
-def hf_items(ds, source: Path, image_column: str, label_column: str | None):
+def hf_items(ds, source: Path, image_column: str, label_column: str | None, src_column: str | None = None):
     import datasets
 
-    for column in (image_column, label_column):
+    for column in (image_column, label_column, src_column):
         if column is not None and column not in ds.column_names:
             raise ShardError(f"{source}: no column {column!r} (has {', '.join(ds.column_names)})")
     if len(ds) == 0:
         raise ShardError(f"{source}: the dataset is empty")
-    if isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # raw bytes: bad images fail per item
+    for column in (image_column, src_column):
+        if column is not None and isinstance(ds.features[column], datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))  # raw bytes: bad images fail per item
     names = None
     if label_column is not None and isinstance(ds.features[label_column], datasets.ClassLabel):
         names = list(ds.features[label_column].names)
-    columns = [image_column] + ([label_column] if label_column else [])
-    return _HFRows(ds.select_columns(columns), image_column, label_column), names
+    columns = [image_column] + [c for c in (label_column, src_column) if c]
+    return _HFRows(ds.select_columns(columns), image_column, label_column, src_column), names
 
 
 class _HFRows:
     """Indexable rows of a dataset, so workers can each take a range without copying it."""
 
-    def __init__(self, ds, image_column, label_column):
-        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+    def __init__(self, ds, image_column, label_column, src_column=None):
+        self.ds, self.image_column, self.label_column, self.src_column = ds, image_column, label_column, src_column
 
     def __len__(self):
         return len(self.ds)
@@ -118,18 +146,24 @@ class _HFRows:
 # ---------------------------------------------------------------- per-item work
 
 
+def _hf_image(value):
+    if isinstance(value, dict):  # datasets.Image(decode=False)
+        value = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
+    return value if isinstance(value, Image.Image) else Image.open(io.BytesIO(value))
+
+
 def load_item(item):
-    """(image, label, key) for a folder path or a dataset row; raises on unreadable input."""
+    """(image, label, key, input image or None) for a folder path, a pair of paths or a dataset row;
+    raises on unreadable input."""
     source, index = item
     if isinstance(source, _HFRows):
         row = source.ds[index]
-        value = row[source.image_column]
-        if isinstance(value, dict):  # datasets.Image(decode=False)
-            value = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
-        image = value if isinstance(value, Image.Image) else Image.open(io.BytesIO(value))
         label = row[source.label_column] if source.label_column else None
-        return image, label, f"{index:09d}"
-    return Image.open(source), index, None
+        src = _hf_image(row[source.src_column]) if source.src_column else None
+        return _hf_image(row[source.image_column]), label, f"{index:09d}", src
+    if isinstance(index, Path):  # a pair: (target path, input path)
+        return Image.open(source), None, None, Image.open(index)
+    return Image.open(source), index, None, None
 
 
 def _fit(image: Image.Image, resolution: int | None) -> Image.Image:
@@ -177,13 +211,16 @@ def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions,
                          maxsize=options.maxsize, verbose=0, mtime=int(time.time())) as sink:
         for n, item in enumerate(items):
             try:
-                image, label, key = load(item)
+                image, label, key, *src = load(item)
                 data = encode_image(image, options)
+                src_data = encode_image(src[0], options) if src and src[0] is not None else None
             except Exception as exc:  # one bad input never stops the run
                 failures.append((_describe(item), f"{type(exc).__name__}: {exc}"))
                 tick(1)
                 continue
             sample = {"__key__": key or f"{worker:03d}{n:09d}", ext: data}
+            if src_data is not None:
+                sample[f"src.{ext}"] = src_data
             if label is not None:
                 sample["cls"] = int(label)
             sink.write(sample)
@@ -246,14 +283,15 @@ def prepare_output(out_dir: Path, overwrite: bool):
         raise ShardError(f"cannot write to output dir {out_dir}: {exc.strerror or exc}") from None
 
 
-def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str, label_names=None) -> dict:
+def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str, label_names=None,
+                 paired: bool = False, skipped=()) -> dict:
     """Write all items as shards plus manifest.json into out_dir (which must exist); return the manifest."""
     from tqdm import tqdm
 
     start = time.time()
     with tqdm(total=len(items), unit="img", desc="shards", disable=None if options.progress else True) as bar:
         results = _run_workers(items, load, Path(out_dir), options, bar)
-    shards, failures = [], []
+    shards, failures = [], list(skipped)
     for counts, failed in results:
         shards += [{"name": name, "samples": count} for name, count in counts.items()]
         failures += failed
@@ -265,6 +303,7 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
         "resolution": options.resolution,
         "image_format": options.format,
         "labels": label_names,
+        "paired": paired,
         "total": sum(s["samples"] for s in shards),
         "shards": sorted(shards, key=lambda s: s["name"]),
         "skipped": [{"input": what, "reason": why} for what, why in failures],
@@ -277,25 +316,36 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
 
 
 def make_shards(source: Path, out_dir: Path, options: ShardOptions, labels_from_dirs=False,
-                image_column="image", label_column=None, split="train", overwrite=False) -> dict:
+                image_column="image", label_column=None, split="train", overwrite=False,
+                src_dir: Path | None = None, src_column: str | None = None) -> dict:
     """Everything bigan-shards does, callable from Python."""
     source = Path(source)
     if not source.exists():
         raise ShardError(f"source not found: {source}")
+    if (src_dir or src_column) and (labels_from_dirs or label_column):
+        raise ShardError("pairs (--src-dir/--src-column) carry no class labels; drop --labels-from-dirs/--label-column")
     is_folder = source.is_dir() and not (
         any((source / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
         or any(p.suffix in TABLE_SUFFIXES for p in source.iterdir()))
-    if is_folder:
-        pairs, names = folder_items(source, labels_from_dirs)
-        items, load = pairs, load_item
+    unmatched = []
+    if src_column and is_folder:
+        raise ShardError(f"--src-column is for datasets; {source} is a folder of images (pair it with --src-dir)")
+    if src_dir and not is_folder:
+        raise ShardError(f"--src-dir pairs two folders; {source} is a dataset (name its input column with --src-column)")
+    if is_folder and src_dir:
+        items, unmatched = paired_folder_items(source, Path(src_dir))
+        names = None
+    elif is_folder:
+        items, names = folder_items(source, labels_from_dirs)
     elif source.is_file() and source.suffix not in TABLE_SUFFIXES:
         raise ShardError(f"source {source} is a file; give a folder of images, a save_to_disk folder, "
                          f"or {'/'.join(TABLE_SUFFIXES)} files")
     else:
-        rows, names = hf_items(open_hf_dataset(source, split), source, image_column, label_column)
-        items, load = rows[:], load_item
+        rows, names = hf_items(open_hf_dataset(source, split), source, image_column, label_column, src_column)
+        items = rows[:]
     prepare_output(Path(out_dir), overwrite)
-    return write_shards(items, load, Path(out_dir), options, source=str(source), label_names=names)
+    return write_shards(items, load_item, Path(out_dir), options, source=str(source), label_names=names,
+                        paired=bool(src_dir or src_column), skipped=unmatched)
 
 
 def main(argv=None):
@@ -314,6 +364,9 @@ def main(argv=None):
     parser.add_argument("--image-column", default="image", help="datasets: column with the images")
     parser.add_argument("--label-column", default=None, help="datasets: column with integer class labels")
     parser.add_argument("--split", default="train", help="datasets: split of a saved DatasetDict")
+    parser.add_argument("--src-dir", type=Path, default=None, help="pairs (pix2pix): folder of input images, "
+                        "matched to SOURCE's target images by path without extension")
+    parser.add_argument("--src-column", default=None, help="pairs (pix2pix), datasets: column with the input images")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.resolution is not None and args.resolution < 1:
@@ -328,15 +381,17 @@ def main(argv=None):
                            progress=not args.no_progress and sys.stderr.isatty())
     try:
         manifest = make_shards(args.source, args.output_dir, options, args.labels_from_dirs,
-                               args.image_column, args.label_column, args.split, args.overwrite)
+                               args.image_column, args.label_column, args.split, args.overwrite,
+                               args.src_dir, args.src_column)
     except ShardError as exc:
         print(f"bigan-shards: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {manifest['total']} images in {len(manifest['shards'])} shards to {args.output_dir} "
+    print(f"wrote {manifest['total']} {'pairs' if manifest['paired'] else 'images'} in {len(manifest['shards'])} "
+          f"shards to {args.output_dir} "
           f"({manifest['seconds']:.1f} s)")
     skipped = manifest["skipped"]
     if skipped:
-        print(f"skipped {len(skipped)} unreadable input(s):", file=sys.stderr)
+        print(f"skipped {len(skipped)} unreadable or unmatched input(s):", file=sys.stderr)
         for entry in skipped[:50]:
             print(f"  {entry['input']}: {entry['reason']}", file=sys.stderr)
         if len(skipped) > 50:

@@ -39,6 +39,7 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+SOURCE_KEYS = tuple(f"src.{k}" for k in IMAGE_KEYS)  # paired samples: KEY.src.jpg (input) beside KEY.jpg (target)
 # Tags that keep the seeds of different random choices apart. Integers, not strings: hash() of a
 # str changes from process to process (PYTHONHASHSEED), hash() of a tuple of ints does not.
 _SHUFFLE, _SHARDS, _ORDER = 1, 2, 3
@@ -57,6 +58,7 @@ class ShardSet:
     counts: list[int] | None = None       # samples per shard, from a manifest
     labels: list[str] | None = None       # class names, from a manifest
     resolution: int | None = None         # stored resolution, from a manifest
+    paired: bool | None = None            # samples hold an input image too (src.*); None: no manifest says
 
 
 def resolve_shards(spec: str | Path) -> ShardSet:
@@ -72,9 +74,10 @@ def resolve_shards(spec: str | Path) -> ShardSet:
     if len(labels) > 1:
         raise DataError(f"the sources joined by '::' in {str(spec)!r} name different classes; "
                         f"write them into one shard set with one label list")
-    resolutions = {s.resolution for s in sets}
+    resolutions, paired = {s.resolution for s in sets}, {s.paired for s in sets}
     return ShardSet([u for s in sets for u in s.urls], counts, list(labels.pop()) if labels else None,
-                    resolutions.pop() if len(resolutions) == 1 else None)
+                    resolutions.pop() if len(resolutions) == 1 else None,
+                    False if False in paired else (True if paired == {True} else None))
 
 
 def _resolve_one(spec: str) -> ShardSet:
@@ -89,7 +92,7 @@ def _resolve_one(spec: str) -> ShardSet:
         manifest = json.loads(path.read_text())
         shards = [s for s in manifest["shards"] if s["samples"] > 0]
         return ShardSet([str(path.parent / s["name"]) for s in shards], [s["samples"] for s in shards],
-                        manifest.get("labels"), manifest.get("resolution"))
+                        manifest.get("labels"), manifest.get("resolution"), bool(manifest.get("paired", False)))
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:
@@ -129,20 +132,22 @@ def count_samples(urls) -> list[int]:
 # ---------------------------------------------------------------- decoding and augmentation
 
 
-def _image_bytes(sample: dict):
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
+def _image_bytes(sample: dict, keys=IMAGE_KEYS):
+    key = next((k for k in keys if k in sample), None)
     if key is None:
-        raise ValueError(f"no image in sample {sample.get('__key__')} (keys {sorted(sample)})")
+        what = "input image (src.jpg, src.png, ...)" if keys == SOURCE_KEYS else "image"
+        raise ValueError(f"no {what} in sample {sample.get('__key__')} (keys {sorted(sample)})")
     return key, sample[key]
 
 
-def decode_rgb(sample: dict, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 HxWx3 from the first image key of a sample; raises on corrupt data.
+def decode_rgb(sample: dict, out: np.ndarray | None = None, keys=IMAGE_KEYS) -> np.ndarray:
+    """uint8 HxWx3 from the first of `keys` in a sample (the target image; SOURCE_KEYS: a pair's
+    input); raises on corrupt data.
 
     A JPEG whose size matches `out` is decoded straight into it (no copy into the batch later).
     """
-    key, data = _image_bytes(sample)
-    if key in ("jpg", "jpeg"):
+    key, data = _image_bytes(sample, keys)
+    if key.endswith(("jpg", "jpeg")):
         import simplejpeg
 
         try:
@@ -176,6 +181,19 @@ def fit_square(image: np.ndarray, resolution: int, rng: random.Random, crop_scal
     return np.asarray(crop.resize((resolution, resolution), Image.Resampling.BICUBIC))
 
 
+def fit_pair(target: np.ndarray, source: np.ndarray, resolution: int, rng: random.Random,
+             crop_scale: tuple | None) -> tuple[np.ndarray, np.ndarray]:
+    """Target and input cropped and resized identically: the input is first brought to the target's
+    size, then both take the same crop (the same random draws)."""
+    if source.shape != target.shape:
+        source = np.asarray(Image.fromarray(source).resize(target.shape[1::-1], Image.Resampling.BICUBIC))
+    state = rng.getstate()
+    target = fit_square(target, resolution, rng, crop_scale)
+    twin = random.Random()
+    twin.setstate(state)
+    return target, fit_square(source, resolution, twin, crop_scale)
+
+
 def _label(sample: dict) -> int:
     value = sample.get("cls")
     return int(value) if value is not None else -1
@@ -199,11 +217,13 @@ class StreamSpec:
     shuffle_buffer: int = 1000            # raw samples held for shuffling
     flip: bool = True                     # random horizontal flip
     crop_scale: tuple | None = None       # random-resized-crop area range, e.g. (0.8, 1.0); None: center crop
+    paired: bool = False                  # also decode each sample's input image (src.*), cropped and flipped alike
     start: dict = field(default_factory=dict)  # resume state from Loader.state_dict()
 
 
 class _Batch:
-    """A uint8 NxHxWx3 batch filled in place, in one of a ring of ``slots`` buffers.
+    """A uint8 PxNxHxWx3 batch filled in place, in one of a ring of ``slots`` buffers (P = 1 plane of
+    images, or 2 for pairs: targets, then inputs).
 
     Inside DataLoader workers the buffers live in shared memory and each is sent to the main
     process once; after that a batch travels as its slot number (plus labels and flips as Python
@@ -213,9 +233,9 @@ class _Batch:
     ``slots`` batches later; :class:`Loader` has copied it out long before (see ``RING``).
     """
 
-    def __init__(self, size: int, resolution: int, shared: bool, slots: int):
+    def __init__(self, size: int, resolution: int, shared: bool, slots: int, planes: int = 1):
         self.size, self.resolution = size, resolution
-        self.buffers = [torch.empty((size, resolution, resolution, 3), dtype=torch.uint8) for _ in range(slots)]
+        self.buffers = [torch.empty((planes, size, resolution, resolution, 3), dtype=torch.uint8) for _ in range(slots)]
         if shared:
             for buffer in self.buffers:
                 buffer.share_memory_()
@@ -227,13 +247,14 @@ class _Batch:
         self.index, self.images = index, self.buffers[index]
         self.array, self.n, self.labels, self.flips = self.images.numpy(), 0, [], []
 
-    def slot(self) -> np.ndarray:
-        return self.array[self.n]
+    def slot(self, plane: int = 0) -> np.ndarray:
+        return self.array[plane, self.n]
 
-    def add(self, image: np.ndarray, label: int, flip: bool):
-        slot = self.array[self.n]
-        if image.ctypes.data != slot.ctypes.data:  # decoded elsewhere (resized, cropped, PIL): copy in
-            slot[...] = image
+    def add(self, images: tuple, label: int, flip: bool):
+        for plane, image in enumerate(images):
+            slot = self.array[plane, self.n]
+            if image.ctypes.data != slot.ctypes.data:  # decoded elsewhere (resized, cropped, PIL): copy in
+                slot[...] = image
         self.labels.append(label)
         self.flips.append(flip)
         self.n += 1
@@ -256,7 +277,7 @@ class _Batch:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Yields ((uint8 images NxHxWx3 or None, slot, labels (list) or None, flips (list)), position) from
+    """Yields ((uint8 images PxNxHxWx3 or None, slot, labels (list) or None, flips (list)), position) from
     one worker; images is None when the slot's buffer was sent before (see _Batch)."""
 
     def __init__(self, spec: StreamSpec, slots: int = 1):
@@ -279,7 +300,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         role = (worker + start.get("batches", 0)) % workers   # batch i of this rank comes from role i % workers
         round_, pos, done, corrupt = start.get("roles", {}).get(str(role), (0, 0, 0, 0))
         empty_rounds = 0
-        batch = _Batch(self.spec.batch_size, self.spec.resolution, shared=info is not None, slots=self.slots)
+        batch = _Batch(self.spec.batch_size, self.spec.resolution, shared=info is not None, slots=self.slots,
+                       planes=2 if self.spec.paired else 1)
         while self.spec.epochs is None or round_ < self.spec.epochs:
             target = None if self.spec.mode == "infinite" else self._epoch_batches(role, workers, round_)
             good = 0
@@ -290,14 +312,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                                     + (", ..." if len(self.spec.shards.urls) > 3 else ""))
                 try:
                     rng = random.Random(hash((self.spec.seed, self.spec.rank, role, round_, position)))
-                    slot = batch.slot()
-                    image = fit_square(decode_rgb(raw, None if self.spec.crop_scale else slot),
-                                       self.spec.resolution, rng, self.spec.crop_scale)
+                    images = self._decode(raw, batch, rng)
                 except Exception:
                     corrupt += 1
                     continue
                 good, empty_rounds = good + 1, -1
-                batch.add(image, _label(raw), flip=self.spec.flip and rng.random() < 0.5)
+                batch.add(images, _label(raw), flip=self.spec.flip and rng.random() < 0.5)
                 if batch.full():
                     done += 1
                     yield batch.take(), {"role": role, "round": round_, "pos": position + 1,
@@ -311,6 +331,15 @@ class ShardStream(torch.utils.data.IterableDataset):
             if empty_rounds >= 100:  # resampling keeps drawing shards of which nothing decodes
                 raise DataError(f"no sample could be decoded in 100 rounds of shards ({corrupt} unreadable), "
                                 f"e.g. {', '.join(self.spec.shards.urls[:2])}")
+
+    def _decode(self, raw: dict, batch: _Batch, rng: random.Random) -> tuple:
+        """(image,) or (target, input) of one sample, cropped to the resolution; raises if unreadable."""
+        crop, res = self.spec.crop_scale, self.spec.resolution
+        image = decode_rgb(raw, None if crop else batch.slot(0))
+        if not self.spec.paired:
+            return (fit_square(image, res, rng, crop),)
+        source = decode_rgb(raw, None if crop else batch.slot(1), keys=SOURCE_KEYS)
+        return fit_pair(image, source, res, rng, crop)
 
     def _raw_round(self, role, workers, round_, skip):
         """(position, raw sample, is_refill) of one round for one role, shuffled, the first `skip` dropped.
@@ -389,7 +418,8 @@ def _safe_read(url):
 
 
 class Loader:
-    """Batches for this rank: ``{"image": float NCHW in [-1, 1] on device, "label": int64 N or None}``.
+    """Batches for this rank: ``{"image": float NCHW in [-1, 1] on device, "label": int64 N or None,
+    "source": the inputs of pairs (as "image"), or None}``.
 
     Not meant for ``accelerator.prepare`` (which would read on rank 0 and scatter): each rank
     reads its own share. ``state_dict()`` is the position after the last batch handed out;
@@ -442,15 +472,16 @@ class Loader:
             images = self.buffers[role, slot]
         else:
             self.buffers[role, slot] = images
-        images = self._to_device(images).permute(0, 3, 1, 2)  # NHWC bytes -> NCHW view
-        images = images.float().div_(127.5).sub_(1.0)  # a copy: the worker may refill its buffer now
-        flipped = np.flatnonzero(flips)  # chosen on the host: no device sync
+        planes = self._to_device(images).permute(0, 1, 4, 2, 3)  # PxNHWC bytes -> PxNCHW view
+        planes = planes.float().div_(127.5).sub_(1.0)  # a copy: the worker may refill its buffer now
+        flipped = np.flatnonzero(flips)  # chosen on the host: no device sync; a pair flips together
         if len(flipped):
             flipped = torch.from_numpy(flipped).to(self.device, non_blocking=True)
-            images[flipped] = images[flipped].flip(-1)
+            planes[:, flipped] = planes[:, flipped].flip(-1)
         if labels is not None:
             labels = torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
-        return {"image": images, "label": labels, "round": position["round"]}
+        return {"image": planes[0], "label": labels, "source": planes[1] if len(planes) > 1 else None,
+                "round": position["round"]}
 
     def close(self):
         """Stop the workers now. They ignore SIGTERM (``_worker_init``), so the terminate() that

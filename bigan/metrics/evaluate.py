@@ -1,9 +1,11 @@
-"""bigan-eval: FID, KID, IS and precision/recall of a generator against a shard set; mode coverage.
+"""bigan-eval: FID, KID, IS and precision/recall of a generator against a shard set; mode coverage;
+L1, PSNR and FID of an image-to-image (pix2pix) generator on held-out pairs.
 
     bigan-eval --checkpoint runs/demo --data shards/ --n 10000                  # Inception (local file)
     bigan-eval --checkpoint runs/demo --data shards/ --extractor my_net.pt --out metrics.json
     bigan-eval --checkpoint runs/modes --modes classifier.pt --n 26000         # modes reached, KL to uniform
     bigan-eval --samples samples.npz --modes classifier.pt                      # images bigan-sample wrote
+    bigan-eval --checkpoint runs/layout2painting --data held_out_pairs/ --metrics l1,psnr,fid   # pix2pix
     accelerate launch -m bigan.metrics.evaluate --checkpoint ... --data ...    # spread over GPUs
 
 Reference statistics of a shard set are computed once per (shards, resolution, extractor, n)
@@ -26,6 +28,7 @@ from bigan.metrics.features import Extractor, ExtractorError, FeatureStats, Mode
 from bigan.tracking import to_uint8
 
 METRICS = ("fid", "kid", "is", "pr")
+PAIR_METRICS = ("l1", "psnr", "fid", "kid")  # an image-to-image generator, on held-out pairs
 
 
 def _cache_file(shard_set, resolution, extractor, n) -> Path:
@@ -35,28 +38,44 @@ def _cache_file(shard_set, resolution, extractor, n) -> Path:
     return cache_dir() / "eval" / f"ref-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
 
 
-def reference_stats(shards, resolution: int, extractor: Extractor, accelerator, n: int | None = None,
-                    keep: int = 10_000, batch: int = 64) -> dict:
-    """mu, sigma and kept features of real images; computed on first use, then read from the cache."""
-    from bigan.data.stream import Loader, StreamSpec, resolve_shards
+def _counted(shards):
+    from bigan.data.stream import count_samples, resolve_shards
 
     shard_set = resolve_shards(shards)
     if shard_set.counts is None:
-        from bigan.data.stream import count_samples
-
         shard_set.counts = count_samples(shard_set.urls)
-    total = sum(shard_set.counts)
+    return shard_set
+
+
+def _usable(total: int, n: int | None, world: int) -> int:
+    """Samples read of `total`: n (default all), every one on one process; < world left out on several."""
+    return min(n or total, (total // world) * world)
+
+
+def _in_order(shard_set, resolution: int, accelerator, n: int, paired: bool = False):
+    """This rank's share of the first n samples, as batches of one (no shuffle, flip or crop).
+
+    One reader, batches of one image (so no partial batch is dropped): rank r reads samples
+    [r * per_rank, (r + 1) * per_rank) of the epoch-0 layout, so what is read and summed does not
+    depend on the number of ranks."""
+    from bigan.data.stream import Loader, StreamSpec
+
+    spec = StreamSpec(shard_set, 1, resolution, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                      mode="epoch", epochs=1, shuffle_buffer=1, flip=False, paired=paired)
+    return zip(range(n // accelerator.num_processes), Loader(spec, workers=0, device=accelerator.device))
+
+
+def reference_stats(shards, resolution: int, extractor: Extractor, accelerator, n: int | None = None,
+                    keep: int = 10_000, batch: int = 64) -> dict:
+    """mu, sigma and kept features of real images; computed on first use, then read from the cache."""
+    shard_set = _counted(shards)
     world = accelerator.num_processes
-    n = min(n or total, (total // world) * world)  # every image on one process; < world left out on several
+    n = _usable(sum(shard_set.counts), n, world)
     cached = _cache_file(shard_set, resolution, extractor, n)
     if cached.exists():
         return dict(np.load(cached))
     per_rank = n // world
-    # No shuffling, one reader, batches of one image (so no partial batch is dropped): rank r reads
-    # samples [r * per_rank, (r + 1) * per_rank) of the epoch-0 layout, so the kept set and the sums
-    # do not depend on the number of ranks. Images are gathered into batches for the extractor.
-    spec = StreamSpec(shard_set, 1, resolution, rank=accelerator.process_index, world_size=world,
-                      mode="epoch", epochs=1, shuffle_buffer=1, flip=False)
+    # images are gathered into batches for the extractor
     stats, seen, pending = None, 0, []
 
     def add(images):
@@ -66,7 +85,7 @@ def reference_stats(shards, resolution: int, extractor: Extractor, accelerator, 
         stats.update(features, torch.arange(len(features)) + accelerator.process_index * per_rank + seen)
         seen += len(features)
 
-    for _, data in zip(range(per_rank), Loader(spec, workers=0, device=accelerator.device)):
+    for _, data in _in_order(shard_set, resolution, accelerator, n):
         pending.append(data["image"])
         if len(pending) == batch:
             add(pending)
@@ -103,6 +122,65 @@ def generated_images(g, z_dim: int, num_classes: int, accelerator, n: int, seed:
         z = torch.randn(len(indices), z_dim, generator=torch.Generator().manual_seed(seed * 1_000_003 + block))
         y = (indices % num_classes).to(device) if num_classes else None
         yield indices, to_uint8(g(z.to(device), y))
+
+
+def held_out_pairs(shards, resolution: int, n: int, device="cpu") -> tuple:
+    """(inputs, targets) of the first n pairs of a shard set, float NCHW in [-1, 1] (one process)."""
+    from types import SimpleNamespace
+
+    one = SimpleNamespace(process_index=0, num_processes=1, device=torch.device(device))
+    shard_set = _counted(shards)
+    pairs = [data for _, data in _in_order(shard_set, resolution, one, min(n, sum(shard_set.counts)), paired=True)]
+    return torch.cat([p["source"] for p in pairs]), torch.cat([p["image"] for p in pairs])
+
+
+@torch.no_grad()
+def evaluate_pairs(g, shards, resolution: int, extractor: Extractor | None, accelerator, n: int,
+                   wanted=PAIR_METRICS, batch: int = 64, keep: int = 10_000) -> dict:
+    """An image-to-image generator on the first n held-out pairs of `shards`: l1 (mean |output - target|
+    in [-1, 1] units, as the training term), psnr (dB, on 8-bit pixels, per image then averaged) and
+    fid/kid of the outputs against the targets of the same pairs. The same dict on every rank."""
+    from bigan.data.stream import DataError
+
+    shard_set = _counted(shards)
+    if shard_set.paired is False:
+        raise DataError(f"--data: {shards} holds single images; an image-to-image generator is scored on "
+                        f"held-out pairs (bigan-shards TARGETS OUT --src-dir INPUTS)")
+    n = _usable(sum(shard_set.counts), n, accelerator.num_processes)
+    sums = torch.zeros(3, dtype=torch.float64)  # |error| per image, PSNR per image, images
+
+    def translated():
+        pending, first = [], accelerator.process_index * (n // accelerator.num_processes)
+        for i, data in _in_order(shard_set, resolution, accelerator, n, paired=True):
+            pending.append(data)
+            if len(pending) == batch or i == n // accelerator.num_processes - 1:
+                sources, targets = torch.cat([p["source"] for p in pending]), torch.cat([p["image"] for p in pending])
+                outputs = to_uint8(g(sources, sources))
+                error = outputs.double() - to_uint8(targets).double()
+                sums[0] += error.abs().mean((1, 2, 3)).sum().cpu() / 127.5
+                mse = error.square().mean((1, 2, 3)).clamp_min(1e-10)
+                sums[1] += (10 * torch.log10(255.0**2 / mse)).sum().cpu()
+                sums[2] += len(outputs)
+                yield torch.arange(first, first + len(outputs)), outputs
+                first, pending = first + len(outputs), []
+
+    feature_metrics = [m for m in wanted if m in ("fid", "kid")]
+    fake, _ = sample_stats(translated(), resolution, extractor if feature_metrics else None, accelerator, n, keep)
+    total = accelerator.reduce(sums.to(accelerator.device), "sum").cpu() if accelerator.num_processes > 1 else sums
+    result = {"n": n}
+    if "l1" in wanted:
+        result["l1"] = float(total[0] / total[2])
+    if "psnr" in wanted:
+        result["psnr"] = float(total[1] / total[2])
+    if feature_metrics:
+        ref = reference_stats(shards, resolution, extractor, accelerator, n=n, keep=keep, batch=batch)
+        result.update(n_ref=int(ref["n"]), extractor=extractor.name)
+        if "fid" in wanted:
+            result["fid"] = metrics.fid_from_stats(ref["mu"], ref["sigma"], *fake.mean_cov())
+        if "kid" in wanted:
+            result["kid"], result["kid_std"] = metrics.kid(ref["kept"], fake.kept_features(),
+                                                           subset_size=min(1000, n, int(ref["n"])))
+    return result
 
 
 def array_images(images: np.ndarray, accelerator, batch: int = 64):
@@ -174,8 +252,9 @@ def main(argv=None):
     parser.add_argument("--extractor", default="inception", help="'inception' or a TorchScript/pickled module path")
     parser.add_argument("--inception", default=None, help="path of inception-2015-12-05.pkl (default: "
                         "$BIGAN_INCEPTION or $BIGAN_CACHE/inception-2015-12-05.pkl)")
-    parser.add_argument("--metrics", default=None, help=f"comma-separated subset of {','.join(METRICS)} "
-                        "(default: all of them with --data, none without)")
+    parser.add_argument("--metrics", default=None, help=f"comma-separated subset of {','.join(METRICS)}; for "
+                        f"image-to-image generators of {','.join(PAIR_METRICS)}, with --data naming held-out "
+                        "pairs (default: all of them with --data, none without)")
     parser.add_argument("--modes", default=None, metavar="CLASSIFIER",
                         help="mode coverage: a TorchScript/pickled classifier of uint8 NCHW images to K class "
                              "logits; reports modes reached of K and KL(samples || uniform)")
@@ -188,14 +267,14 @@ def main(argv=None):
         parser.error("--n must be at least 1" if args.batch >= 1 else "--batch must be at least 1")
     if args.out is not None and not args.out.parent.is_dir():  # not after computing everything
         parser.error(f"--out: folder {args.out.parent} does not exist")
-    wanted = [m.strip() for m in (args.metrics if args.metrics is not None else
-                                  ",".join(METRICS) if args.data else "").split(",") if m.strip()]
-    unknown = sorted(set(wanted) - set(METRICS))
+    wanted = [m.strip() for m in (args.metrics or "").split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(METRICS) - set(PAIR_METRICS))
     if unknown:
-        parser.error(f"--metrics: unknown {', '.join(unknown)} (choose from {', '.join(METRICS)})")
+        parser.error(f"--metrics: unknown {', '.join(unknown)} (choose from {', '.join(METRICS)}; "
+                     f"image-to-image: {', '.join(PAIR_METRICS)})")
     if wanted and not args.data:
         parser.error(f"--data: reference shards are needed for --metrics {','.join(wanted)}")
-    if not wanted and not args.modes:
+    if not wanted and not args.modes and not args.data:
         parser.error("nothing to compute: give --data (fid, kid, is, pr) and/or --modes CLASSIFIER")
     from accelerate import Accelerator
 
@@ -204,21 +283,30 @@ def main(argv=None):
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
-        extractor = Extractor(args.extractor, accelerator.device, args.inception) if wanted else None
+        g, model = load_generator(args.checkpoint, ema=not args.no_ema) if args.checkpoint else (None, {})
+        paired = model.get("arch") == "pix2pix"
+        wanted = wanted or (list(PAIR_METRICS if paired else METRICS) if args.data else [])
+        wrong = sorted(set(wanted) - set(PAIR_METRICS if paired else METRICS))
+        if wrong or (paired and args.modes):
+            kind = "an image-to-image generator" if paired else "a noise-to-image generator"
+            raise ExtractorError(f"--metrics: {', '.join(wrong) or 'modes'} cannot score {kind} "
+                                 f"(it takes {', '.join(PAIR_METRICS if paired else METRICS)})")
+        features = set(wanted) - {"l1", "psnr"}
+        extractor = Extractor(args.extractor, accelerator.device, args.inception) if features else None
         classifier = ModeClassifier(args.modes, accelerator.device) if args.modes else None
-        if args.samples is not None:
+        if paired:
+            result = evaluate_pairs(g.to(accelerator.device), args.data, model["resolution"], extractor, accelerator,
+                                    args.n or 10_000, wanted, args.batch)
+        elif args.samples is not None:
             images = load_samples(args.samples)[:args.n]
             n, resolution, blocks = len(images), images.shape[1], array_images(images, accelerator, args.batch)
         else:
-            g, model = load_generator(args.checkpoint, ema=not args.no_ema)
             g = g.to(accelerator.device)
-            n = args.n or 10_000
-            resolution = g(torch.zeros(1, model["z_dim"], device=accelerator.device),
-                           torch.zeros(1, dtype=torch.long, device=accelerator.device) if model["num_classes"] else None
-                           ).shape[-1]
+            n, resolution = args.n or 10_000, model["resolution"]
             blocks = generated_images(g, model["z_dim"], model["num_classes"], accelerator, n, args.seed, args.batch)
-        result = evaluate(blocks, args.data, resolution, extractor, accelerator, n, wanted, args.batch,
-                          classifier=classifier)
+        if not paired:
+            result = evaluate(blocks, args.data, resolution, extractor, accelerator, n, wanted, args.batch,
+                              classifier=classifier)
     except (ExtractorError, SampleError, DataError) as exc:
         print(f"bigan-eval: error: {exc}", file=sys.stderr)
         return 2

@@ -1,17 +1,22 @@
 """Generator/discriminator pairs by name. Imports nothing distributed: wrapping lives in bigan.backends."""
-from bigan.models import dcgan, resnet
+from bigan.models import dcgan, pix2pix, resnet
 
 
 def build_models(arch: str, resolution: int, z_dim: int, g_channels: int, d_channels: int,
-                 num_classes: int = 0, d_norm: str = "batch", pack: int = 1):
-    """(G, D) for an architecture name: 'dcgan' or 'resnet'; D judges `pack` samples at once (PacGAN)."""
+                 num_classes: int = 0, d_norm: str = "batch", pack: int = 1, norm: str = "batch",
+                 dropout: float = 0.5):
+    """(G, D) for an architecture name: 'dcgan', 'resnet' or 'pix2pix' (U-Net G and PatchGAN D, with
+    `norm` and `dropout`); D judges `pack` samples at once (PacGAN)."""
     if arch == "dcgan":
         return (dcgan.Generator(z_dim, resolution, g_channels, num_classes),
                 dcgan.Discriminator(resolution, d_channels, num_classes, d_norm, pack))
     if arch == "resnet":
         return (resnet.Generator(z_dim, resolution, g_channels, num_classes),
                 resnet.Discriminator(resolution, d_channels, num_classes, pack))
-    raise ValueError(f"model.arch must be 'dcgan' or 'resnet', got {arch!r}")
+    if arch == "pix2pix":
+        return (pix2pix.UNetGenerator(resolution, g_channels, norm, dropout),
+                pix2pix.PatchDiscriminator(resolution, d_channels, norm))
+    raise ValueError(f"model.arch must be 'dcgan', 'resnet' or 'pix2pix', got {arch!r}")
 
 
 def init_weights(module):

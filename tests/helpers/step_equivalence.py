@@ -3,7 +3,8 @@
     python step_equivalence.py OUT.pt [--section.key=value ...]             # one process
     torchrun --nproc_per_node 2 step_equivalence.py OUT.pt [...]           # DDP: each rank its slice
 
-Every run sees the same global batch of reals and latents (train.batch_size per rank per
+Every run sees the same global batch of reals and latents, or for pix2pix of targets and
+inputs (train.batch_size per rank per
 micro-batch, train.grad_accum micro-batches, WORLD_SIZE ranks), so the parameters after the
 steps must agree whatever the split. G's BatchNorm layers are put in eval mode so that G's
 output does not depend on the split either (BatchNorm over micro-batches is another function).
@@ -57,7 +58,7 @@ if world > 1:  # gradients are only averaged across ranks when DDP or DeepSpeed 
     for model in (trainer.backend.g, trainer.backend.d):
         assert isinstance(model, (torch.nn.parallel.DistributedDataParallel, DeepSpeedEngine)), type(model)
 for module in trainer.backend.g_module.modules():
-    if isinstance(module, torch.nn.BatchNorm2d):
+    if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.Dropout)):  # (pix2pix's dropout draws per split)
         module.eval()
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # 3: mixed
@@ -83,6 +84,12 @@ for step in range(3):
     z_d, z_g = torch.randn(total, zd, generator=data), torch.randn(total, zd, generator=data)
     # micro-batch i of rank r holds global samples [(i * world + r) * b, ... + b)
     parts = [slice((i * world + rank) * b, (i * world + rank + 1) * b) for i in range(k)]
+    if trainer.paired:  # pix2pix: inputs beside the reals, as G's input and D's condition
+        inputs = torch.rand(total, 3, res, res, generator=data) * 2 - 1
+        trainer.d_step([{"image": reals[p], "label": None, "source": inputs[p]} for p in parts],
+                       [(inputs[p], inputs[p]) for p in parts])
+        trainer.g_step([(inputs[p], inputs[p]) for p in parts], [reals[p] for p in parts])
+        continue
     trainer.d_step([{"image": reals[p], "label": None} for p in parts], [(z_d[p], None) for p in parts])
     trainer.g_step([(z_g[p], None) for p in parts])
 final = parameters()  # every rank: a collective under ZeRO-3
