@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One GPU session's checks and benchmarks, in one command (under 8 minutes on one H100/H200; each
+# One GPU session's checks and benchmarks, in one command (about 9 minutes on one H100/H200; each
 # step has its own limit and prints its JSON lines as it measures them).
 # Here first:   bash bench/gpu_wheels.sh           (fills .gpu/: wheels + the yardstick)
-# Then, with the device tool:  run  command="bash bench/gpu_session.sh"  carry=[".gpu"]  timeout_s=540
+# Then, with the device tool:  run  command="bash bench/gpu_session.sh"  carry=[".gpu"]  timeout_s=590
 # Results land in $OUT (machine.txt, *.json, *.log): copy the figures into bench/RESULTS.md.
 # `bash bench/gpu_session.sh modes` is a session of its own: the full mode-coverage run (issue 12),
 # bench/modes.py at 32 px, 64 channels, bf16, MODES_KIMG (default 1200) per candidate in
@@ -45,6 +45,13 @@ if [ "${1:-}" = modes ]; then
 fi
 step deepspeed_zero2_bf16 70 bash -c "ds_run 2 bf16"
 step deepspeed_zero3_fp16 50 bash -c "ds_run 3 fp16"
+# pix2pix (issue 13) on ZeRO-3 in bf16: the U-Net's skips and the PatchGAN's (image, input) pairs
+# inside the engines, from the paired demo shards, with held-out L1/PSNR in the loop.
+step pix2pix_zero3_bf16 60 "$PYTHON" -m accelerate.commands.launch \
+  --config_file launch_configs/accelerate/deepspeed_zero3.yaml --num_processes 1 bigan/train.py \
+  --config launch_configs/experiments/layout2painting.yaml --data.demo_images=1000 --train.batch_size=32 \
+  --train.kimg=4 --train.precision=bf16 --data.workers=4 --eval.every_kimg=2 --eval.n=256 \
+  --run.dir=/tmp/pix2pix-run --run.progress=false --run.log_every=10
 # 2. Where an end-to-end iteration's time goes (issue 15): loader, train_step, fit, yardstick.
 step end_to_end 130 "$PYTHON" bench/end_to_end.py --device "$DEVICE" --repeats 2 --out "$OUT/end_to_end.json"
 step end_to_end_compile 70 "$PYTHON" bench/end_to_end.py --device "$DEVICE" --repeats 1 --case dcgan32_compile

@@ -79,9 +79,14 @@ def references(tmp_path_factory, env):
     return refs
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-@pytest.mark.parametrize("penalty", list(PENALTIES))
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# Every (stage, penalty) pair once; each penalty, and ZeRO-1 and ZeRO-2, with and without accumulation;
+# ZeRO-3 (partitioned weights, the hardest for accumulation) accumulates with every penalty. Half the
+# full 3 x 3 x 2 product: ZeRO-1 and ZeRO-2 share DeepSpeed's stage_1_and_2 optimizer (9 launches, ~4 min).
+@pytest.mark.parametrize("stage, penalty, accum", [
+    (1, "none", 1), (1, "r1", 2), (1, "gp", 2),
+    (2, "none", 2), (2, "r1", 1), (2, "gp", 1),
+    (3, "none", 2), (3, "r1", 2), (3, "gp", 2),
+])
 def test_zero_stages_match_the_plain_path(stage, penalty, accum, references, tmp_path, env):
     target = tmp_path / "zero.pt"
     accelerate_launch(stage, str(HELPERS / "step_equivalence.py"),
@@ -117,7 +122,8 @@ def test_pix2pix_matches_the_plain_path(stage, references, tmp_path, env):
     _assert_close(reference, _params(target), initial)
 
 
-@pytest.mark.parametrize("ds_config", ["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])
+# zero1 is left out: DeepSpeed steps ZeRO-1 and ZeRO-2 with the same optimizer (stage_1_and_2.py)
+@pytest.mark.parametrize("ds_config", ["zero2", "zero3", "zero2_offload", "zero3_offload"])
 def test_fp16_loss_scaling_and_a_nonfinite_step_match_the_plain_path(ds_config, references, tmp_path, env):
     """fp16: one loss scale per engine, halved on a skipped step exactly as the plain path's GradScaler
     (fp16 on CPU already overflows at the initial 2**16 once); the NaN step is skipped, not applied.
@@ -146,7 +152,7 @@ def test_the_cuda_autocast_rule_is_emulated(tmp_path, env):
     assert run([sys.executable, "-c", probe], env).stdout.split()[-1] == "False"
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])  # (ZeRO-1 steps with ZeRO-2's optimizer; both cast alike)
 def test_bf16_runs_in_bf16_inside_the_engines_and_matches_the_plain_path(stage, references, tmp_path, env):
     """bf16 autocast with DeepSpeed switching it off inside engine.forward (the CUDA rule, emulated):
     G and D still compute in bf16 (G's fakes would otherwise reach D's fp32 weights and crash, and

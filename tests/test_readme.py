@@ -74,6 +74,8 @@ def _small(command: str, extractor: Path) -> list[str]:
                                                 if "--data" in argv else [])
     if argv[0].endswith("bigan-sample") and "--n" in argv:
         return ["--n", "4"]
+    if argv[0].endswith("bigan-demo-data") and "--folders" in argv:
+        return ["--n", "16"]
     if argv[1:2] == ["bench/modes.py"]:
         return ["--kimg", "0.016", "--n", "256", "--samples", "64", "--glyphs", "256", "--channels", "4"]
     return []
@@ -117,8 +119,8 @@ def test_every_readme_command_works_as_written(user_dir, small_extractor, env):
         if "ckpt-000001234" in command:  # the README's example name: this run's first checkpoint
             first = sorted((work / "runs" / "demo" / "checkpoints").iterdir())[0]
             command = command.replace("runs/demo/checkpoints/ckpt-000001234", str(first.relative_to(work)))
-        if command == "make train":  # the training line of the Makefile's recipe, as make prints it, at small size
-            command = _make_recipe_line("train", "bigan/train.py", work)
+        if command.startswith("make train"):  # the training line of the Makefile's recipe, as make prints it
+            command = _make_recipe_line(command, "bigan/train.py", work)
         shell = ["bash", "-c", " ".join([command, *map(shlex.quote, _small(command, small_extractor))])]
         if command.startswith(".venv/bin/tensorboard"):
             _serves(shell, work, user_env)
@@ -128,12 +130,15 @@ def test_every_readme_command_works_as_written(user_dir, small_extractor, env):
         ran.append(command)
     assert len(ran) >= 12, ran
     assert (work / "runs" / "demo" / "export" / "generator.safetensors").exists()
+    assert len(list((work / "translated").glob("*.png"))) == 16, "the pix2pix section's translation"
     assert json.loads((work / "metrics.json").read_text())["fid"] > 0
 
 
-def _make_recipe_line(target: str, containing: str, cwd: Path) -> str:
-    """The command of `make TARGET` that contains `containing`, from `make -n` (nothing is run or installed)."""
-    printed = subprocess.run(["make", "-n", target], cwd=cwd, capture_output=True, text=True, check=True).stdout
+def _make_recipe_line(command: str, containing: str, cwd: Path) -> str:
+    """The command of `make TARGET [VAR=...]` that contains `containing`, from `make -n` (nothing is run
+    or installed)."""
+    printed = subprocess.run([*shlex.split(command), "-n"], cwd=cwd, capture_output=True, text=True,
+                             check=True).stdout
     commands = printed.replace("\\\n", " ").splitlines()
     matches = [c.strip() for c in commands if containing in c]
     assert len(matches) == 1, printed
@@ -162,4 +167,5 @@ def test_readme_commands_are_all_run_or_explained():
     commands = readme_commands()
     assert any(c.startswith("make train") for c in commands) and any("bigan-sample" in c for c in commands)
     for command in commands:
-        assert _not_here(command) or command == "make train" or not command.startswith(("make", "sbatch")), command
+        assert _not_here(command) or command.startswith("make train") or not command.startswith(("make", "sbatch")), \
+            command

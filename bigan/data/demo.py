@@ -4,8 +4,10 @@ Each image is a pure function of (seed, index): a sky gradient with clouds, a su
 with a glow, layered mountain ridgelines fading into aerial haze, an optional lake that
 reflects everything above it with ripples, trees on the shore, and a brush-stroke texture,
 in a palette after a classic landscape style. Each scene can also be drawn as its layout: the
-same shapes as flat label colours (sky, sun or moon, each mountain ridge, water, ground,
-trees), the input of the layout -> painting pix2pix demo. The first time the demo set is asked for it is
+same shapes (sky, sun or moon, each mountain ridge, water, ground, trees) as flat regions, each
+in one colour of the scene's palette, the input of the layout -> painting pix2pix demo. (With
+one fixed label colour per region the layout would not say which palette the painting uses,
+and a generator could only guess it: bench/RESULTS.md.) The first time the demo set is asked for it is
 rendered into shards under a cache dir (`$BIGAN_CACHE`, default `~/.cache/bigan`), by the
 same shard writer `bigan-shards` uses, and reused from then on.
 
@@ -42,19 +44,15 @@ _PALETTE_RGB = {
     for name, colors in PALETTES.items()
 }
 _PALETTE_NAMES = sorted(PALETTES)
-# layout label colours (RGB 0-1): what each region of a scene is, flat
-LABELS = {"sky": (0.53, 0.81, 0.98), "sun": (1.0, 0.87, 0.0), "mountain_far": (0.62, 0.55, 0.47),
-          "mountain_near": (0.36, 0.25, 0.16), "water": (0.1, 0.3, 1.0), "ground": (0.71, 0.65, 0.26),
-          "trees": (0.05, 0.5, 0.1)}
-_LABEL_RGB = {name: np.array(color, np.float32) for name, color in LABELS.items()}
 
 
 class _Layout:
-    """The scene's layout, painted alongside it: every region where a painting step's mask is over 1/2."""
+    """The scene's layout, painted alongside it: every region where a painting step's mask is over 1/2,
+    flat, in the colour that step paints with (the sky: halfway between its top and horizon colours)."""
 
-    def __init__(self, shape):
+    def __init__(self, shape, pal):
         self.image = np.empty(shape, np.float32)
-        self.image[...] = _LABEL_RGB["sky"]
+        self.image[...] = (pal[0] + pal[1]) / 2
 
     def paint(self, color, mask):
         self.image[mask > 0.5] = color
@@ -108,7 +106,7 @@ def _sun(rng, pal, img, yy, xx, horizon, layout):
     glow = np.exp(-dist / (radius * rng.uniform(2, 4))) * rng.uniform(0.3, 0.6)
     img = img + (pal[6] - img) * glow[..., None]
     disc = _smoothstep((radius - dist) / 0.01)
-    layout.paint(_LABEL_RGB["sun"], disc)
+    layout.paint(pal[6], disc)
     return _blend(img, pal[6], disc)
 
 
@@ -127,8 +125,7 @@ def _mountains(rng, pal, img, yy, xx, horizon, layout):
         texture = 1 + 0.12 * (_noise2d(rng, h, w, 8, 16)[..., None] - 0.5)
         mask = _smoothstep((yy - top[None, :]) / 0.012)
         img = img + (color * shade * texture - img) * mask[..., None]
-        far, near_label = _LABEL_RGB["mountain_far"], _LABEL_RGB["mountain_near"]
-        layout.paint(far + (near_label - far) * near, mask)  # each ridge its own shade, far to near
+        layout.paint(color, mask)  # each ridge its own shade, hazier far away
     return img
 
 
@@ -146,7 +143,7 @@ def _trees(rng, pal, img, yy, xx, ground, layout):
             mask = np.maximum(mask, (np.abs(xx - tx) < 0.008) * (yy < base) * (yy > base - size * 0.5))
         color = pal[5] * rng.uniform(0.7, 1.2)
         img = _blend(img, np.clip(color, 0, 1), mask.astype(np.float32))
-        layout.paint(_LABEL_RGB["trees"], mask)
+        layout.paint(np.clip(color, 0, 1), mask)
     return img
 
 
@@ -161,7 +158,7 @@ def _water(rng, pal, img, yy, xx, waterline, layout):
     reflection = img[src_rows[:, None], np.clip(cols, 0, w - 1)]
     reflection = reflection + (pal[4] - reflection) * rng.uniform(0.25, 0.5)
     mask = (rows >= line_row).astype(np.float32)[:, None].repeat(w, 1)
-    layout.paint(_LABEL_RGB["water"], mask)
+    layout.paint(pal[4], mask)
     return _blend(img, reflection * 0.9, mask)
 
 
@@ -170,7 +167,7 @@ def _ground(rng, pal, img, yy, xx, groundline, layout):
     top = groundline + _ridge(rng, w, 2) * 0.03
     mask = _smoothstep((yy - top[None, :]) / 0.01)
     color = pal[5] * 1.3 + (pal[3] - pal[5]) * 0.3
-    layout.paint(_LABEL_RGB["ground"], mask)
+    layout.paint(np.clip(color, 0, 1), mask)
     return _blend(img, np.clip(color, 0, 1), mask)
 
 
@@ -197,7 +194,7 @@ def render_scene(seed: int, index: int, resolution: int = 64) -> tuple[np.ndarra
     coords = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     horizon = rng.uniform(0.45, 0.7)
-    layout = _Layout(yy.shape + (3,))
+    layout = _Layout(yy.shape + (3,), pal)
     img = _sky(rng, pal, yy, xx, horizon)
     img = _sun(rng, pal, img, yy, xx, horizon, layout)
     img = _mountains(rng, pal, img, yy, xx, horizon, layout)
@@ -232,14 +229,14 @@ def ensure_demo_shards(n: int = 10_000, resolution: int = 64, seed: int = 0, roo
     from bigan.data.shards import ShardOptions, write_shards
 
     root = Path(root) if root is not None else cache_dir()
-    final = root / f"{'layout2painting' if paired else 'landscapes'}-{resolution}px-n{n}-seed{seed}-v1"
+    final = root / f"{'layout2painting' if paired else 'landscapes'}-{resolution}px-n{n}-seed{seed}-{'v2' if paired else 'v1'}"
     manifest = final / "manifest.json"
     if manifest.exists():
         return manifest
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
     try:
-        # pairs in PNG: a layout is flat label colours, which JPEG would smear at their edges
+        # pairs in PNG: a layout is flat colours, which JPEG would smear at their edges
         options = ShardOptions(resolution=resolution, format="png" if paired else "jpg", quality=95, maxcount=2000,
                                workers=workers or os.cpu_count() or 1, progress=progress)
         items = [(seed, i, resolution, paired) for i in range(n)]
