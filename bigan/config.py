@@ -257,6 +257,13 @@ def check_files(c: Config):
     if c.run.resume not in ("", "latest") and not Path(c.run.resume).is_dir():
         raise ConfigError(f"run.resume: '', 'latest' or a checkpoint folder, and {c.run.resume} is no folder")
     run_dir = Path(c.run.dir)
+    if not c.run.resume and (run_dir / "checkpoints").is_dir():
+        from bigan.checkpoint import checkpoints
+
+        found = checkpoints(run_dir)
+        if found:  # a second run here would rotate out its own checkpoints and mix its logs with the first's
+            raise ConfigError(f"run.dir: {run_dir} holds another run (checkpoints up to {found[-1].name}); continue it "
+                              f"with --run.resume=latest, or start this one in a new --run.dir (or delete {run_dir})")
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise ConfigError(f"run.dir: cannot create or write {run_dir} ({existing} is "

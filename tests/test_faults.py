@@ -297,6 +297,16 @@ def test_resume_takes_the_runs_own_settings_and_says_when_nothing_is_there(tiny_
                                                                              **{"train.kimg": 0.016}),
                             "--run.resume=latest"], env, check=False)
     assert empty.returncode == 0 and "starting fresh (run.resume=latest: no checkpoint in" in empty.stdout
+    # a fresh start where a run already is: refused, nothing touched (it would rotate out its own
+    # checkpoints, keep the old run's as "latest" and mix the two runs' logs)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    config = (run_dir / "config.yaml").read_text()
+    again = run([sys.executable, "-m", "bigan.train", *tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.016})],
+                env, check=False)
+    assert again.returncode == 2 and "--run.resume=latest" in again.stderr.strip().splitlines()[-1]
+    assert f"run.dir: {run_dir} holds another run" in again.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    assert (run_dir / "config.yaml").read_text() == config
 
 
 def test_divergence_before_the_first_checkpoint_is_one_line(tiny_shards, tmp_path, env):
