@@ -9,6 +9,7 @@ listed in NOT_HERE with the reason; a README command that is neither run nor lis
 test, so a new one cannot go unchecked.
 """
 import json
+import os
 import re
 import shlex
 import shutil
@@ -137,8 +138,10 @@ def test_every_readme_command_works_as_written(user_dir, small_extractor, env):
 def _make_recipe_line(command: str, containing: str, cwd: Path) -> str:
     """The command of `make TARGET [VAR=...]` that contains `containing`, from `make -n` (nothing is run
     or installed)."""
+    # without the make variables of a `make test ARGS=...` that runs this test (make hands them down)
+    clean = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS")}
     printed = subprocess.run([*shlex.split(command), "-n"], cwd=cwd, capture_output=True, text=True,
-                             check=True).stdout
+                             check=True, env=clean).stdout
     commands = printed.replace("\\\n", " ").splitlines()
     matches = [c.strip() for c in commands if containing in c]
     assert len(matches) == 1, printed

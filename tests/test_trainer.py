@@ -172,7 +172,7 @@ def test_non_finite_losses_are_skipped_then_rolled_back(tiny_shards, tmp_path, e
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model.arch=stylegan"], "model.arch: must be one of dcgan, resnet, got 'stylegan'"),
+    (["--model.arch=stylegan"], "model.arch: must be one of dcgan, resnet, pix2pix, got 'stylegan'"),
     (["--train.batchsize=4"], "unknown config key 'train.batchsize'"),
     (["--train.kimg=-1"], "train.kimg: must be positive"),
     (["--data.shards=/nowhere/data-{0..3}.tar", "--train.kimg=0.01"], "shard not found: /nowhere/data-0.tar"),

@@ -282,7 +282,10 @@ def main(argv=None):
     from bigan.sample import SampleError, load_generator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    try:
+    try:  # the extractor and classifier files first: a missing one fails before anything is generated
+        features = set(wanted) - {"l1", "psnr"} if wanted else args.data  # (fid is in both default sets)
+        extractor = Extractor(args.extractor, accelerator.device, args.inception) if features else None
+        classifier = ModeClassifier(args.modes, accelerator.device) if args.modes else None
         g, model = load_generator(args.checkpoint, ema=not args.no_ema) if args.checkpoint else (None, {})
         paired = model.get("arch") == "pix2pix"
         wanted = wanted or (list(PAIR_METRICS if paired else METRICS) if args.data else [])
@@ -291,9 +294,6 @@ def main(argv=None):
             kind = "an image-to-image generator" if paired else "a noise-to-image generator"
             raise ExtractorError(f"--metrics: {', '.join(wrong) or 'modes'} cannot score {kind} "
                                  f"(it takes {', '.join(PAIR_METRICS if paired else METRICS)})")
-        features = set(wanted) - {"l1", "psnr"}
-        extractor = Extractor(args.extractor, accelerator.device, args.inception) if features else None
-        classifier = ModeClassifier(args.modes, accelerator.device) if args.modes else None
         if paired:
             result = evaluate_pairs(g.to(accelerator.device), args.data, model["resolution"], extractor, accelerator,
                                     args.n or 10_000, wanted, args.batch)
