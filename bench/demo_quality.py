@@ -41,6 +41,7 @@ CANDIDATES = {  # overrides on top of bigan's defaults (D without normalization,
     "lsgan": ["--loss.name=lsgan"],
     "lr4e-4": ["--train.g_lr=4e-4", "--train.d_lr=4e-4"],
     "batch32": ["--train.batch_size=32"],
+    "batch16": ["--train.batch_size=16"],
 }
 
 

@@ -166,7 +166,7 @@ def test_bf16_runs_in_bf16_inside_the_engines_and_matches_the_plain_path(stage, 
     _assert_close(reference, _params(target), initial)  # compute dtypes equal too (keys not in initial)
 
 
-def _straight_and_resumed(stage, extra, tiny_shards, tmp_path, env):
+def _straight_and_resumed(stage, extra, tiny_shards, tmp_path, env):  # (tiny_shards: any shard set)
     """The same 4-step run twice: straight, and as 2 steps + resume + 2 steps; both must agree exactly."""
     def train(run_dir, **more):
         return accelerate_launch(stage, "bigan/train.py", tiny_args(tiny_shards, tmp_path / run_dir, **extra, **more), env)
@@ -215,6 +215,16 @@ def test_zero1_dcgan_with_batchnorm_resumes_identically(tiny_shards, tmp_path, e
              "train.precision": "bf16", "loss.name": "bce", "loss.r1": 1.0, "loss.r1_interval": 2}
     straight = _straight_and_resumed(1, extra, tiny_shards, tmp_path, env)
     assert "bigan: DeepSpeed engines: G ZeRO-1, D ZeRO-1; bf16" in straight.stdout
+
+
+def test_zero2_pix2pix_with_batchnorm_in_bf16_resumes_identically(tiny_pairs, tmp_path, env):
+    """pix2pix from paired shards on ZeRO-2 for both models: U-Net and PatchGAN with BatchNorm (whose
+    buffers DeepSpeed's bf16 mode would cast), bf16 autocast switched off inside the engines (the CUDA
+    rule, emulated), dropout drawn by the resumed RNG: resume continues exactly."""
+    extra = {**PIX2PIX, "model.norm": "batch", "data.workers": 1, "train.ema_kimg": 0.01,
+             "train.precision": "bf16", "data.crop_scale_min": 0.5}
+    straight = _straight_and_resumed(2, extra, tiny_pairs, tmp_path, env)
+    assert "bigan: DeepSpeed engines: G ZeRO-2, D ZeRO-2; bf16" in straight.stdout
 
 
 def test_deepspeed_configs_that_would_break_are_refused(tmp_path, env):

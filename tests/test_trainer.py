@@ -131,10 +131,11 @@ def test_grad_accum_and_ddp_equal_one_big_batch(loss, tmp_path, env):
     _assert_close(reference, _params(tmp_path / "ddp.pt"), initial)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_runs_on_cpu(precision, tiny_shards, tmp_path, env):
-    train(tiny_args(tiny_shards, tmp_path / "run", **{"train.kimg": 0.032, "train.precision": precision,
-                                                      "model.arch": "resnet"}), env)
+@pytest.mark.parametrize("precision, arch", [("bf16", "resnet"), ("fp16", "resnet"), ("bf16", "pix2pix")])
+def test_mixed_precision_runs_on_cpu(precision, arch, tiny_shards, tiny_pairs, tmp_path, env):
+    extra = {**PIX2PIX, "model.norm": "batch"} if arch == "pix2pix" else {"model.arch": arch}
+    train(tiny_args(tiny_pairs if arch == "pix2pix" else tiny_shards, tmp_path / "run",
+                    **{"train.kimg": 0.032, "train.precision": precision, **extra}), env)
     state = load_file(str(checkpoint.checkpoints(tmp_path / "run")[-1] / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith(("weight", "bias", "original"))), \
