@@ -42,6 +42,7 @@ CANDIDATES = {  # overrides on top of bigan's defaults (D without normalization,
     "lr4e-4": ["--train.g_lr=4e-4", "--train.d_lr=4e-4"],
     "batch32": ["--train.batch_size=32"],
     "batch16": ["--train.batch_size=16"],
+    "r1_0.05": ["--loss.r1=0.05"],
 }
 
 
