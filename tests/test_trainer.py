@@ -131,7 +131,8 @@ def test_grad_accum_and_ddp_equal_one_big_batch(loss, tmp_path, env):
     _assert_close(reference, _params(tmp_path / "ddp.pt"), initial)
 
 
-@pytest.mark.parametrize("precision, arch", [("bf16", "resnet"), ("fp16", "resnet"), ("bf16", "pix2pix")])
+@pytest.mark.parametrize("precision, arch", [("bf16", "resnet"), ("fp16", "resnet"), ("bf16", "pix2pix"),
+                                             ("fp16", "pix2pix")])
 def test_mixed_precision_runs_on_cpu(precision, arch, tiny_shards, tiny_pairs, tmp_path, env):
     extra = {**PIX2PIX, "model.norm": "batch"} if arch == "pix2pix" else {"model.arch": arch}
     train(tiny_args(tiny_pairs if arch == "pix2pix" else tiny_shards, tmp_path / "run",
