@@ -99,26 +99,20 @@ def test_zero_stages_match_the_plain_path(stage, penalty, accum, references, tmp
         assert result["zero3_trace_complete.g"], "G's ZeRO-3 module trace is re-recorded at every forward"
 
 
-@pytest.mark.parametrize("stage", [3])  # packing changes only D's input: the stage with partitioned weights
-def test_packed_discriminator_with_r1_matches_the_plain_path(stage, references, tmp_path, env):
-    """loss.pack=2 with R1 (its norm over each pack), 2 ranks x 2 accumulated micro-batches of one pack each."""
+@pytest.mark.parametrize("stage, penalty, extra, ref_name", [
+    # PacGAN, R1 with its norm over each pack: packing changes only D's input, so the stage with partitioned weights
+    (3, "r1", PACKED, "r1_packed"),
+    # pix2pix: inputs as G's input and D's condition, targets in G's L1 term; optimizer states or weights partitioned
+    (1, "none", PAIRED, "pix2pix"),
+    (3, "none", PAIRED, "pix2pix"),
+], ids=["packed-zero3", "pix2pix-zero1", "pix2pix-zero3"])
+def test_packed_and_paired_steps_match_the_plain_path(stage, penalty, extra, ref_name, references, tmp_path, env):
+    """2 ranks x 2 accumulated micro-batches of 2 against the plain step on the whole batch of 8."""
     target = tmp_path / "zero.pt"
     accelerate_launch(stage, str(HELPERS / "step_equivalence.py"),
-                      [str(target), *_args(tmp_path / "run", "r1", **PACKED, **{"train.batch_size": 2,
-                                                                                "train.grad_accum": 2})], env)
-    reference, initial = references["r1_packed"]
-    _assert_close(reference, _params(target), initial)
-
-
-@pytest.mark.parametrize("stage", [1, 3])
-def test_pix2pix_matches_the_plain_path(stage, references, tmp_path, env):
-    """The image-to-image step (inputs as G's input and D's condition, targets in G's L1 term) on
-    2 ranks x 2 accumulated micro-batches, with optimizer states (1) or the weights too (3) partitioned."""
-    target = tmp_path / "zero.pt"
-    accelerate_launch(stage, str(HELPERS / "step_equivalence.py"),
-                      [str(target), *_args(tmp_path / "run", "none", **PAIRED, **{"train.batch_size": 2,
+                      [str(target), *_args(tmp_path / "run", penalty, **extra, **{"train.batch_size": 2,
                                                                                   "train.grad_accum": 2})], env)
-    reference, initial = references["pix2pix"]
+    reference, initial = references[ref_name]
     _assert_close(reference, _params(target), initial)
 
 

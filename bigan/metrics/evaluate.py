@@ -164,22 +164,17 @@ def evaluate_pairs(g, shards, resolution: int, extractor: Extractor | None, acce
                 yield torch.arange(first, first + len(outputs)), outputs
                 first, pending = first + len(outputs), []
 
-    feature_metrics = [m for m in wanted if m in ("fid", "kid")]
-    fake, _ = sample_stats(translated(), resolution, extractor if feature_metrics else None, accelerator, n, keep)
+    features = [m for m in wanted if m in ("fid", "kid")]
+    fake, _ = sample_stats(translated(), resolution, extractor if features else None, accelerator, n, keep)
     total = accelerator.reduce(sums.to(accelerator.device), "sum").cpu() if accelerator.num_processes > 1 else sums
     result = {"n": n}
     if "l1" in wanted:
         result["l1"] = float(total[0] / total[2])
     if "psnr" in wanted:
         result["psnr"] = float(total[1] / total[2])
-    if feature_metrics:
+    if features:  # the targets of the same pairs are the reference
         ref = reference_stats(shards, resolution, extractor, accelerator, n=n, keep=keep, batch=batch)
-        result.update(n_ref=int(ref["n"]), extractor=extractor.name)
-        if "fid" in wanted:
-            result["fid"] = metrics.fid_from_stats(ref["mu"], ref["sigma"], *fake.mean_cov())
-        if "kid" in wanted:
-            result["kid"], result["kid_std"] = metrics.kid(ref["kept"], fake.kept_features(),
-                                                           subset_size=min(1000, n, int(ref["n"])))
+        result.update(feature_metrics(ref, fake, n, wanted, extractor))
     return result
 
 
@@ -212,18 +207,9 @@ def sample_stats(blocks, resolution: int, extractor: Extractor | None, accelerat
             modes.reduce(accelerator) if modes is not None else None)
 
 
-def evaluate(blocks, data, resolution: int, extractor: Extractor | None, accelerator, n: int,
-             wanted=("fid", "kid", "pr"), batch: int = 64, keep: int = 10_000,
-             classifier: ModeClassifier | None = None) -> dict:
-    """Metrics of n images (`blocks`: this rank's share, as generated_images or array_images yield
-    them) against shard set `data`, and their mode coverage under `classifier`; the same dict on
-    every rank. `wanted` may be empty (modes only: no extractor or reference data needed)."""
-    fake, modes = sample_stats(blocks, resolution, extractor if wanted else None, accelerator, n, keep,
-                               want_probs="is" in wanted, classifier=classifier)
-    result = {"n": n}
-    if wanted:
-        ref = reference_stats(data, resolution, extractor, accelerator, keep=keep, batch=batch)
-        result.update(n_ref=int(ref["n"]), extractor=extractor.name)
+def feature_metrics(ref: dict, fake, n: int, wanted, extractor: Extractor) -> dict:
+    """fid, kid, pr and is (those in `wanted`) of streamed sample statistics against reference statistics."""
+    result = {"n_ref": int(ref["n"]), "extractor": extractor.name}
     if "fid" in wanted:
         result["fid"] = metrics.fid_from_stats(ref["mu"], ref["sigma"], *fake.mean_cov())
     if "kid" in wanted:
@@ -235,6 +221,21 @@ def evaluate(blocks, data, resolution: int, extractor: Extractor | None, acceler
         if fake.p_sums is None:
             raise ExtractorError(f"--metrics is needs class probabilities; extractor {extractor.name} gives none")
         result["is"], result["is_std"] = metrics.inception_score(fake.p_sums, fake.plogp, fake.counts)
+    return result
+
+
+def evaluate(blocks, data, resolution: int, extractor: Extractor | None, accelerator, n: int,
+             wanted=("fid", "kid", "pr"), batch: int = 64, keep: int = 10_000,
+             classifier: ModeClassifier | None = None) -> dict:
+    """Metrics of n images (`blocks`: this rank's share, as generated_images or array_images yield
+    them) against shard set `data`, and their mode coverage under `classifier`; the same dict on
+    every rank. `wanted` may be empty (modes only: no extractor or reference data needed)."""
+    fake, modes = sample_stats(blocks, resolution, extractor if wanted else None, accelerator, n, keep,
+                               want_probs="is" in wanted, classifier=classifier)
+    result = {"n": n}
+    if wanted:
+        ref = reference_stats(data, resolution, extractor, accelerator, keep=keep, batch=batch)
+        result.update(feature_metrics(ref, fake, n, wanted, extractor))
     if modes is not None:
         result["modes"], result["kl_modes"] = metrics.mode_coverage(modes.counts)
         result.update(modes_of=len(modes.counts), classifier=classifier.name)
