@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# One GPU session's checks and benchmarks, in one command (about 9 minutes on one H100/H200; each
-# step has its own limit and prints its JSON lines as it measures them).
+# GPU checks and benchmarks, each part one device call that prints results as they exist.
 # Here first:   bash bench/gpu_wheels.sh           (fills .gpu/: wheels + the yardstick)
-# Then, with the device tool:  run  command="bash bench/gpu_session.sh"  carry=[".gpu"]  timeout_s=590
-# Results land in $OUT (machine.txt, *.json, *.log): copy the figures into bench/RESULTS.md.
-# `bash bench/gpu_session.sh modes` is a session of its own: the full mode-coverage run (issue 12),
-# bench/modes.py at 32 px, 64 channels, bf16, MODES_KIMG (default 1200) per candidate in
-# MODES_CANDIDATES (default "packed"): at the 3.1k img/s measured on an H200, 1200 kimg is about
-# 6.5 minutes after ~1.5 minutes of data and classifier, the most one call's 560 s holds.
+# Then, with the device tool:  run  command="bash bench/gpu_session.sh PART"  carry=[".gpu"]  timeout_s=590
+# PART:
+#   first   (~9.5 min) the mode-coverage run (issue 12) in the background, with the DeepSpeed/CUDA
+#           checks in the foreground meanwhile: the first call of a session, when the budget holds
+#           one long call and one short one
+#   modes   the mode-coverage run alone: bench/modes.py at 32 px, 64 channels, bf16, candidates
+#           MODES_CANDIDATES trained side by side on the one GPU up to MODES_KIMG (2000, the
+#           issue's 2 million images) or MODES_SECONDS (420) of training, whichever comes first,
+#           EMA-G scored in the loop every 250 kimg (the learning curve) and at the end by
+#           bigan-sample + bigan-eval
+#   checks  DeepSpeed ZeRO-2 bf16, ZeRO-3 fp16 and pix2pix ZeRO-3 bf16 from shards, as users launch them
+#   speed   (~6 min; stops where the call's limit cuts it, each figure already written) where an
+#           iteration's time goes, ZeRO beside the yardstick, the step alone
+#   all     checks, then speed
+# Results land in $OUT (machine.txt, *.json, *.jsonl, *.log; at most 8 files come back per call):
+# copy the figures into bench/RESULTS.md. DEVICE=cpu PYTHON=.venv/bin/python rehearses on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bigan-gpu-out}
@@ -37,24 +46,56 @@ ds_run() {  # stage, precision
     --run.dir="/tmp/ds-run-$1-$2" --run.progress=false --run.log_every=10
 }
 export -f ds_run; export PYTHON
-if [ "${1:-}" = modes ]; then
+modes() {
   # shellcheck disable=SC2086
-  step modes 560 "$PYTHON" bench/modes.py --kimg "${MODES_KIMG:-1200}" --precision bf16 --out "$OUT/modes.jsonl" \
-    ${MODES_CANDIDATES:-packed}
-  exit 0
-fi
-step deepspeed_zero2_bf16 70 bash -c "ds_run 2 bf16"
-step deepspeed_zero3_fp16 50 bash -c "ds_run 3 fp16"
-# pix2pix (issue 13) on ZeRO-3 in bf16: the U-Net's skips and the PatchGAN's (image, input) pairs
-# inside the engines, from the paired demo shards, with held-out L1/PSNR in the loop.
-step pix2pix_zero3_bf16 60 "$PYTHON" -m accelerate.commands.launch \
-  --config_file launch_configs/accelerate/deepspeed_zero3.yaml --num_processes 1 bigan/train.py \
-  --config launch_configs/experiments/layout2painting.yaml --data.demo_images=1000 --train.batch_size=32 \
-  --train.kimg=4 --train.precision=bf16 --data.workers=4 --eval.every_kimg=2 --eval.n=256 \
-  --run.dir=/tmp/pix2pix-run --run.progress=false --run.log_every=10
-# 2. Where an end-to-end iteration's time goes (issue 15): loader, train_step, fit, yardstick.
-step end_to_end 130 "$PYTHON" bench/end_to_end.py --device "$DEVICE" --repeats 2 --out "$OUT/end_to_end.json"
-step end_to_end_compile 70 "$PYTHON" bench/end_to_end.py --device "$DEVICE" --repeats 1 --case dcgan32_compile
-# 3. ZeRO and the plain path beside the yardstick (issue 10's targets), then the step alone.
-step zero_overhead 110 "$PYTHON" bench/zero_overhead.py --device "$DEVICE" --out "$OUT/zero_overhead.json"
-step train_step 40 "$PYTHON" bench/train_step.py --device "$DEVICE" --out "$OUT/train_step.json"
+  "$PYTHON" bench/modes.py --kimg "${MODES_KIMG:-2000}" --seconds "${MODES_SECONDS:-420}" --parallel \
+    --eval-every "${MODES_EVAL_EVERY:-250}" --precision "${MODES_PRECISION:-bf16}" --channels "${MODES_CHANNELS:-64}" \
+    --n "${MODES_N:-60000}" --samples "${MODES_SAMPLES:-26000}" --work /tmp/bigan-modes --out "$OUT/modes.jsonl" \
+    ${MODES_CANDIDATES:-default packed packed4 sn_hinge} > "$OUT/modes.log" 2>&1
+  echo "modes: exit $? after $SECONDS s"
+  "$PYTHON" - "$OUT/modes_grids.png" /tmp/bigan-modes/runs/*/ <<'PY' || true  # each candidate's last EMA-G grid
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+grids = [sorted(Path(d).glob("samples/*G_ema*kimg.png"))[-1:] for d in sys.argv[2:]]
+rows = [np.asarray(Image.open(g[0]).convert("RGB")) for g in grids if g]
+if rows:
+    Image.fromarray(np.concatenate([np.pad(r, ((0, 0), (0, 8), (0, 0))) for r in rows], 1)).save(sys.argv[1])
+    print("grids, left to right:", ", ".join(Path(g[0]).parts[-3] for g in grids if g))
+PY
+  cat /tmp/bigan-modes/runs/*.log 2>/dev/null | grep -v "FutureWarning\|warn" | tail -c 200000 > "$OUT/modes_runs.log"
+}
+checks() {
+  step deepspeed_zero2_bf16 90 bash -c "ds_run 2 bf16"
+  step deepspeed_zero3_fp16 75 bash -c "ds_run 3 fp16"
+  # pix2pix (issue 13) on ZeRO-3 in bf16: the U-Net's skips and the PatchGAN's (image, input) pairs
+  # inside the engines, from the paired demo shards (5-D batches through the pinned staging), with
+  # held-out L1/PSNR in the loop.
+  step pix2pix_zero3_bf16 90 "$PYTHON" -m accelerate.commands.launch \
+    --config_file launch_configs/accelerate/deepspeed_zero3.yaml --num_processes 1 bigan/train.py \
+    --config launch_configs/experiments/layout2painting.yaml --data.demo_images=1000 --train.batch_size=32 \
+    --train.kimg=4 --train.precision=bf16 --data.workers=4 --eval.every_kimg=2 --eval.n=256 \
+    --run.dir=/tmp/pix2pix-run --run.progress=false --run.log_every=10
+}
+speed() {
+  # 2. Where an end-to-end iteration's time goes (issue 15): loader, train_step, fit, yardstick.
+  step end_to_end 150 "$PYTHON" bench/end_to_end.py --device "$DEVICE" --repeats 1 --out "$OUT/end_to_end.json"
+  # 3. ZeRO and the plain path beside the yardstick (issue 10's targets).
+  step zero_overhead 110 "$PYTHON" bench/zero_overhead.py --device "$DEVICE" --out "$OUT/zero_overhead.json"
+  step end_to_end_compile 70 "$PYTHON" bench/end_to_end.py --device "$DEVICE" --repeats 1 --case dcgan32_compile \
+    --out "$OUT/end_to_end.json"
+  step train_step 40 "$PYTHON" bench/train_step.py --device "$DEVICE" --out "$OUT/train_step.json"
+}
+case "${1:-all}" in
+  first)
+    modes & pid=$!
+    checks
+    wait $pid
+    cat "$OUT/modes.jsonl" 2>/dev/null; grep -v "^{" "$OUT/modes.log" | tail -5;;
+  modes) modes; cat "$OUT/modes.jsonl" 2>/dev/null; grep -v "^{" "$OUT/modes.log" | tail -5;;
+  checks) checks;;
+  speed) speed;;
+  all) checks; speed;;
+  *) echo "unknown part '$1' (first, modes, checks, speed, all)"; exit 2;;
+esac

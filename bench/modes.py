@@ -1,7 +1,8 @@
 """Mode coverage: bigan's own Stacked-MNIST-style benchmark (1000 modes at 32 px), through its real tools.
 
     .venv/bin/python bench/modes.py --kimg 100 --channels 32 --out bench/modes.jsonl default packed   # CPU, small
-    python bench/modes.py --kimg 2000 --precision bf16 --out "$OUT/modes.jsonl" ...   # the full run (GPU)
+    python bench/modes.py --kimg 2000 --seconds 420 --parallel --eval-every 250 --precision bf16 \
+        --out "$OUT/modes.jsonl" default packed ...                                          # the full run (GPU)
 
 1. Data: ten procedural glyph classes (bigan/data/glyphs.py: varied stroke, position, scale,
    rotation, shear; no handwriting data set), three stacked on R, G, B per image, so 1000 modes;
@@ -17,6 +18,11 @@
    --data.resolution=32 --data.flip=false ...`, then `bigan-sample --n 26000 --out samples.npz`
    (EMA-G), then `bigan-eval --samples samples.npz --modes classifier.pt`.
 
+With --parallel the candidates train side by side on the one device (a 32 px model leaves most of
+a GPU idle); --seconds stops each one through its run dir's STOP file (checkpoint, exit 0, as on
+preemption) and the row records how far it got; --eval-every also scores EMA-G in the loop
+(`eval.modes`), one row per evaluation, read from the run's log: the learning curve.
+
 One JSON line per candidate (modes reached of 1000, KL(generated || uniform), images seen,
 seconds), printed as soon as it exists. WORK (default ~/.cache/bigan/modes) keeps the data and
 the classifier between runs.
@@ -30,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +104,8 @@ def train_classifier(path: Path, n_train: int = 20_000, n_test: int = 5_000, epo
     """Train GlyphNet on fresh glyphs, save the stacked classifier as TorchScript; the held-out accuracy."""
     torch.manual_seed(0)
     batch = min(128, n_train)
-    x, y = glyphs.glyph_batch(seed=7, start=0, n=n_train)
-    xt, yt = glyphs.glyph_batch(seed=8, start=0, n=n_test)
+    x, y = parallel_glyphs(seed=7, n=n_train)
+    xt, yt = parallel_glyphs(seed=8, n=n_test)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, y, xt, yt = (torch.from_numpy(a).to(device) for a in (x[:, None], y, xt[:, None], yt))
     net = GlyphNet().to(device)
@@ -121,6 +128,30 @@ def train_classifier(path: Path, n_train: int = 20_000, n_test: int = 5_000, epo
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.script(StackedClassifier(net.cpu())).save(str(path))
     return accuracy
+
+
+def _glyph_chunk(args):
+    seed, start, n = args
+    return glyphs.glyph_batch(seed=seed, start=start, n=n)
+
+
+def _stacked_chunk(args):
+    seed, start, n = args
+    return np.stack([glyphs.stacked(seed=seed, index=i)[0] for i in range(start, start + n)])
+
+
+def _chunked(fn, seed: int, n: int, chunk: int = 1000) -> list:
+    """fn over [start, start + chunk) pieces of n, on every core (the same arrays as one call over all n)."""
+    import multiprocessing
+
+    pieces = [(seed, start, min(chunk, n - start)) for start in range(0, n, chunk)]
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        return pool.map(fn, pieces)
+
+
+def parallel_glyphs(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    parts = _chunked(_glyph_chunk, seed, n)
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
 def _load_stacked(item):
@@ -170,6 +201,11 @@ def main():
     parser.add_argument("--channels", type=int, default=64, help="G and D base width (64: as the issue's H200 run)")
     parser.add_argument("--work", type=Path, default=None, help="data, classifier and runs (default $BIGAN_CACHE/modes)")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    parser.add_argument("--seconds", type=float, default=0, help="stop each candidate after this long (its "
+                        "checkpoint is scored; the row says how far it got); 0 = run to --kimg")
+    parser.add_argument("--parallel", action="store_true", help="train the candidates at the same time, on one device")
+    parser.add_argument("--eval-every", type=float, default=0, help="also score EMA-G in the loop every N kimg "
+                        "(eval.modes; one row each: the learning curve)")
     parser.add_argument("--launch-config", default=None, help="Accelerate YAML (default: cpu.yaml without CUDA, "
                         "single_gpu.yaml with)")
     args = parser.parse_args()
@@ -189,28 +225,71 @@ def main():
     manifest = write_data(work / f"data-n{args.n}", args.n)
     real = work / f"real-{args.samples}.npz"
     if not real.exists():
-        np.savez(real, images=np.stack([glyphs.stacked(seed=1, index=i)[0] for i in range(args.samples)]))
+        np.savez(real, images=np.concatenate(_chunked(_stacked_chunk, seed=1, n=args.samples)))
     emit({"step": "real data", **score(real, classifier), "seconds": round(time.time() - start)}, args.out)
     launch = args.launch_config or ("launch_configs/accelerate/single_gpu.yaml" if torch.cuda.is_available()
                                     else "launch_configs/accelerate/cpu.yaml")
-    for name in args.candidates:
-        run_dir = work / "runs" / f"{name}-{args.channels}ch-{args.kimg:g}kimg"
-        overrides = [f"--model.g_channels={args.channels}", f"--model.d_channels={args.channels}",
-                     *CANDIDATES[name]]
-        start = time.time()
-        subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch, "bigan/train.py",
-                        f"--data.shards={manifest}", "--data.resolution=32", "--data.flip=false",
-                        f"--train.kimg={args.kimg}", f"--train.precision={args.precision}", f"--run.dir={run_dir}",
-                        "--run.progress=false", "--run.image_every_kimg=50", *overrides],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        seconds = time.time() - start
-        samples = run_dir / "samples.npz"
-        subprocess.run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir), "--n", str(args.samples),
-                        "--out", str(samples)], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
-        result = score(samples, classifier)
-        emit({"candidate": name, "overrides": overrides, "modes": result["modes"], "kl_modes": round(result["kl_modes"], 3),
-              "kimg": args.kimg, "precision": args.precision, "train_s": round(seconds, 1)}, args.out)
+    batches = [args.candidates] if args.parallel else [[name] for name in args.candidates]
+    for names in batches:  # one candidate at a time, or all at once (--parallel: one device, shared)
+        runs = {name: start_candidate(name, args, manifest, classifier, work, launch) for name in names}
+        deadline = time.time() + args.seconds if args.seconds else None
+        ended = {}
+        while len(ended) < len(runs):
+            for name, (p, _, start) in runs.items():
+                if name not in ended and p.poll() is not None:
+                    ended[name] = time.time() - start
+            if deadline and time.time() > deadline:  # the STOP file: checkpoint and exit 0, as on preemption
+                for name, (p, run_dir, _) in runs.items():
+                    if p.poll() is None:
+                        (run_dir / "STOP").touch()
+                deadline = None
+            time.sleep(0.5)
+        with ThreadPoolExecutor(len(runs)) as pool:  # sampling and scoring side by side too
+            list(pool.map(lambda name: finish_candidate(name, runs[name][0], runs[name][1], ended[name], args,
+                                                        classifier), runs))
 
+
+def start_candidate(name, args, manifest, classifier, work, launch):
+    """`accelerate launch bigan/train.py` for one candidate, its output in RUN.log; (process, run dir, start)."""
+    run_dir = work / "runs" / f"{name}-{args.channels}ch-{args.kimg:g}kimg"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time (bigan refuses a used run dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    overrides = [f"--model.g_channels={args.channels}", f"--model.d_channels={args.channels}", *CANDIDATES[name]]
+    evaluation = ([f"--eval.every_kimg={args.eval_every}", f"--eval.modes={classifier}", "--eval.metrics=",
+                   f"--eval.n={args.samples}"] if args.eval_every else [])
+    log = open(run_dir.with_suffix(".log"), "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch, "bigan/train.py",
+         f"--data.shards={manifest}", "--data.resolution=32", "--data.flip=false", f"--train.kimg={args.kimg}",
+         f"--train.precision={args.precision}", f"--run.dir={run_dir}", "--run.progress=false",
+         "--run.image_every_kimg=50", *evaluation, *overrides],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    return process, run_dir, time.time()
+
+
+def finish_candidate(name, process, run_dir, seconds, args, classifier):
+    """Score EMA-G's 26,000 samples (bigan-sample, bigan-eval); one row, plus one per in-loop evaluation."""
+    log = run_dir.with_suffix(".log").read_text()
+    if process.returncode != 0:
+        emit({"candidate": name, "error": f"exit {process.returncode}", "log_tail": log[-1500:]}, args.out)
+        return
+    kimg = args.kimg
+    for line in log.splitlines():  # "bigan: done at 1200.0 kimg after ..." or "stopped on request ... at 812.4 kimg ..."
+        if line.startswith("bigan: ") and "; generator in " in line:
+            kimg = float(line.split(" at ")[-1].split(" kimg")[0])
+    for line in log.splitlines():  # the learning curve: "bigan: evaluation at 250.0 kimg: modes 990, kl_modes 0.1"
+        if line.startswith("bigan: evaluation at "):
+            at, values = line[len("bigan: evaluation at "):].split(" kimg: ")
+            row = {k: float(v) for k, v in (item.split(" ") for item in values.split(", "))}
+            emit({"candidate": name, "at_kimg": float(at), "modes": row.get("modes"), "kl_modes": row.get("kl_modes"),
+                  "n": args.samples, "in_loop": True}, args.out)
+    samples = run_dir / "samples.npz"
+    subprocess.run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir), "--n", str(args.samples),
+                    "--out", str(samples)], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    result = score(samples, classifier)
+    emit({"candidate": name, "overrides": CANDIDATES[name], "channels": args.channels, "modes": result["modes"],
+          "kl_modes": round(result["kl_modes"], 3), "kimg": kimg, "kimg_asked": args.kimg, "precision": args.precision,
+          "train_s": round(seconds, 1), "img_per_s": round(kimg * 1000 / seconds), "parallel": args.parallel}, args.out)
 
 if __name__ == "__main__":
     main()

@@ -257,7 +257,10 @@ class Trainer:
             if self.stop_requested:  # deleting it tells slurm/train.sh the stop was honoured
                 (self.run_dir / STOP_FILE).unlink(missing_ok=True)
             state = "stopped on request (signal or STOP file)" if self.stop_requested else "done"
-            print(f"bigan: {state} at {self.state.images_seen / 1000:.1f} kimg; generator in {self.run_dir / 'export'}")
+            seconds = max(time.perf_counter() - self._loop_start[0], 1e-9)
+            rate = (self.state.images_seen - self._loop_start[1]) / seconds
+            print(f"bigan: {state} at {self.state.images_seen / 1000:.1f} kimg after {seconds:.0f} s of training "
+                  f"({rate:.0f} img/s, evaluation and checkpoints included); generator in {self.run_dir / 'export'}")
 
     def _start(self):
         """Resume (if asked), build the loader, trackers and signal handlers; the batch iterator."""
@@ -295,6 +298,7 @@ class Trainer:
     def _loop(self, batches, progress):
         c = self.config
         self._last_log, self._last_input_warning = (time.perf_counter(), self.state.images_seen, self.state.step), -1e9
+        self._loop_start = self._last_log[:2]  # for the closing line's mean rate
         self.data_wait = 0.0
         self._reset_marks()
         # A stop that interrupts a wait for data leaves the batches this iteration already took to be
@@ -339,9 +343,14 @@ class Trainer:
             return
         self.next_eval = self._next_mark(self.config.eval.every_kimg)
         results = self.evaluate()
-        self.tracker.scalars({f"Metrics/{k}": float(v) for k, v in results.items()
-                              if isinstance(v, (int, float)) and k not in ("n", "n_ref", "modes_of")},
-                             self.state.images_seen)
+        scalars = {k: float(v) for k, v in results.items()
+                   if isinstance(v, (int, float)) and k not in ("n", "n_ref", "modes_of")}
+        self.tracker.scalars({f"Metrics/{k}": v for k, v in scalars.items()}, self.state.images_seen)
+        if self.accelerator.is_main_process:  # in the job's log too (Slurm's output file, a pipe), beside any bar
+            from tqdm import tqdm
+
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+            tqdm.write(f"bigan: evaluation at {self.state.images_seen / 1000:.1f} kimg: {shown}")
         if "fid" in results and results["fid"] < self.state.best_fid:
             self.state.best_fid = results["fid"]
             self._keep_best(results)

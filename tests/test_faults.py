@@ -5,6 +5,7 @@ Preemption, `scancel`, time limits and supervisors signal every process of a job
 `data.workers=2`, so the workers get the signal as well.
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -293,6 +294,9 @@ def test_resume_takes_the_runs_own_settings_and_says_when_nothing_is_there(tiny_
                               "--train.kimg=0.064"], env, check=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "done at 0.1 kimg" in resumed.stdout
+    # the closing line's rate counts this run's images and time only (32 images, not 64)
+    seconds, rate = re.search(r"done at 0\.1 kimg after (\d+) s of training \((\d+) img/s", resumed.stdout).groups()
+    assert int(rate) <= 32 / max(int(seconds) - 0.5, 0.01) + 1, resumed.stdout
     empty = run([sys.executable, "-m", "bigan.train", *tiny_args(tiny_shards, tmp_path / "empty",
                                                                              **{"train.kimg": 0.016}),
                             "--run.resume=latest"], env, check=False)

@@ -128,7 +128,10 @@ def test_bigan_eval_end_to_end_and_training_lowers_fid(tiny_shards, small_extrac
         "train.kimg": 3.2, "model.g_channels": 16, "model.d_channels": 16, "train.batch_size": 16,
         "run.log_every": 10, "eval.every_kimg": 1.6, "eval.n": 96, "eval.extractor": small_extractor,
         "eval.metrics": "fid,kid,pr", "eval.modes": small_extractor})
-    train(args, env)
+    result = train(args, env)
+    logged = [line for line in result.stdout.splitlines() if line.startswith("bigan: evaluation at ")]
+    assert [line.split(" kimg:")[0] for line in logged] == ["bigan: evaluation at 1.6", "bigan: evaluation at 3.2"]
+    assert all(" fid " in line and " modes " in line and " kl_modes " in line for line in logged), logged
     evaluated = []
     for checkpoint in ("untrained", "trained"):
         target = run_dir / "export" / "generator.safetensors" if checkpoint == "trained" else _untrained(tmp_path, run_dir)
