@@ -216,16 +216,18 @@ def main():
 
     work = args.work or cache_dir() / "modes"
     classifier = work / "classifier.pt"
+    start = time.time()  # the data first: its worker processes fork before this one touches CUDA
+    manifest = write_data(work / f"data-n{args.n}", args.n)
+    real = work / f"real-{args.samples}.npz"
+    if not real.exists():
+        np.savez(real, images=np.concatenate(_chunked(_stacked_chunk, seed=1, n=args.samples)))
+    data_seconds = time.time() - start
     if not classifier.exists():
         start = time.time()
         accuracy = train_classifier(classifier, n_train=args.glyphs)
         emit({"step": "classifier", "held_out_accuracy": round(accuracy, 4), "seconds": round(time.time() - start)},
              args.out)
-    start = time.time()
-    manifest = write_data(work / f"data-n{args.n}", args.n)
-    real = work / f"real-{args.samples}.npz"
-    if not real.exists():
-        np.savez(real, images=np.concatenate(_chunked(_stacked_chunk, seed=1, n=args.samples)))
+    start = time.time() - data_seconds
     emit({"step": "real data", **score(real, classifier), "seconds": round(time.time() - start)}, args.out)
     launch = args.launch_config or ("launch_configs/accelerate/single_gpu.yaml" if torch.cuda.is_available()
                                     else "launch_configs/accelerate/cpu.yaml")
