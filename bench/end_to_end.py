@@ -65,6 +65,8 @@ def make_shards(fmt: str, resolution: int, n: int, root: Path) -> Path:
 
 
 def _png_item(item):
+    from bigan.data.demo import render_landscape
+
     index, resolution = item
     return render_landscape(0, index, resolution), index % 10, f"{index:08d}"
 

@@ -34,7 +34,7 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 BIGAN_YARDSTICK="$PWD/.gpu
 step() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
   echo "== $name"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1  # -k: a trainer takes SIGTERM as "checkpoint and stop"
   echo "exit $? after $SECONDS s"; grep -v "^\[20\|FutureWarning\|return func\|warn" "$OUT/$name.log" | tail -25
 }
 export BIGAN_CACHE=/tmp/bigan-cache OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -2,6 +2,7 @@
 import io
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,41 @@ def test_stream_errors_name_the_problem(tmp_path, uneven_shards):
     state = _loader(uneven_shards, workers=2).state_dict()
     with pytest.raises(DataError, match="workers 2 -> 1"):
         _loader(uneven_shards, workers=1, start=state)
+
+
+def test_a_shard_set_with_no_samples_is_refused_where_it_is_made_and_where_it_is_read(image_folder, tmp_path, capsys):
+    """Found on a GPU: a loader function that failed on every input (a NameError in the worker) left a
+    manifest of 0 samples, and training from it died in a DataLoader worker with an IndexError."""
+    for path in image_folder.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"not an image")
+    assert shards_mod.main([str(image_folder), str(tmp_path / "out"), "--resolution", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of the 12 inputs could be read" in err[0] and "first: " in err[0], err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    empty = tmp_path / "empty"  # a manifest written that way before this fix
+    empty.mkdir()
+    (empty / "manifest.json").write_text(json.dumps({"shards": [{"name": "data-000-000000.tar", "samples": 0}],
+                                                     "total": 0, "skipped": [{"input": "1", "reason": "NameError"}]}))
+    with pytest.raises(DataError, match=f"{empty / 'manifest.json'} lists no samples .1 input skipped, e.g. 1: NameError"):
+        resolve_shards(empty)
+
+
+def test_an_exception_outside_the_trainer_does_not_hang_the_exit(uneven_shards):
+    """Workers ignore SIGTERM (so Slurm's signal to the group reaches the trainer alone), and
+    multiprocessing ends its children at exit with SIGTERM and waits: a process that raised with a
+    Loader still open used to wait forever (found on a GPU, in bench/end_to_end.py)."""
+    import subprocess
+    import sys
+
+    script = (f"from bigan.data.stream import Loader, StreamSpec, resolve_shards\n"
+              f"loader = Loader(StreamSpec(resolve_shards({str(uneven_shards / 'part-{0..2}.tar')!r}), 2, 8), workers=2)\n"
+              f"next(iter(loader))\n"
+              f"raise SystemExit('the caller failed')\n")
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "the caller failed" in result.stderr and "killed by signal" not in result.stderr
+    assert time.monotonic() - start < 45, result.stderr[-2000:]
 
 
 def test_reads_plain_webdataset_shards_without_manifest(tmp_path):

@@ -295,6 +295,11 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
     for counts, failed in results:
         shards += [{"name": name, "samples": count} for name, count in counts.items()]
         failures += failed
+    if items and not any(s["samples"] for s in shards):  # no manifest of nothing: training would find no data
+        for shard in shards:
+            (Path(out_dir) / shard["name"]).unlink(missing_ok=True)
+        what, why = failures[0] if failures else ("?", "no sample was written")
+        raise ShardError(f"none of the {len(items)} inputs could be read; first: {what}: {why}")
     manifest = {
         "format_version": 1,
         "bigan_version": bigan.__version__,

@@ -26,6 +26,7 @@ so that batch counts stay equal.
 """
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import math
@@ -91,6 +92,11 @@ def _resolve_one(spec: str) -> ShardSet:
             raise DataError(f"shard manifest not found: {path}")
         manifest = json.loads(path.read_text())
         shards = [s for s in manifest["shards"] if s["samples"] > 0]
+        if not shards:
+            skipped = manifest.get("skipped") or []
+            raise DataError(f"{path} lists no samples" + (
+                f" ({len(skipped)} input{'s' if len(skipped) != 1 else ''} skipped, e.g. {skipped[0]['input']}: "
+                f"{skipped[0]['reason']}); write the shards again" if skipped else ""))
         return ShardSet([str(path.parent / s["name"]) for s in shards], [s["samples"] for s in shards],
                         manifest.get("labels"), manifest.get("resolution"), bool(manifest.get("paired", False)))
     if path.is_dir():
@@ -455,6 +461,9 @@ class Loader:
             iterator = iter(self.loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        workers = list(getattr(iterator, "_workers", []))
+        if workers:  # however this process ends (an exception the trainer never sees, too), not in a hang
+            atexit.register(_kill_workers, workers)
         return self._batches(iterator)
 
     def _batches(self, iterator):
@@ -509,6 +518,20 @@ class Loader:
         return {"batches": self.batches, "roles": dict(self.roles), "workers": max(self.workers, 1),
                 "seed": spec.seed, "rank": spec.rank, "world_size": spec.world_size,
                 "batch_size": spec.batch_size, "mode": spec.mode}
+
+
+def _kill_workers(workers):
+    """At interpreter exit: kill the workers still alive. multiprocessing ends its children there with
+    terminate() (SIGTERM), which ours ignore (_worker_init), and then waits for them: forever, where
+    nothing closed the Loader (an exception outside Trainer.fit). Registered after multiprocessing's
+    own exit function, so it runs first. They hold nothing to save: what they read is re-read on resume."""
+    alive = [worker for worker in workers if worker.is_alive()]
+    if alive:  # torch's SIGCHLD handler would report each as a crash ("killed by signal")
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in alive:
+        worker.kill()
+    for worker in alive:
+        worker.join(timeout=5)
 
 
 def _worker_init(worker_id: int):
