@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,9 @@ CANDIDATES = {  # overrides on top of bigan's defaults (D without normalization,
     "batch32": ["--train.batch_size=32"],
     "batch16": ["--train.batch_size=16"],
     "r1_0.05": ["--loss.r1=0.05"],
+    "pack4": ["--loss.pack=4"],  # what covered all 1000 modes of bench/modes.py on a GPU
+    "pack2": ["--loss.pack=2"],
+    "nopack": ["--loss.pack=1"],
 }
 
 
@@ -75,6 +79,7 @@ def main():
         overrides = CANDIDATES[name] + [f"--train.kimg={args.kimg}", f"--run.dir={work / name}"]
         resolution = int(next((o.split("=")[1] for o in overrides if o.startswith("--data.resolution=")), 64))
         manifest = ensure_demo_shards(10_000, resolution)
+        shutil.rmtree(work / name, ignore_errors=True)  # a fresh run (bigan refuses a used run dir)
         start = time.time()
         subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch_configs/accelerate/cpu.yaml",
                         "bigan/train.py", "--config", "launch_configs/experiments/demo.yaml", "--run.progress=false",

@@ -85,7 +85,8 @@ def build(args_list, device, run_dir):
         config_file, overrides = overrides[1], overrides[2:]
     shutil.rmtree(run_dir, ignore_errors=True)
     # no R1 (bigan's default since this bench was written): the fixed cost per iteration stays comparable
-    config = load_config(config_file, ["--loss.r1=0", *overrides, f"--run.dir={run_dir}", "--run.progress=false"])
+    # no R1 and no packing (bigan's defaults since): the yardstick has neither
+    config = load_config(config_file, ["--loss.r1=0", "--loss.pack=1", *overrides, f"--run.dir={run_dir}", "--run.progress=false"])
     return config, make_accelerator(config), Trainer  # as bigan.train builds it (TensorBoard on)
 
 

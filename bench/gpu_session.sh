@@ -51,7 +51,7 @@ modes() {
   "$PYTHON" bench/modes.py --kimg "${MODES_KIMG:-2000}" --seconds "${MODES_SECONDS:-420}" --parallel \
     --eval-every "${MODES_EVAL_EVERY:-250}" --precision "${MODES_PRECISION:-bf16}" --channels "${MODES_CHANNELS:-64}" \
     --n "${MODES_N:-60000}" --samples "${MODES_SAMPLES:-26000}" --work /tmp/bigan-modes --out "$OUT/modes.jsonl" \
-    ${MODES_CANDIDATES:-default packed packed4 sn_hinge} > "$OUT/modes.log" 2>&1
+    ${MODES_CANDIDATES:-default ttur d2 batch128} > "$OUT/modes.log" 2>&1
   echo "modes: exit $? after $SECONDS s"
   "$PYTHON" - "$OUT/modes_grids.png" /tmp/bigan-modes/runs/*/ <<'PY' || true  # each candidate's last EMA-G grid
 import sys

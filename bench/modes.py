@@ -48,9 +48,10 @@ sys.path.insert(0, str(ROOT))
 from bigan.data import glyphs  # noqa: E402
 
 SAMPLES = 26_000
-CANDIDATES = {  # overrides on top of bigan's defaults
+CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 2026-11-27: packs of 4)
     "default": [],
-    "sn_hinge": ["--model.d_norm=spectral", "--loss.name=hinge", "--loss.r1=0",  # the defaults before 2026-11-27
+    "unpacked": ["--loss.pack=1"],  # the default before that run ("default" in its rows)
+    "sn_hinge": ["--model.d_norm=spectral", "--loss.name=hinge", "--loss.r1=0", "--loss.pack=1",  # before 2026-11-27
                  "--train.g_betas=[0.5, 0.999]", "--train.d_betas=[0.5, 0.999]"],
     "sn_hinge_packed": ["--model.d_norm=spectral", "--loss.name=hinge", "--loss.r1=0", "--loss.pack=2",
                         "--train.g_betas=[0.5, 0.999]", "--train.d_betas=[0.5, 0.999]"],

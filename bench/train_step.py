@@ -58,7 +58,7 @@ def bigan_loop(arch, batch, precision, channels_last, ch, steps, warmup, use_yar
     resolution = 64 if arch == "dcgan64" else 128
     overrides = [f"--model.arch={'dcgan' if arch == 'dcgan64' else 'resnet'}", f"--data.resolution={resolution}",
                  f"--model.g_channels={ch}", f"--model.d_channels={ch}", "--model.z_dim=128", "--loss.name=hinge",
-                 "--loss.r1=0", "--model.d_norm=batch",  # the yardstick: hinge, no R1, BatchNorm in DCGAN's D
+                 "--loss.r1=0", "--loss.pack=1", "--model.d_norm=batch",  # the yardstick: hinge, no R1, BatchNorm in DCGAN's D
                  f"--train.batch_size={batch}", f"--train.precision={'no' if precision == 'fp32' else precision}",
                  "--train.g_betas=[0.0,0.999]", "--train.d_betas=[0.0,0.999]", f"--train.ema_kimg={10 if ema else 0}",
                  f"--train.channels_last={str(channels_last).lower()}", "--run.dir=/tmp/bigan-bench-run", *extra]

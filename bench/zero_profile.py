@@ -30,7 +30,7 @@ def make_trainer(arch, device, extra):
 
     config = load_config(None, [f"--model.arch={arch}", "--data.resolution=32", "--model.g_channels=4",
                                 "--model.d_channels=4", "--model.z_dim=8", "--train.batch_size=2",
-                                "--train.ema_kimg=10", "--loss.r1=0", "--run.dir=/tmp/bigan-bench-profile", *extra])
+                                "--train.ema_kimg=10", "--loss.r1=0", "--loss.pack=1", "--run.dir=/tmp/bigan-bench-profile", *extra])
     trainer = Trainer(config, Accelerator(cpu=device == "cpu"))
     reals = {"image": torch.rand(2, 3, 32, 32, device=trainer.device) * 2 - 1, "label": None}
 

@@ -59,7 +59,8 @@ class LossConfig:
     r1: float = _f(0.2, "R1 gamma on reals; 0 = off")
     r1_interval: int = _f(16, "apply R1 every N D steps (lazy regularization, Adam betas adjusted)")
     d_steps: int = _f(1, "D steps per G step")
-    pack: int = _f(1, "PacGAN: D judges this many samples at once, stacked on channels (1 = off)")
+    pack: int = _f(0, "PacGAN: D judges this many samples at once, stacked on channels (1 = off; 0 = auto: "
+                      "4 for unconditional noise models, else 1; fewer where train.batch_size does not divide by 4)")
     l1: float = _f(100.0, "pix2pix: weight of the L1 distance from G's output to the target (lambda); 0 = GAN loss only")
 
 
@@ -190,7 +191,7 @@ def _validate(c: Config):
         ("loss.r1", loss.r1 >= 0, "must be >= 0"),
         ("loss.d_steps", loss.d_steps >= 1, "must be >= 1"),
         ("loss.r1_interval", loss.r1_interval >= 1, "must be >= 1"),
-        ("loss.pack", loss.pack >= 1, "must be >= 1 (1 = off)"),
+        ("loss.pack", loss.pack >= 1, "must be >= 1 (1 = off; 0 = auto)"),
         ("loss.pack", loss.pack == 1 or t.batch_size % loss.pack == 0,
          f"must divide train.batch_size ({t.batch_size}) so that every micro-batch splits into packs"),
         ("loss.pack", loss.pack == 1 or m.num_classes == 0,
@@ -295,7 +296,22 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not sep:
             raise ConfigError(f"override {item!r} must look like --section.key=value")
         _set(config, key, value)
+    resolve_auto(config)
     _validate(config)
+    return config
+
+
+AUTO_PACK = 4  # bench/modes.py on an H200 (bench/RESULTS.md): 1000 of 1000 modes, KL 0.09 in 2M images;
+               # unpacked and packs of 2 collapsed (19 and 8 modes) in the same run
+
+
+def resolve_auto(config: Config) -> Config:
+    """Settings left to bigan (0 = auto), fixed from the rest of the config: the run's config.yaml
+    records what was used, so a resume or a sampler reads the value and not the rule."""
+    m, loss, t = config.model, config.loss, config.train
+    if loss.pack == 0:
+        unconditional = m.num_classes == 0 and m.arch != "pix2pix"
+        loss.pack = next((p for p in (AUTO_PACK, 2) if t.batch_size % p == 0), 1) if unconditional else 1
     return config
 
 
@@ -305,4 +321,4 @@ def config_from_dict(data: dict) -> Config:
     for section, values in data.items():
         for name, value in values.items():
             _set(config, f"{section}.{name}", value)
-    return config
+    return resolve_auto(config)

@@ -291,6 +291,8 @@ class Trainer:
                 else "starting fresh" + (f" (run.resume=latest: no checkpoint in {self.run_dir / 'checkpoints'})"
                                          if c.run.resume == "latest" else "")
             print(f"bigan: {self.backend.describe()}", flush=True)
+            if c.loss.pack > 1:
+                print(f"bigan: D judges packs of {c.loss.pack} samples (PacGAN; loss.pack=1 turns it off)", flush=True)
             print(f"bigan: {where}; run dir {self.run_dir}: TensorBoard logs in {self.run_dir / 'logs'}, "
                   f"checkpoints in {self.run_dir / 'checkpoints'}, samples in {self.run_dir / 'samples'}", flush=True)
         return iter(self.loader)

@@ -260,7 +260,7 @@ def test_full_disk_and_changed_architecture_are_one_line(tiny_shards, tmp_path, 
     assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-3000:]
     assert "was trained with model.g_channels=8 (now 16)" in changed.stderr.strip().splitlines()[-1]
     packed = run([sys.executable, "-m", "bigan.train", *args, "--run.resume=latest", "--loss.pack=2"], env, check=False)
-    assert packed.returncode == 2 and "was trained with loss.pack=1 (now 2)" in packed.stderr.strip().splitlines()[-1]
+    assert packed.returncode == 2 and "was trained with loss.pack=4 (now 2)" in packed.stderr.strip().splitlines()[-1]
 
 
 def test_sample_and_eval_refuse_bad_files_and_flags_in_one_line(tiny_shards, small_extractor, tmp_path, env):

@@ -5,9 +5,10 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from bigan import losses
-from bigan.config import ConfigError, load_config
+from bigan.config import Config, ConfigError, config_from_dict, load_config
 from bigan.ema import EMA
 from bigan.models import build_models
 from bigan.models.layers import spectral_norm, update_spectral_norms
@@ -147,6 +148,20 @@ def test_config_precedence_cli_over_file_over_defaults(tmp_path):
         load_config(None, ["--loss.pack=3"])
     with pytest.raises(ConfigError, match="loss.pack: packing is for unconditional models"):
         load_config(None, ["--loss.pack=2", "--model.num_classes=10"])
+
+
+@pytest.mark.parametrize("overrides, pack", [
+    ([], 4),                                      # unconditional noise model: packs of 4 (bench/modes.py)
+    (["--model.num_classes=10"], 1),              # a pack of samples has no one label
+    (["--model.arch=pix2pix"], 1),                # D judges (input, output) pairs
+    (["--train.batch_size=6"], 2), (["--train.batch_size=5"], 1),  # what divides the micro-batch
+    (["--loss.pack=1"], 1), (["--loss.pack=2"], 2),  # the user's choice stands
+])
+def test_auto_pack_is_fixed_at_load_and_recorded(overrides, pack):
+    config = load_config(None, overrides)
+    assert config.loss.pack == pack
+    assert config_from_dict(yaml.safe_load(config.to_yaml())).loss.pack == pack  # config.yaml holds the value
+    assert yaml.safe_load(Config().to_yaml())["loss"]["pack"] == 0 and config_from_dict({}).loss.pack == 4
 
 
 def test_dry_run_prints_the_resolved_config():
