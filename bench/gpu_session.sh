@@ -3,18 +3,19 @@
 # Here first:   bash bench/gpu_wheels.sh           (fills .gpu/: wheels + the yardstick)
 # Then, with the device tool:  run  command="bash bench/gpu_session.sh PART"  carry=[".gpu"]  timeout_s=590
 # PART:
-#   first   (~9.5 min) the mode-coverage run (issue 12) in the background, with the DeepSpeed/CUDA
+#   first   (~8 min; 492 s on an H200) the mode-coverage run (issue 12) in the background, with the DeepSpeed/CUDA
 #           checks in the foreground meanwhile: the first call of a session, when the budget holds
 #           one long call and one short one
 #   modes   the mode-coverage run alone: bench/modes.py at 32 px, 64 channels, bf16, candidates
 #           MODES_CANDIDATES trained side by side on the one GPU up to MODES_KIMG (2000, the
 #           issue's 2 million images) or MODES_SECONDS (420) of training, whichever comes first,
 #           EMA-G scored in the loop every 250 kimg (the learning curve) and at the end by
-#           bigan-sample + bigan-eval
+#           bigan-sample + bigan-eval; by default the next ablation on top of packs of 4 (ttur, d2,
+#           batch128); the packing run of 2026-11-27 was "default packed packed4 sn_hinge"
 #   checks  DeepSpeed ZeRO-2 bf16, ZeRO-3 fp16 and pix2pix ZeRO-3 bf16 from shards, as users launch them
 #   speed   (~6 min; stops where the call's limit cuts it, each figure already written) where an
 #           iteration's time goes, ZeRO beside the yardstick, the step alone
-#   all     checks, then speed
+#   all     checks, then speed (what the next session should run first: speed is still unmeasured)
 # Results land in $OUT (machine.txt, *.json, *.jsonl, *.log; at most 8 files come back per call):
 # copy the figures into bench/RESULTS.md. DEVICE=cpu PYTHON=.venv/bin/python rehearses on a CPU.
 set -uo pipefail
