@@ -27,6 +27,7 @@ so that batch counts stay equal.
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import json
 import math
@@ -443,6 +444,7 @@ class Loader:
         # when batch k + prefetch + 1 is asked for, batch k has been taken and copied out here.
         self.dataset = ShardStream(spec, slots=prefetch + 2 if workers > 0 else 1)
         self.buffers: dict = {}  # (role, slot) -> a worker's shared buffer
+        self._exit_hook = None  # kills the workers at exit if nothing closed this Loader
         self.staging = _PinnedStaging(self.device) if self.device.type == "cuda" else None
         # no pin_memory thread: batches arrive as slot numbers; _PinnedStaging copies them into
         # pinned memory for an asynchronous transfer
@@ -462,8 +464,9 @@ class Loader:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         workers = list(getattr(iterator, "_workers", []))
-        if workers:  # however this process ends (an exception the trainer never sees, too), not in a hang
-            atexit.register(_kill_workers, workers)
+        if workers and self._exit_hook is None:  # however this process ends (an exception the trainer never
+            self._exit_hook = functools.partial(_kill_workers, workers)  # sees, too), not in a hang
+            atexit.register(self._exit_hook)
         return self._batches(iterator)
 
     def _batches(self, iterator):
@@ -496,6 +499,9 @@ class Loader:
         """Stop the workers now. They ignore SIGTERM (``_worker_init``), so the terminate() that
         multiprocessing sends its children at interpreter exit would not end them: they are told to
         finish (as the DataLoader does when it is dropped), and any still alive after that is killed."""
+        if self._exit_hook is not None:  # closed here: nothing left to do at exit
+            atexit.unregister(self._exit_hook)
+            self._exit_hook = None
         iterator = getattr(self.loader, "_iterator", None)  # the persistent workers' iterator
         if iterator is None or not hasattr(iterator, "_shutdown_workers"):
             return
