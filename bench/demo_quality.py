@@ -47,6 +47,7 @@ CANDIDATES = {  # overrides on top of bigan's defaults (D without normalization,
     "pack4": ["--loss.pack=4"],  # what covered all 1000 modes of bench/modes.py on a GPU
     "pack2": ["--loss.pack=2"],
     "nopack": ["--loss.pack=1"],
+    "resize": ["--model.g_upsample=resize"],  # no transposed convs in G: no checkerboard
 }
 
 

@@ -46,6 +46,9 @@ class ModelConfig:
     num_classes: int = _f(0, "class-conditional with this many classes (labels from the shards); 0 = off")
     d_norm: str = _f("none", "dcgan D: 'none' (kept in check by loss.r1), 'spectral' (SN-DCGAN) or 'batch' "
                              "(classic DCGAN)", ("batch", "spectral", "none"))
+    g_upsample: str = _f("transposed", "dcgan G: 'transposed' (4x4 stride-2 transposed convs, classic DCGAN) or "
+                                       "'resize' (nearest x2 + 3x3 conv: no checkerboard, 2.25x G's arithmetic)",
+                         ("transposed", "resize"))
     norm: str = _f("batch", "pix2pix G and D: 'batch' or 'instance' normalization", ("batch", "instance"))
     dropout: float = _f(0.5, "pix2pix G: dropout in the three innermost decoder blocks (its noise); 0 = none")
     sync_batchnorm: bool = _f(False, "use SyncBatchNorm across ranks (BatchNorm over the global batch)")

@@ -37,7 +37,7 @@ class SampleError(Exception):
 def _build(model: dict, resolution: int):
     g, _ = build_models(model["arch"], resolution, model["z_dim"], model["g_channels"], model["d_channels"],
                         model["num_classes"], model.get("d_norm", "batch"), norm=model.get("norm", "batch"),
-                        dropout=model.get("dropout", 0.5))
+                        dropout=model.get("dropout", 0.5), g_upsample=model.get("g_upsample", "transposed"))
     return g
 
 

@@ -105,7 +105,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         if models is None:
             g, d = build_models(m.arch, config.data.resolution, m.z_dim, m.g_channels, m.d_channels,
-                                m.num_classes, m.d_norm, loss.pack, m.norm, m.dropout)
+                                m.num_classes, m.d_norm, loss.pack, m.norm, m.dropout, m.g_upsample)
             if m.arch in ("dcgan", "pix2pix"):
                 g.apply(init_weights), d.apply(init_weights)
         else:

@@ -33,8 +33,10 @@ PENALTIES = {
     "gp": {"loss.name": "wgan", "loss.gp": 10.0, "loss.r1": 0},
 }
 PACKED = {"loss.pack": 2}  # PacGAN: D judges pairs
+# loss.pack=1: the default (auto) packs by micro-batch size, and these runs split one batch of 8 into
+# micro-batches of 2 (packs of 2) that the plain reference sees whole (packs of 4); PACKED fixes it at 2
 BASE = {"model.arch": "resnet", "data.resolution": 32, "model.g_channels": 4, "model.d_channels": 4,
-        "model.z_dim": 8, "train.adam_eps": 1.0, "train.g_lr": 0.01, "train.d_lr": 0.01}
+        "model.z_dim": 8, "train.adam_eps": 1.0, "train.g_lr": 0.01, "train.d_lr": 0.01, "loss.pack": 1}
 FP16_NAN = {"train.precision": "fp16"}  # with BIGAN_TEST_NAN_D_STEP=1: D step 1 is non-finite
 BF16 = {"train.precision": "bf16"}
 PAIRED = {**PIX2PIX, "model.dropout": 0, "loss.l1": 100.0}  # U-Net G and PatchGAN D, GAN + L1 terms

@@ -192,7 +192,7 @@ BAD_VALUES = {  # every config key, with a value it must refuse (the key is name
     "data.flip": "maybe", "data.crop_scale_min": "1.5", "data.demo_images": "0",
     "model.arch": "stylegan", "model.z_dim": "0", "model.g_channels": "0", "model.d_channels": "-8",
     "model.num_classes": "-1", "model.d_norm": "layer", "model.sync_batchnorm": "2", "model.norm": "group",
-    "model.dropout": "1.0",
+    "model.dropout": "1.0", "model.g_upsample": "bilinear",
     "loss.name": "l1", "loss.r": "1.5", "loss.gp": "-1", "loss.r1": "-0.5", "loss.r1_interval": "0",
     "loss.d_steps": "0", "loss.pack": "3", "loss.l1": "-1",
     "train.batch_size": "0", "train.grad_accum": "0", "train.kimg": ".inf", "train.precision": "fp8",

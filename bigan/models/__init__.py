@@ -4,11 +4,11 @@ from bigan.models import dcgan, pix2pix, resnet
 
 def build_models(arch: str, resolution: int, z_dim: int, g_channels: int, d_channels: int,
                  num_classes: int = 0, d_norm: str = "batch", pack: int = 1, norm: str = "batch",
-                 dropout: float = 0.5):
+                 dropout: float = 0.5, g_upsample: str = "transposed"):
     """(G, D) for an architecture name: 'dcgan', 'resnet' or 'pix2pix' (U-Net G and PatchGAN D, with
-    `norm` and `dropout`); D judges `pack` samples at once (PacGAN)."""
+    `norm` and `dropout`); D judges `pack` samples at once (PacGAN); `g_upsample`: the DCGAN G's x2 steps."""
     if arch == "dcgan":
-        return (dcgan.Generator(z_dim, resolution, g_channels, num_classes),
+        return (dcgan.Generator(z_dim, resolution, g_channels, num_classes, g_upsample),
                 dcgan.Discriminator(resolution, d_channels, num_classes, d_norm, pack))
     if arch == "resnet":
         return (resnet.Generator(z_dim, resolution, g_channels, num_classes),

@@ -9,16 +9,26 @@ from torch import nn
 from bigan.models.layers import ConditionalBatchNorm2d, make_norm, pack_samples, spectral_norm, upsamplings
 
 
+def _upsample(upsample: str, a: int, b: int) -> nn.Module:
+    """x2 from a to b channels: a 4x4 stride-2 transposed conv (DCGAN), or nearest x2 then a 3x3 conv,
+    whose output pixels all see the same number of taps (no checkerboard; Odena et al. 2016)."""
+    if upsample == "transposed":
+        return nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False)
+    if upsample == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, 1, 1, bias=False))
+    raise ValueError(f"model.g_upsample must be 'transposed' or 'resize', got {upsample!r}")
+
+
 class Generator(nn.Module):
-    def __init__(self, z_dim=128, resolution=64, ch=64, num_classes=0):
+    def __init__(self, z_dim=128, resolution=64, ch=64, num_classes=0, upsample="transposed"):
         super().__init__()
         stages = upsamplings("dcgan", resolution)
         widths = [ch * min(2 ** (stages - 1 - i), 16) for i in range(stages)]  # 64 px: 8ch, 4ch, 2ch, ch
         self.z_dim, self.num_classes = z_dim, num_classes
         self.input = nn.ConvTranspose2d(z_dim, widths[0], 4, 1, 0, bias=False)
         self.norms = nn.ModuleList(ConditionalBatchNorm2d(w, num_classes) for w in widths)
-        self.ups = nn.ModuleList(nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False) for a, b in zip(widths, widths[1:]))
-        self.output = nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1, bias=False)
+        self.ups = nn.ModuleList(_upsample(upsample, a, b) for a, b in zip(widths, widths[1:]))
+        self.output = _upsample(upsample, widths[-1], 3)
 
     def forward(self, z, y=None):
         h = torch.relu(self.norms[0](self.input(z[:, :, None, None]), y))
