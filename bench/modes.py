@@ -228,8 +228,9 @@ def main():
         accuracy = train_classifier(classifier, n_train=args.glyphs)
         emit({"step": "classifier", "held_out_accuracy": round(accuracy, 4), "seconds": round(time.time() - start)},
              args.out)
-    start = time.time() - data_seconds
-    emit({"step": "real data", **score(real, classifier), "seconds": round(time.time() - start)}, args.out)
+    start = time.time()
+    real_score = score(real, classifier)
+    emit({"step": "real data", **real_score, "seconds": round(data_seconds + time.time() - start)}, args.out)
     launch = args.launch_config or ("launch_configs/accelerate/single_gpu.yaml" if torch.cuda.is_available()
                                     else "launch_configs/accelerate/cpu.yaml")
     batches = [args.candidates] if args.parallel else [[name] for name in args.candidates]

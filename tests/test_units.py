@@ -160,8 +160,14 @@ def test_config_precedence_cli_over_file_over_defaults(tmp_path):
 def test_auto_pack_is_fixed_at_load_and_recorded(overrides, pack):
     config = load_config(None, overrides)
     assert config.loss.pack == pack
-    assert config_from_dict(yaml.safe_load(config.to_yaml())).loss.pack == pack  # config.yaml holds the value
-    assert yaml.safe_load(Config().to_yaml())["loss"]["pack"] == 0 and config_from_dict({}).loss.pack == 4
+    saved = yaml.safe_load(config.to_yaml())
+    assert saved["loss"]["pack"] == pack  # config.yaml holds the value, not "auto"
+    assert config_from_dict(saved).loss.pack == pack
+
+
+def test_auto_pack_is_the_default_and_resolved_wherever_a_config_is_built():
+    assert yaml.safe_load(Config().to_yaml())["loss"]["pack"] == 0  # the dataclass default is "auto"
+    assert config_from_dict({}).loss.pack == 4 and load_config().loss.pack == 4
 
 
 def test_dry_run_prints_the_resolved_config():
