@@ -258,6 +258,12 @@ def check_files(c: Config):
             raise ConfigError(f"{key}: file not found: {value}")
     if c.eval.extractor != "inception" and not Path(c.eval.extractor).is_file():
         raise ConfigError(f"eval.extractor: 'inception' or a TorchScript/module file, and {c.eval.extractor} is no file")
+    features = {m.strip() for m in c.eval.metrics.split(",") if m.strip()} - {"l1", "psnr"}
+    if c.eval.every_kimg > 0 and features and c.eval.extractor == "inception":  # before the demo set renders
+        from bigan.metrics.features import inception_path, missing_inception
+
+        if not inception_path(c.eval.inception or None).is_file():
+            raise ConfigError(f"eval.every_kimg: {missing_inception(inception_path(c.eval.inception or None), '--eval.inception')}")
     if c.run.resume not in ("", "latest") and not Path(c.run.resume).is_dir():
         raise ConfigError(f"run.resume: '', 'latest' or a checkpoint folder, and {c.run.resume} is no folder")
     run_dir = Path(c.run.dir)

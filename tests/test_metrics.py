@@ -180,9 +180,12 @@ def test_missing_inception_weights_is_a_one_line_error(tmp_path, env):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("bigan-eval: error:") and str(missing) in last and "inception-2015-12-05.pkl" in last
 
+    # the default run (the demo set, not rendered yet in this cache): refused before rendering or writing anything
     result = train([f"--run.dir={tmp_path / 'run'}", "--eval.every_kimg=1", "--train.kimg=0.1"],
-                   {**env, "BIGAN_INCEPTION": str(missing)}, check=False)
-    assert result.returncode == 2 and "FID Inception weights not found" in result.stderr.strip().splitlines()[-1]
+                   {**env, "BIGAN_INCEPTION": str(missing), "BIGAN_CACHE": str(tmp_path / "cache")}, check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "eval.every_kimg: FID Inception weights not found" in last and str(missing) in last
+    assert "rendering" not in result.stdout and not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
 def test_stacked_glyphs_and_the_mode_classifier_agree_on_mode_order():

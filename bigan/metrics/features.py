@@ -25,6 +25,11 @@ def inception_path(explicit: str | None = None) -> Path:
     return Path(explicit or os.environ.get("BIGAN_INCEPTION") or cache_dir() / INCEPTION_FILE)
 
 
+def missing_inception(path: Path, flag: str = "--inception") -> str:
+    return (f"FID Inception weights not found at {path}: download {INCEPTION_URL} on a machine with internet "
+            f"and put it there (or set BIGAN_INCEPTION / {flag})")
+
+
 class Extractor:
     """Calls a feature network on uint8 NCHW images; returns (features, class probabilities or None).
 
@@ -40,8 +45,7 @@ class Extractor:
         path = inception_path(inception_file) if self.is_inception else Path(spec)
         if not path.exists():
             if self.is_inception:
-                raise ExtractorError(f"FID Inception weights not found at {path}: download {INCEPTION_URL} on a "
-                                     f"machine with internet and put it there (or set BIGAN_INCEPTION / --inception)")
+                raise ExtractorError(missing_inception(path))
             raise ExtractorError(f"feature extractor not found: {path}")
         self.net = self._load(path).to(self.device).eval()
         self.name = f"{'inception' if self.is_inception else path.stem}-{_digest(path)}"
