@@ -1,7 +1,9 @@
 """Losses against hand-computed numbers; spectral norm, EMA, models and config behaviour."""
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,6 +197,24 @@ def test_a_stale_deepspeed_build_lock_is_removed_and_a_live_one_kept(tmp_path, m
     assert not (folder / "lock").exists() and "removed a stale DeepSpeed build lock" in capsys.readouterr().out
     (folder / "lock").write_text("")  # a build that is alive (just touched its files)
     assert ds_build.clear_stale_locks(stale_s=600) == [] and (folder / "lock").exists()
+
+
+def test_deepspeed_builds_with_the_environments_ninja_activated_or_not(tmp_path, monkeypatch):
+    """Two ninjas (the environment's and the system's) hash the same command differently: launches with
+    and without the environment activated would each rebuild DeepSpeed's op (a minute or two each)."""
+    import shutil
+
+    from bigan.backends import ds_build
+
+    own = Path(sys.executable).parent / "ninja"
+    if not own.is_file():
+        pytest.skip("no ninja in this environment (DeepSpeed installs one)")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # not activated
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert ds_build.prepare_builds() == tmp_path
+    assert shutil.which("ninja") == str(own)
+    ds_build.prepare_builds()
+    assert os.environ["PATH"].split(os.pathsep).count(str(own.parent)) == 1
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance"])

@@ -140,6 +140,7 @@ class DeepSpeedBackend:
         from bigan.backends import ds_build
 
         if accelerator.device.type == "cpu":  # only CPU runs JIT-build an op (DeepSpeed's shm communication)
+            ds_build.prepare_builds()
             ds_build.clear_stale_locks()
         with ds_build.LockWatch():
             import deepspeed

@@ -8,6 +8,10 @@ leaves the lock behind, and every later launch then waits on it silently, foreve
 * builds into a folder of this Python environment (``<sys.prefix>/torch_extensions``) unless
   ``TORCH_EXTENSIONS_DIR`` is set, so environments (and users sharing a home folder) do not
   wait on each other's builds;
+* builds with this environment's ``ninja`` (DeepSpeed installs one beside Python), whether or
+  not the environment is activated: ninja versions hash their commands differently, so a
+  launch from an activated shell (a Slurm job) and one without (``.venv/bin/accelerate``)
+  would otherwise each rebuild the op the other built, a minute or two every time;
 * removes a lock whose build has shown no sign of life (no file in its folder changed) for
   ``STALE_S`` seconds, saying so: at start-up, so the op is built afresh, and while waiting on
   it, so the wait ends (that start then fails to load the op; the next one builds it);
@@ -23,6 +27,15 @@ from pathlib import Path
 
 OPS = ("deepspeed_shm_comm",)
 STALE_S = 600  # a real build of the op takes 1-2 minutes on 2 cores and touches its files throughout
+
+
+def prepare_builds() -> Path:
+    """This environment's ninja first on PATH; the build folder (made this environment's unless set)."""
+    tools = Path(sys.executable).parent
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if (tools / "ninja").is_file() and path[0] != str(tools):
+        os.environ["PATH"] = os.pathsep.join([str(tools), *path])
+    return extensions_dir()
 
 
 def extensions_dir() -> Path:
