@@ -9,8 +9,12 @@ timed, then scored with bigan's own tools on EMA-G:
 - `bigan-eval --metrics fid` against the demo set at the candidate's resolution, with 8x8 colour
   thumbnails as the features (no download; it ranks colour and layout, what makes a sample
   read as a landscape at a glance; not comparable with Inception FIDs);
+- the same with 16x16 thumbnails (768 numbers: a sun or moon is a pixel or two there, a ridgeline a
+  step between rows), which 8x8 thumbnails average away;
 - the pixel spread (std of every pixel value across 1000 samples, 0-255), which a run that draws
-  grey bands keeps low: real demo images have about 47 at 64 px.
+  grey bands keeps low: real demo images have about 47 at 64 px;
+- detail: the mean absolute Laplacian of the samples' luma over the real images' (1.0 = as much
+  edge as the data: sun discs, ridgelines, trees, shorelines; a blurred sample scores well below 1).
 
 One JSON line per candidate, printed as soon as it is measured.
 """
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,14 +53,32 @@ CANDIDATES = {  # overrides on top of bigan's defaults (D without normalization,
     "pack2": ["--loss.pack=2"],
     "nopack": ["--loss.pack=1"],
     "resize": ["--model.g_upsample=resize"],  # no transposed convs in G: no checkerboard
+    "transposed": ["--model.g_upsample=transposed"],
+    "ch16": ["--model.g_channels=16", "--model.d_channels=16"],
+    "ch48": ["--model.g_channels=48", "--model.d_channels=48"],
+    "lr2e-4": ["--train.g_lr=2e-4", "--train.d_lr=2e-4"],
+    "ema_short": ["--train.ema_kimg=2"],
+    "r1_1": ["--loss.r1=1"],
 }
 
 
+def overrides_of(candidate: str) -> list[str]:
+    """A named candidate, or several joined by '+' (e.g. 32px+batch32): their overrides in order."""
+    unknown = [name for name in candidate.split("+") if name not in CANDIDATES]
+    if unknown:
+        raise SystemExit(f"unknown candidate {unknown[0]!r}; known: {', '.join(CANDIDATES)}")
+    return [o for name in candidate.split("+") for o in CANDIDATES[name]]
+
+
 class Thumbnails(torch.nn.Module):
-    """uint8 NCHW at any size -> the 8x8 colour thumbnail (192 numbers in [-1, 1]): colour and layout."""
+    """uint8 NCHW at any size -> the size x size colour thumbnail (3 size^2 numbers in [-1, 1])."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
 
     def forward(self, x):
-        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 127.5 - 1, 8).flatten(1)
+        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 127.5 - 1, self.size).flatten(1)
 
 
 def spread(images: np.ndarray) -> float:
@@ -63,46 +86,74 @@ def spread(images: np.ndarray) -> float:
     return float(images.astype(np.float32).std(axis=0).mean())
 
 
+def edge_energy(images: np.ndarray) -> float:
+    """Mean absolute 4-neighbour Laplacian of the luma of uint8 NxHxWx3 images (0-255 scale)."""
+    luma = images.astype(np.float32).mean(axis=-1)
+    lap = 4 * luma[:, 1:-1, 1:-1] - luma[:, :-2, 1:-1] - luma[:, 2:, 1:-1] - luma[:, 1:-1, :-2] - luma[:, 1:-1, 2:]
+    return float(np.abs(lap).mean())
+
+
+def thumbnail_fid(checkpoint: Path, manifest: Path, extractor: Path) -> float:
+    scored = subprocess.run([sys.executable, "-m", "bigan.metrics.evaluate", "--checkpoint", str(checkpoint), "--data", str(manifest),
+                             "--extractor", str(extractor), "--metrics", "fid", "--n", "2000"],
+                            check=True, capture_output=True, text=True)
+    return json.loads(scored.stdout.strip().splitlines()[-1])["fid"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("candidates", nargs="*", default=list(CANDIDATES), help=f"any of {', '.join(CANDIDATES)}")
+    parser.add_argument("candidates", nargs="*", default=list(CANDIDATES), help=f"any of (or several joined by +) {', '.join(CANDIDATES)}")
     parser.add_argument("--kimg", type=float, default=60)
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     parser.add_argument("--keep", type=Path, default=None, help="keep run folders under this folder")
+    parser.add_argument("--score-every", type=float, default=0, metavar="KIMG",
+                        help="checkpoint every KIMG and score each checkpoint (a learning curve), not only the end")
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="bigan-demo-quality-"))
-    extractor = work / "thumbnails.pt"
     work.mkdir(parents=True, exist_ok=True)
-    torch.jit.script(Thumbnails()).save(str(extractor))
+    extractors = {size: work / f"thumbnails{size}.pt" for size in (8, 16)}
+    for size, path in extractors.items():
+        torch.jit.script(Thumbnails(size)).save(str(path))
+    from bigan.checkpoint import checkpoints
     from bigan.data.demo import ensure_demo_shards, render_landscape
 
     for name in args.candidates:
-        overrides = CANDIDATES[name] + [f"--train.kimg={args.kimg}", f"--run.dir={work / name}"]
+        overrides = overrides_of(name) + [f"--train.kimg={args.kimg}", f"--run.dir={work / name}"]
+        if args.score_every:
+            overrides += [f"--run.ckpt_every_kimg={args.score_every}", "--run.ckpt_limit=1000"]
         resolution = int(next((o.split("=")[1] for o in overrides if o.startswith("--data.resolution=")), 64))
         manifest = ensure_demo_shards(10_000, resolution)
+        real = np.stack([render_landscape(0, i, resolution) for i in range(1000)])
         shutil.rmtree(work / name, ignore_errors=True)  # a fresh run (bigan refuses a used run dir)
         start = time.time()
         subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch_configs/accelerate/cpu.yaml",
                         "bigan/train.py", "--config", "launch_configs/experiments/demo.yaml", "--run.progress=false",
                         *overrides], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         seconds = time.time() - start
-        samples = work / name / "samples.npz"
-        subprocess.run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(work / name), "--n", "1000",
-                        "--out", str(samples)], check=True, stdout=subprocess.DEVNULL)
-        scored = subprocess.run([sys.executable, "-m", "bigan.metrics.evaluate", "--checkpoint", str(work / name), "--data", str(manifest),
-                                 "--extractor", str(extractor), "--metrics", "fid", "--n", "2000"],
-                                check=True, capture_output=True, text=True)
-        fid = json.loads(scored.stdout.strip().splitlines()[-1])["fid"]
-        real = np.stack([render_landscape(0, i, resolution) for i in range(1000)])
-        row = {"candidate": name, "overrides": CANDIDATES[name], "kimg": args.kimg, "resolution": resolution,
-               "train_s": round(seconds, 1), "img_per_s": round(args.kimg * 1000 / seconds, 1),
-               "fid_thumb8": round(fid, 2), "pixel_spread": round(spread(np.load(samples)["images"]), 1),
-               "real_pixel_spread": round(spread(real), 1), "cores": os.cpu_count(),
-               "date": time.strftime("%Y-%m-%d")}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        batch = yaml.safe_load((work / name / "config.yaml").read_text())["train"]["batch_size"]
+        targets = checkpoints(work / name) if args.score_every else [work / name]
+        for target in targets:
+            kimg = int(target.name.split("-")[1]) * batch / 1000 if target.name.startswith("ckpt-") else args.kimg
+            row = {"candidate": name, "overrides": overrides_of(name), "kimg": kimg, "resolution": resolution,
+                   **score(target, manifest, extractors, real),
+                   "train_s": round(seconds, 1), "img_per_s": round(args.kimg * 1000 / seconds, 1),
+                   "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+def score(checkpoint: Path, manifest: Path, extractors: dict, real: np.ndarray) -> dict:
+    """EMA-G of a run folder or checkpoint: thumbnail FIDs, pixel spread and detail (module docstring)."""
+    samples = checkpoint.with_name(checkpoint.name + "-samples.npz")  # beside it, not inside a checkpoint
+    subprocess.run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(checkpoint), "--n", "1000",
+                    "--out", str(samples)], check=True, stdout=subprocess.DEVNULL)
+    fakes = np.load(samples)["images"]
+    fids = {size: thumbnail_fid(checkpoint, manifest, path) for size, path in extractors.items()}
+    return {"fid_thumb8": round(fids[8], 2), "fid_thumb16": round(fids[16], 2),
+            "pixel_spread": round(spread(fakes), 1), "real_pixel_spread": round(spread(real), 1),
+            "detail": round(edge_energy(fakes) / edge_energy(real), 2)}
 
 
 if __name__ == "__main__":
