@@ -25,5 +25,6 @@ train: install
 	$(BIN)/accelerate launch --config_file launch_configs/accelerate/cpu.yaml bigan/train.py \
 		--config launch_configs/experiments/demo.yaml $(ARGS)
 
+# Tests run on every core (pytest-xdist), the Slurm ones and the DeepSpeed ones each on one worker.
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup $(ARGS)

@@ -75,6 +75,8 @@ def _small(command: str, extractor: Path) -> list[str]:
                                                 if "--data" in argv else [])
     if argv[0].endswith("bigan-sample") and "--n" in argv:
         return ["--n", "4"]
+    if argv[0].endswith("bigan-shards") and "--workers" in argv:
+        return ["--workers", "2"]  # this machine's cores: 8 processes for 8 images only start up
     if argv[0].endswith("bigan-demo-data") and "--folders" in argv:
         return ["--n", "16"]
     if argv[1:2] == ["bench/modes.py"]:

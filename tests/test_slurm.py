@@ -16,6 +16,8 @@ import pytest
 from bigan import checkpoint
 from conftest import ROOT, free_port, tiny_args
 
+pytestmark = pytest.mark.xdist_group("slurm")  # one throwaway cluster, on one pytest worker
+
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory, env):
