@@ -11,7 +11,8 @@
 #           issue's 2 million images) or MODES_SECONDS (420) of training, whichever comes first,
 #           EMA-G scored in the loop every 250 kimg (the learning curve) and at the end by
 #           bigan-sample + bigan-eval; by default the next ablation on top of packs of 4 (ttur, d2,
-#           batch128); the packing run of 2026-11-27 was "default packed packed4 sn_hinge"
+#           batch128); the packing run of 2026-11-27 was "default packed packed4 sn_hinge";
+#           MODES_RESOLUTION=64 runs the same 1000 modes at 64 px (issue 12 asks for both)
 #   checks  DeepSpeed ZeRO-2 bf16, ZeRO-3 fp16 and pix2pix ZeRO-3 bf16 from shards, as users launch them
 #   speed   (~6 min; stops where the call's limit cuts it, each figure already written) where an
 #           iteration's time goes, ZeRO beside the yardstick, the step alone
@@ -51,7 +52,7 @@ modes() {
   # shellcheck disable=SC2086
   "$PYTHON" bench/modes.py --kimg "${MODES_KIMG:-2000}" --seconds "${MODES_SECONDS:-420}" --parallel \
     --eval-every "${MODES_EVAL_EVERY:-250}" --precision "${MODES_PRECISION:-bf16}" --channels "${MODES_CHANNELS:-64}" \
-    --n "${MODES_N:-60000}" --samples "${MODES_SAMPLES:-26000}" --work /tmp/bigan-modes --out "$OUT/modes.jsonl" \
+    --resolution "${MODES_RESOLUTION:-32}" --n "${MODES_N:-60000}" --samples "${MODES_SAMPLES:-26000}" --work /tmp/bigan-modes --out "$OUT/modes.jsonl" \
     ${MODES_CANDIDATES:-default ttur d2 batch128} > "$OUT/modes.log" 2>&1
   echo "modes: exit $? after $SECONDS s"
   "$PYTHON" - "$OUT/modes_grids.png" /tmp/bigan-modes/runs/*/ <<'PY' || true  # each candidate's last EMA-G grid

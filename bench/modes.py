@@ -15,7 +15,8 @@
 3. The real data's own score: 26,000 held-back images (another seed) as a .npz, scored by
    `bigan-eval --samples real.npz --modes classifier.pt`.
 4. Per candidate (a set of overrides): `accelerate launch bigan/train.py --data.shards=WORK/data
-   --data.resolution=32 --data.flip=false ...`, then `bigan-sample --n 26000 --out samples.npz`
+   --data.resolution=32 --data.flip=false ...` (`--resolution 64`: the same stacks upsampled as they
+   load, and samples area-downsampled to 32 px by the classifier: the same 1000 modes at 64 px), then `bigan-sample --n 26000 --out samples.npz`
    (EMA-G), then `bigan-eval --samples samples.npz --modes classifier.pt`.
 
 With --parallel the candidates train side by side on the one device (a 32 px model leaves most of
@@ -199,6 +200,9 @@ def main():
     parser.add_argument("--precision", default="no", help="train.precision")
     parser.add_argument("--samples", type=int, default=SAMPLES, help="samples scored per candidate (and real images)")
     parser.add_argument("--glyphs", type=int, default=20_000, help="glyphs the classifier trains on")
+    parser.add_argument("--resolution", type=int, default=32, choices=(32, 64),
+                        help="training resolution: 64 trains on the 32 px stacks upsampled (bicubic) as they load; "
+                             "the classifier scores samples area-downsampled to 32 px")
     parser.add_argument("--channels", type=int, default=64, help="G and D base width (64: as the issue's H200 run)")
     parser.add_argument("--work", type=Path, default=None, help="data, classifier and runs (default $BIGAN_CACHE/modes)")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
@@ -255,7 +259,7 @@ def main():
 
 def start_candidate(name, args, manifest, classifier, work, launch):
     """`accelerate launch bigan/train.py` for one candidate, its output in RUN.log; (process, run dir, start)."""
-    run_dir = work / "runs" / f"{name}-{args.channels}ch-{args.kimg:g}kimg"
+    run_dir = work / "runs" / f"{name}-{args.resolution}px-{args.channels}ch-{args.kimg:g}kimg"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time (bigan refuses a used run dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     overrides = [f"--model.g_channels={args.channels}", f"--model.d_channels={args.channels}", *CANDIDATES[name]]
@@ -264,7 +268,7 @@ def start_candidate(name, args, manifest, classifier, work, launch):
     log = open(run_dir.with_suffix(".log"), "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch, "bigan/train.py",
-         f"--data.shards={manifest}", "--data.resolution=32", "--data.flip=false", f"--train.kimg={args.kimg}",
+         f"--data.shards={manifest}", f"--data.resolution={args.resolution}", "--data.flip=false", f"--train.kimg={args.kimg}",
          f"--train.precision={args.precision}", f"--run.dir={run_dir}", "--run.progress=false",
          "--run.image_every_kimg=50", *evaluation, *overrides],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -286,12 +290,12 @@ def finish_candidate(name, process, run_dir, seconds, args, classifier):
             at, values = line[len("bigan: evaluation at "):].split(" kimg: ")
             row = {k: float(v) for k, v in (item.split(" ") for item in values.split(", "))}
             emit({"candidate": name, "at_kimg": float(at), "modes": row.get("modes"), "kl_modes": row.get("kl_modes"),
-                  "n": args.samples, "in_loop": True}, args.out)
+                  "resolution": args.resolution, "n": args.samples, "in_loop": True}, args.out)
     samples = run_dir / "samples.npz"
     subprocess.run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir), "--n", str(args.samples),
                     "--out", str(samples)], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
     result = score(samples, classifier)
-    emit({"candidate": name, "overrides": CANDIDATES[name], "channels": args.channels, "modes": result["modes"],
+    emit({"candidate": name, "overrides": CANDIDATES[name], "resolution": args.resolution, "channels": args.channels, "modes": result["modes"],
           "kl_modes": round(result["kl_modes"], 3), "kimg": kimg, "kimg_asked": args.kimg, "precision": args.precision,
           "train_s": round(seconds, 1), "img_per_s": round(kimg * 1000 / seconds), "parallel": args.parallel}, args.out)
 
