@@ -48,6 +48,7 @@ CANDIDATES = {  # overrides on top of bigan's defaults (D without normalization,
     "lr4e-4": ["--train.g_lr=4e-4", "--train.d_lr=4e-4"],
     "batch32": ["--train.batch_size=32"],
     "batch16": ["--train.batch_size=16"],
+    "batch8": ["--train.batch_size=8"],  # on CPU the step costs about as much per image at 8 as at 64: 8x the steps
     "r1_0.05": ["--loss.r1=0.05"],
     "pack4": ["--loss.pack=4"],  # what covered all 1000 modes of bench/modes.py on a GPU
     "pack2": ["--loss.pack=2"],
@@ -56,9 +57,16 @@ CANDIDATES = {  # overrides on top of bigan's defaults (D without normalization,
     "transposed": ["--model.g_upsample=transposed"],
     "ch16": ["--model.g_channels=16", "--model.d_channels=16"],
     "ch48": ["--model.g_channels=48", "--model.d_channels=48"],
+    "d64": ["--model.d_channels=64"],  # a wider D than G
+    "resnet": ["--model.arch=resnet"],
     "lr2e-4": ["--train.g_lr=2e-4", "--train.d_lr=2e-4"],
     "ema_short": ["--train.ema_kimg=2"],
+    "ttur": ["--train.g_lr=1e-4", "--train.d_lr=4e-4"],
+    "d2": ["--loss.d_steps=2"],
+    "betas0.5": ["--train.g_lr=2e-4", "--train.d_lr=2e-4", "--train.g_betas=[0.5, 0.999]", "--train.d_betas=[0.5, 0.999]"],
     "r1_1": ["--loss.r1=1"],
+    "r1_0.01": ["--loss.r1=0.01"],  # StyleGAN2-ADA's heuristic 0.0002 * res^2 / batch: 0.013 at 64 px, batch 64
+    "r1_0": ["--loss.r1=0"],
 }
 
 
