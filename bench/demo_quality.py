@@ -17,6 +17,13 @@ timed, then scored with bigan's own tools on EMA-G:
   edge as the data: sun discs, ridgelines, trees, shorelines; a blurred sample scores well below 1).
 
 One JSON line per candidate, printed as soon as it is measured.
+
+    .venv/bin/python bench/demo_quality.py --probe-d RUN/checkpoints/ckpt-N
+
+instead trains a fresh D (the run's architecture, optimizer settings and batch) to tell real demo
+images from 2,000 samples of that checkpoint's G, and prints its held-out accuracy as it goes: a
+D that could keep up, against the D of the run, whose loss (TensorBoard `Loss/D`) says how well it
+does inside the game (2 ln 2 = 1.386 is chance).
 """
 from __future__ import annotations
 
@@ -108,6 +115,37 @@ def thumbnail_fid(checkpoint: Path, manifest: Path, extractor: Path) -> float:
     return json.loads(scored.stdout.strip().splitlines()[-1])["fid"]
 
 
+def probe_discriminator(checkpoint: Path, steps: int = 300, n: int = 2000):
+    """Held-out accuracy of a fresh D trained on real images vs the checkpoint's G samples (module docstring)."""
+    from bigan.data.demo import render_landscape
+    from bigan.models import build_models
+    from bigan.sample import generate, latents, load_generator
+
+    config = yaml.safe_load((checkpoint.parent.parent / "config.yaml").read_text())
+    g, model = load_generator(checkpoint, ema=False)  # the G that the run's D was playing against
+    fake = generate(g, model, latents(n, model["z_dim"], seed=1, truncation=None))
+    res = model["resolution"]
+    real = torch.from_numpy(np.stack([render_landscape(0, i, res) for i in range(n)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    torch.manual_seed(0)
+    _, d = build_models(model["arch"], res, model["z_dim"], model["g_channels"], model["d_channels"],
+                        d_norm=model.get("d_norm", "batch"))
+    t = config["train"]
+    opt = torch.optim.Adam(d.parameters(), t["d_lr"], betas=tuple(float(b) for b in t["d_betas"]))
+    train, held_out, batch = slice(0, n * 4 // 5), slice(n * 4 // 5, n), t["batch_size"]
+    for step in range(steps + 1):
+        if step % 50 == 0:
+            with torch.no_grad():
+                accuracy = ((d(real[held_out]) > 0).float().mean() + (d(fake[held_out]) < 0).float().mean()) / 2
+            print(json.dumps({"probe_d": str(checkpoint), "step": step, "held_out_accuracy": round(float(accuracy), 3)}),
+                  flush=True)
+        pick = torch.randint(0, n * 4 // 5, (batch,))
+        loss = (torch.nn.functional.softplus(-d(real[train][pick])).mean()    # -log sigmoid(D(real))
+                + torch.nn.functional.softplus(d(fake[train][pick])).mean())  # -log(1 - sigmoid(D(fake)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("candidates", nargs="*", default=list(CANDIDATES), help=f"any of (or several joined by +) {', '.join(CANDIDATES)}")
@@ -116,7 +154,11 @@ def main():
     parser.add_argument("--keep", type=Path, default=None, help="keep run folders under this folder")
     parser.add_argument("--score-every", type=float, default=0, metavar="KIMG",
                         help="checkpoint every KIMG and score each checkpoint (a learning curve), not only the end")
+    parser.add_argument("--probe-d", type=Path, default=None, metavar="CHECKPOINT",
+                        help="instead: how well a fresh D tells this checkpoint's samples from real images")
     args = parser.parse_args()
+    if args.probe_d:
+        return probe_discriminator(args.probe_d)
     work = Path(args.keep or tempfile.mkdtemp(prefix="bigan-demo-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     extractors = {size: work / f"thumbnails{size}.pt" for size in (8, 16)}
