@@ -262,8 +262,9 @@ def check_files(c: Config):
     if c.eval.every_kimg > 0 and features and c.eval.extractor == "inception":  # before the demo set renders
         from bigan.metrics.features import inception_path, missing_inception
 
-        if not inception_path(c.eval.inception or None).is_file():
-            raise ConfigError(f"eval.every_kimg: {missing_inception(inception_path(c.eval.inception or None), '--eval.inception')}")
+        weights = inception_path(c.eval.inception or None)
+        if not weights.is_file():
+            raise ConfigError(f"eval.every_kimg: {missing_inception(weights, '--eval.inception')}")
     if c.run.resume not in ("", "latest") and not Path(c.run.resume).is_dir():
         raise ConfigError(f"run.resume: '', 'latest' or a checkpoint folder, and {c.run.resume} is no folder")
     run_dir = Path(c.run.dir)
