@@ -128,7 +128,7 @@ def probe_discriminator(checkpoint: Path, steps: int = 300, n: int = 2000):
     real = torch.from_numpy(np.stack([render_landscape(0, i, res) for i in range(n)])).permute(0, 3, 1, 2).float() / 127.5 - 1
     torch.manual_seed(0)
     _, d = build_models(model["arch"], res, model["z_dim"], model["g_channels"], model["d_channels"],
-                        d_norm=model.get("d_norm", "batch"))
+                        d_norm=model.get("d_norm", "batch"), pack=config["loss"]["pack"])
     t = config["train"]
     opt = torch.optim.Adam(d.parameters(), t["d_lr"], betas=tuple(float(b) for b in t["d_betas"]))
     train, held_out, batch = slice(0, n * 4 // 5), slice(n * 4 // 5, n), t["batch_size"]
