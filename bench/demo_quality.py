@@ -180,10 +180,12 @@ def main():
                         "bigan/train.py", "--config", "launch_configs/experiments/demo.yaml", "--run.progress=false",
                         *overrides], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         seconds = time.time() - start
-        batch = yaml.safe_load((work / name / "config.yaml").read_text())["train"]["batch_size"]
+        config = yaml.safe_load((work / name / "config.yaml").read_text())
+        # real images D sees per optimizer step (one process): what kimg counts
+        per_step = config["train"]["batch_size"] * config["train"]["grad_accum"] * config["loss"]["d_steps"]
         targets = checkpoints(work / name) if args.score_every else [work / name]
         for target in targets:
-            kimg = int(target.name.split("-")[1]) * batch / 1000 if target.name.startswith("ckpt-") else args.kimg
+            kimg = int(target.name.split("-")[1]) * per_step / 1000 if target.name.startswith("ckpt-") else args.kimg
             row = {"candidate": name, "overrides": overrides_of(name), "kimg": kimg, "resolution": resolution,
                    **score(target, manifest, extractors, real),
                    "train_s": round(seconds, 1), "img_per_s": round(args.kimg * 1000 / seconds, 1),
