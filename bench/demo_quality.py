@@ -117,6 +117,7 @@ def thumbnail_fid(checkpoint: Path, manifest: Path, extractor: Path) -> float:
 
 def probe_discriminator(checkpoint: Path, steps: int = 300, n: int = 2000):
     """Held-out accuracy of a fresh D trained on real images vs the checkpoint's G samples (module docstring)."""
+    from bigan import losses
     from bigan.data.demo import render_landscape
     from bigan.models import build_models
     from bigan.sample import generate, latents, load_generator
@@ -139,8 +140,7 @@ def probe_discriminator(checkpoint: Path, steps: int = 300, n: int = 2000):
             print(json.dumps({"probe_d": str(checkpoint), "step": step, "held_out_accuracy": round(float(accuracy), 3)}),
                   flush=True)
         pick = torch.randint(0, n * 4 // 5, (batch,))
-        loss = (torch.nn.functional.softplus(-d(real[train][pick])).mean()    # -log sigmoid(D(real))
-                + torch.nn.functional.softplus(d(fake[train][pick])).mean())  # -log(1 - sigmoid(D(fake)))
+        loss, _ = losses.d_loss("bce", d(real[train][pick]), d(fake[train][pick]))  # bigan's own D loss
         opt.zero_grad()
         loss.backward()
         opt.step()
