@@ -14,7 +14,10 @@ timed, then scored with bigan's own tools on EMA-G:
 - the pixel spread (std of every pixel value across 1000 samples, 0-255), which a run that draws
   grey bands keeps low: real demo images have about 47 at 64 px;
 - detail: the mean absolute Laplacian of the samples' luma over the real images' (1.0 = as much
-  edge as the data: sun discs, ridgelines, trees, shorelines; a blurred sample scores well below 1).
+  edge as the data: sun discs, ridgelines, trees, shorelines; a blurred sample scores well below 1);
+- sun: each image's brightest spot over its surroundings (luma minus its mean over a window an eighth
+  of the image wide, the maximum over the image), averaged over images, samples over real (1.0 = as
+  bright and compact a sun or moon as the data draws; a sky without one, or a smeared glow, scores low).
 
 One JSON line per candidate, printed as soon as it is measured.
 
@@ -63,7 +66,10 @@ CANDIDATES = {  # overrides on top of bigan's defaults (D without normalization,
     "resize": ["--model.g_upsample=resize"],  # no transposed convs in G: no checkerboard
     "transposed": ["--model.g_upsample=transposed"],
     "ch16": ["--model.g_channels=16", "--model.d_channels=16"],
+    "ch32": ["--model.g_channels=32", "--model.d_channels=32"],
+    "ch64": ["--model.g_channels=64", "--model.d_channels=64"],
     "ch48": ["--model.g_channels=48", "--model.d_channels=48"],
+    "dbatch": ["--model.d_norm=batch", "--loss.r1=0"],  # DCGAN's D: BatchNorm, no R1
     "d64": ["--model.d_channels=64"],  # a wider D than G
     "resnet": ["--model.arch=resnet"],
     "lr2e-4": ["--train.g_lr=2e-4", "--train.d_lr=2e-4"],
@@ -74,6 +80,12 @@ CANDIDATES = {  # overrides on top of bigan's defaults (D without normalization,
     "r1_1": ["--loss.r1=1"],
     "r1_0.01": ["--loss.r1=0.01"],  # StyleGAN2-ADA's heuristic 0.0002 * res^2 / batch: 0.013 at 64 px, batch 64
     "r1_0": ["--loss.r1=0"],
+    "seed1": ["--train.seed=1"],  # the same settings from other initial weights and latents
+    "lr8e-4": ["--train.g_lr=8e-4", "--train.d_lr=8e-4"],
+    # DCGAN as published (Radford et al. 2016): BatchNorm in D, no R1, Adam 2e-4 (0.5, 0.999), transposed convs, 64 channels
+    "classic": ["--model.d_norm=batch", "--loss.r1=0", "--train.g_lr=2e-4", "--train.d_lr=2e-4",
+                "--train.g_betas=[0.5, 0.999]", "--train.d_betas=[0.5, 0.999]", "--model.g_upsample=transposed",
+                "--model.g_channels=64", "--model.d_channels=64"],
 }
 
 
@@ -106,6 +118,14 @@ def edge_energy(images: np.ndarray) -> float:
     luma = images.astype(np.float32).mean(axis=-1)
     lap = 4 * luma[:, 1:-1, 1:-1] - luma[:, :-2, 1:-1] - luma[:, 2:, 1:-1] - luma[:, 1:-1, :-2] - luma[:, 1:-1, 2:]
     return float(np.abs(lap).mean())
+
+
+def sun_contrast(images: np.ndarray) -> float:
+    """Mean over uint8 NxHxWx3 images of the largest luma excess over the local mean (module docstring)."""
+    luma = torch.from_numpy(images.astype(np.float32)).mean(-1)[:, None]
+    k = max(images.shape[1] // 8, 3) | 1
+    local = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(luma, (k // 2,) * 4, mode="reflect"), k, 1)
+    return float((luma - local).flatten(1).max(1).values.mean())
 
 
 def thumbnail_fid(checkpoint: Path, manifest: Path, extractor: Path) -> float:
@@ -205,7 +225,8 @@ def score(checkpoint: Path, manifest: Path, extractors: dict, real: np.ndarray) 
     fids = {size: thumbnail_fid(checkpoint, manifest, path) for size, path in extractors.items()}
     return {"fid_thumb8": round(fids[8], 2), "fid_thumb16": round(fids[16], 2),
             "pixel_spread": round(spread(fakes), 1), "real_pixel_spread": round(spread(real), 1),
-            "detail": round(edge_energy(fakes) / edge_energy(real), 2)}
+            "detail": round(edge_energy(fakes) / edge_energy(real), 2),
+            "sun": round(sun_contrast(fakes) / sun_contrast(real), 2)}
 
 
 if __name__ == "__main__":

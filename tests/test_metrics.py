@@ -209,3 +209,25 @@ def test_stacked_glyphs_and_the_mode_classifier_agree_on_mode_order():
     classifier = modes.StackedClassifier(Brightness())
     assert classifier(images).argmax(1).tolist() == [37, 37]
     assert classifier(images.flip(1)).argmax(1).tolist() == [730, 730]
+
+
+def test_demo_quality_sun_contrast_sees_a_disc_and_not_a_blur():
+    """bench/demo_quality.py's sun score: a bright disc over a sky scores its excess over the
+    surroundings; the same disc smeared into a glow, or a sky without one, scores far lower."""
+    sys.path.insert(0, str(HELPERS.parents[1] / "bench"))
+    import demo_quality
+    from bigan.data.demo import render_landscape
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    sky = np.repeat((60 + 3 * yy)[..., None], 3, axis=2).astype(np.uint8)[None]   # a smooth gradient
+    disc = sky.copy()
+    disc[0][(yy - 10) ** 2 + (xx - 20) ** 2 <= 4] = 250                               # radius 2 px
+    glow = torch.nn.functional.avg_pool2d(torch.from_numpy(disc).permute(0, 3, 1, 2).float(), 7, 1, 3,
+                                          count_include_pad=False).permute(0, 2, 3, 1).round().byte().numpy()
+    assert demo_quality.sun_contrast(sky) < 5
+    assert demo_quality.sun_contrast(disc) > 90  # 190 above the sky, less the disc's share of the window
+    assert demo_quality.sun_contrast(glow) < demo_quality.sun_contrast(disc) / 3
+    real = np.stack([render_landscape(0, i, 32) for i in range(64)])
+    blurred = torch.nn.functional.avg_pool2d(torch.from_numpy(real).permute(0, 3, 1, 2).float(), 5, 1, 2,
+                                             count_include_pad=False).permute(0, 2, 3, 1).round().byte().numpy()
+    assert demo_quality.sun_contrast(blurred) < 0.6 * demo_quality.sun_contrast(real)
