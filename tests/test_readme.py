@@ -174,3 +174,21 @@ def test_readme_commands_are_all_run_or_explained():
     for command in commands:
         assert _not_here(command) or command.startswith("make train") or not command.startswith(("make", "sbatch")), \
             command
+
+
+def test_readme_demo_paragraph_matches_the_preset():
+    """The README's demo figures and its real-image grid are for what `make train` trains: the grid
+    command draws at the preset's resolution, and the paragraph names its resolution, batch and length."""
+    from bigan.config import load_config
+
+    preset = load_config(ROOT / "launch_configs" / "experiments" / "demo.yaml")
+    grid = [c for c in readme_commands() if c.startswith(".venv/bin/bigan-demo-data --grid docs/demo_real.png")]
+    assert grid, "the README no longer shows how docs/demo_real.png is made"
+    for command in grid:
+        argv = shlex.split(command)
+        resolution = int(argv[argv.index("--resolution") + 1]) if "--resolution" in argv else 64
+        assert resolution == preset.data.resolution, command
+    text = README.read_text()
+    paragraph = text[text.index("`make train` runs `launch_configs/experiments/demo.yaml`"):].split("\n\n")[0]
+    for figure in (f"{preset.data.resolution} px", f"batch {preset.train.batch_size}", f"{preset.train.kimg:g} kimg"):
+        assert figure in paragraph, f"README's demo paragraph does not say {figure!r} (demo.yaml)"
