@@ -56,6 +56,7 @@ CANDIDATES = {  # overrides on top of bigan's defaults (D without normalization,
     "32px": ["--data.resolution=32"],
     "lsgan": ["--loss.name=lsgan"],
     "lr4e-4": ["--train.g_lr=4e-4", "--train.d_lr=4e-4"],
+    "batch64": ["--train.batch_size=64"],
     "batch32": ["--train.batch_size=32"],
     "batch16": ["--train.batch_size=16"],
     "batch8": ["--train.batch_size=8"],  # on CPU the step costs about as much per image at 8 as at 64: 8x the steps
