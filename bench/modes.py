@@ -67,6 +67,7 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
     "lr1e-4": ["--train.g_lr=1e-4", "--train.d_lr=1e-4"],
     "ttur": ["--train.g_lr=1e-4", "--train.d_lr=4e-4"],
     "betas0.5": ["--train.g_betas=[0.5, 0.999]", "--train.d_betas=[0.5, 0.999]"],
+    "dbatch": ["--model.d_norm=batch", "--loss.r1=0"],  # DCGAN's D: what gave the demo its suns (2026-11-28)
 }
 
 
