@@ -220,14 +220,15 @@ def test_demo_quality_sun_contrast_sees_a_disc_and_not_a_blur():
 
     def blur(images, k):  # uint8 NHWC, a k x k box filter
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-        return nn_f.avg_pool2d(x, k, 1, k // 2, count_include_pad=False).permute(0, 2, 3, 1).round().byte().numpy()
+        x = torch.nn.functional.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+        return x.permute(0, 2, 3, 1).round().byte().numpy()
 
-    nn_f = torch.nn.functional
     yy, xx = np.mgrid[0:32, 0:32]
     sky = np.repeat((60 + 3 * yy)[..., None], 3, axis=2).astype(np.uint8)[None]   # a smooth gradient
     disc = sky.copy()
     disc[0][(yy - 10) ** 2 + (xx - 20) ** 2 <= 4] = 250                               # radius 2 px
     assert demo_quality.sun_contrast(sky) < 5
+    assert demo_quality.sun_contrasts(np.concatenate([sky, disc, sky])).argmax() == 1  # one score per image
     assert demo_quality.sun_contrast(disc) > 90  # 190 above the sky, less the disc's share of the window
     assert demo_quality.sun_contrast(blur(disc, 7)) < demo_quality.sun_contrast(disc) / 3
     real = np.stack([render_landscape(0, i, 32) for i in range(64)])
