@@ -5,7 +5,8 @@
     bigan-shards paintings/ pairs/ --src-dir layouts/ --resolution 256     # pix2pix: input -> target pairs
     bigan-shards hf_saved_dataset/ pairs/ --image-column painting --src-column sketch
 
-Each of `--workers` processes writes its own range of inputs into its own shards
+The inputs are shuffled (`--seed`, recorded in the manifest), so that every shard holds a mix
+of classes and folders; then each of `--workers` processes writes its own range of them into its own shards
 (`data-WWW-NNNNNN.tar`, one sample per image: `KEY.jpg` and, with labels, `KEY.cls`; a pair
 adds its input image as `KEY.src.jpg`), and `manifest.json` lists them with their sample
 counts. Pairs are matched by path relative to each folder, without the extension. Inputs that cannot be read are skipped,
@@ -284,11 +285,17 @@ def prepare_output(out_dir: Path, overwrite: bool):
 
 
 def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str, label_names=None,
-                 paired: bool = False, skipped=()) -> dict:
-    """Write all items as shards plus manifest.json into out_dir (which must exist); return the manifest."""
+                 paired: bool = False, skipped=(), shuffle_seed: int | None = None) -> dict:
+    """Write all items as shards plus manifest.json into out_dir (which must exist); return the manifest.
+
+    With a shuffle_seed the items are shuffled first (seeded, recorded in the manifest): each worker
+    writes a contiguous range into its shards, so inputs in sorted order (class folders, a sorted
+    dataset) would otherwise give shards of one class each, and batches of a few classes."""
     from tqdm import tqdm
 
     start = time.time()
+    if shuffle_seed is not None:
+        items = [items[i] for i in np.random.default_rng(shuffle_seed).permutation(len(items))]
     with tqdm(total=len(items), unit="img", desc="shards", disable=None if options.progress else True) as bar:
         results = _run_workers(items, load, Path(out_dir), options, bar)
     shards, failures = [], list(skipped)
@@ -309,6 +316,7 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
         "image_format": options.format,
         "labels": label_names,
         "paired": paired,
+        "shuffle_seed": shuffle_seed,
         "total": sum(s["samples"] for s in shards),
         "shards": sorted(shards, key=lambda s: s["name"]),
         "skipped": [{"input": what, "reason": why} for what, why in failures],
@@ -322,8 +330,9 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
 
 def make_shards(source: Path, out_dir: Path, options: ShardOptions, labels_from_dirs=False,
                 image_column="image", label_column=None, split="train", overwrite=False,
-                src_dir: Path | None = None, src_column: str | None = None) -> dict:
-    """Everything bigan-shards does, callable from Python."""
+                src_dir: Path | None = None, src_column: str | None = None, seed: int = 0) -> dict:
+    """Everything bigan-shards does, callable from Python; `seed` shuffles the inputs before they are
+    split into shards."""
     source = Path(source)
     if not source.exists():
         raise ShardError(f"source not found: {source}")
@@ -350,7 +359,7 @@ def make_shards(source: Path, out_dir: Path, options: ShardOptions, labels_from_
         items = rows[:]
     prepare_output(Path(out_dir), overwrite)
     return write_shards(items, load_item, Path(out_dir), options, source=str(source), label_names=names,
-                        paired=bool(src_dir or src_column), skipped=unmatched)
+                        paired=bool(src_dir or src_column), skipped=unmatched, shuffle_seed=seed)
 
 
 def main(argv=None):
@@ -372,6 +381,8 @@ def main(argv=None):
     parser.add_argument("--src-dir", type=Path, default=None, help="pairs (pix2pix): folder of input images, "
                         "matched to SOURCE's target images by path without extension")
     parser.add_argument("--src-column", default=None, help="pairs (pix2pix), datasets: column with the input images")
+    parser.add_argument("--seed", type=int, default=0, help="inputs are shuffled with this seed before they are "
+                        "split into shards, so that every shard holds a mix (recorded in manifest.json)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.resolution is not None and args.resolution < 1:
@@ -387,7 +398,7 @@ def main(argv=None):
     try:
         manifest = make_shards(args.source, args.output_dir, options, args.labels_from_dirs,
                                args.image_column, args.label_column, args.split, args.overwrite,
-                               args.src_dir, args.src_column)
+                               args.src_dir, args.src_column, args.seed)
     except ShardError as exc:
         print(f"bigan-shards: error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import functools
 import io
+import itertools
 import json
 import math
 import random
@@ -44,7 +45,7 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SOURCE_KEYS = tuple(f"src.{k}" for k in IMAGE_KEYS)  # paired samples: KEY.src.jpg (input) beside KEY.jpg (target)
 # Tags that keep the seeds of different random choices apart. Integers, not strings: hash() of a
 # str changes from process to process (PYTHONHASHSEED), hash() of a tuple of ints does not.
-_SHUFFLE, _SHARDS, _ORDER = 1, 2, 3
+_SHUFFLE, _SHARDS, _ORDER, _MIX = 1, 2, 3, 4
 
 
 class DataError(Exception):
@@ -222,6 +223,7 @@ class StreamSpec:
     mode: str = "infinite"                # infinite | epoch
     epochs: int | None = None             # epoch mode: stop after this many (None: forever)
     shuffle_buffer: int = 1000            # raw samples held for shuffling
+    shard_mix: int = 32                   # shards each reader reads at once, interleaved at random
     flip: bool = True                     # random horizontal flip
     crop_scale: tuple | None = None       # random-resized-crop area range, e.g. (0.8, 1.0); None: center crop
     paired: bool = False                  # also decode each sample's input image (src.*), cropped and flipped alike
@@ -357,14 +359,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         from webdataset.filters import _shuffle
 
         position = 0
+        segments = (self._round_shards(role, workers, round_) if self.spec.mode == "infinite"
+                    else self._epoch_segments(round_, *self.epoch_range(role, workers, round_)))
         for n in range(1 if self.spec.mode == "infinite" else 1 << 30):
-            if self.spec.mode == "infinite":
-                raw_pass = self._resampled(role, workers, round_)
-            else:
-                raw_pass = self._epoch_slice(round_, *self.epoch_range(role, workers, round_))
-            rng = random.Random(hash((self.spec.seed, self.spec.rank, role, round_, n, _SHUFFLE)))
+            tags = (self.spec.seed, self.spec.rank, role, round_, n)
+            raw_pass = _interleave(segments, self.spec.shard_mix, np.random.default_rng([*tags, _MIX]))
+            rng = random.Random(hash((*tags, _SHUFFLE)))
             start = position
-            for raw in _shuffle(iter(raw_pass), self.spec.shuffle_buffer, self.spec.shuffle_buffer, rng=rng):
+            for raw in _shuffle(raw_pass, self.spec.shuffle_buffer, self.spec.shuffle_buffer, rng=rng):
                 if position >= skip:
                     yield position, raw, n > 0
                 position += 1
@@ -372,12 +374,20 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise DataError(f"no samples could be read for rank {self.spec.rank} in round {round_} "
                                 f"(shards unreadable: {self.spec.shards.urls[:3]}...)")
 
-    def _resampled(self, role, workers, round_):
-        urls = self.spec.shards.urls
-        rng = random.Random(hash((self.spec.seed, self.spec.rank, role, round_, _SHARDS)))
-        draws = max(1, math.ceil(len(urls) / (self.spec.world_size * workers)))
-        for _ in range(draws):
-            yield from _safe_read(rng.choice(urls))
+    def _round_shards(self, role, workers, round_) -> list:
+        """This reader's shards in an infinite-mode round, as whole-shard segments (see _interleave).
+
+        Every round draws one permutation of all shards (seeded by seed and round, the same on
+        every reader) and gives reader k of R its k-th share of it, so that within a round the
+        readers together read every shard once; with fewer shards than readers they wrap around.
+        """
+        urls, counts = self.spec.shards.urls, self.spec.shards.counts
+        order = np.random.default_rng([self.spec.seed, round_, _SHARDS]).permutation(len(urls))
+        readers = self.spec.world_size * workers
+        share = max(1, math.ceil(len(urls) / readers))
+        first = (self.spec.rank * workers + role) * share
+        picked = [int(order[(first + j) % len(urls)]) for j in range(share)]
+        return [(urls[i], 0, None, counts[i] if counts else None) for i in picked]
 
     def _per_rank_batches(self):
         return sum(self.spec.shards.counts) // (self.spec.world_size * self.spec.batch_size)
@@ -397,20 +407,56 @@ class ShardStream(torch.utils.data.IterableDataset):
         lo = (self.spec.rank * self._per_rank_batches() + sum(owned[:role])) * self.spec.batch_size
         return lo, lo + owned[role] * self.spec.batch_size
 
-    def _epoch_slice(self, epoch, lo, hi):
+    def _epoch_segments(self, epoch, lo, hi) -> list:
+        """The parts of shards that fall in [lo, hi) of the epoch's sample order (shards in a seeded
+        order per epoch), as segments (url, samples, skip)."""
         counts = self.spec.shards.counts
         order = list(range(len(counts)))
         random.Random(hash((self.spec.seed, epoch, _ORDER))).shuffle(order)
-        offset = 0
+        segments, offset = [], 0
         for shard in order:
-            n = counts[shard]
-            if offset < hi and offset + n > lo:
-                for j, raw in enumerate(_safe_read(self.spec.shards.urls[shard])):
-                    if offset + j >= hi:
-                        break
-                    if offset + j >= lo:
-                        yield raw
-            offset += n
+            start, end = max(lo, offset), min(hi, offset + counts[shard])
+            if start < end:
+                segments.append((self.spec.shards.urls[shard], start - offset, end - start, end - start))
+            offset += counts[shard]
+        return segments
+
+
+def _interleave(segments: list, open_at_once: int, rng: np.random.Generator):
+    """The raw samples of shard segments (url, samples to skip, samples to take or None for all, samples
+    expected or None), interleaved at random.
+
+    Shards written in sorted order (by class, by folder) would otherwise reach the shuffle buffer one
+    after another, and a batch would hold the few classes of the last shard or two. Up to
+    `open_at_once` segments are read at the same time. Where every segment's size is known, their
+    order is a uniformly random merge (drawn at once with numpy, no Python draw per sample);
+    otherwise each sample comes from an open segment picked with equal odds.
+    """
+    def read(url, skip, take):
+        return itertools.islice(_safe_read(url), skip, None if take is None else skip + take)
+
+    if len(segments) == 1:
+        yield from read(*segments[0][:3])
+        return
+    for first in range(0, len(segments), open_at_once):
+        group = segments[first:first + open_at_once]
+        readers = [read(url, skip, take) for url, skip, take, _ in group]
+        expected = [n for *_, n in group]
+        if None not in expected:
+            for pick in rng.permutation(np.repeat(np.arange(len(group)), expected)).tolist():
+                sample = next(readers[pick], None)  # None: fewer samples than the manifest says
+                if sample is not None:
+                    yield sample
+            for reader in readers:  # more than the manifest says: those too, in order
+                yield from reader
+            continue
+        while readers:
+            pick = int(rng.integers(len(readers)))
+            sample = next(readers[pick], None)
+            if sample is None:
+                readers.pop(pick)
+            else:
+                yield sample
 
 
 def _safe_read(url):

@@ -61,7 +61,7 @@ def _in_order(shard_set, resolution: int, accelerator, n: int, paired: bool = Fa
     from bigan.data.stream import Loader, StreamSpec
 
     spec = StreamSpec(shard_set, 1, resolution, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                      mode="epoch", epochs=1, shuffle_buffer=1, flip=False, paired=paired)
+                      mode="epoch", epochs=1, shuffle_buffer=1, shard_mix=1, flip=False, paired=paired)
     return zip(range(n // accelerator.num_processes), Loader(spec, workers=0, device=accelerator.device))
 
 
