@@ -83,11 +83,28 @@ def wait_with_progress(process, files, stall_s: float, poll_s: float = 0.2) -> b
     return False
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (children's children too), from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
 def kill_group(pid: int):
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL pid's process group, and the groups of all its descendants: torchrun starts every rank in a
+    session of its own, which a kill of the launcher's group alone would leave running."""
+    for member in [pid, *descendants(pid)]:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(member, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def train(args, env, check=True):
