@@ -31,7 +31,7 @@ def make_backend(config, accelerator):
                                        "Accelerate config; name one there or set train.deepspeed")
         return load_ds_config(source, t.batch_size, t.grad_accum, t.grad_clip, accelerator.num_processes)
 
-    return DeepSpeedBackend(accelerator, t.precision, ds_config("g"), ds_config("d"), t.channels_last)
+    return DeepSpeedBackend(accelerator, t.precision, ds_config("g"), ds_config("d"), t.channels_last, t.compile)
 
 
 __all__ = ["PlainBackend", "make_backend"]

@@ -133,7 +133,8 @@ class DeepSpeedBackend:
 
     fused_adam = False  # the ZeRO optimizer checks for overflow itself (a host read inside engine.step)
 
-    def __init__(self, accelerator, precision: str, config_g: dict, config_d: dict, channels_last: bool = False):
+    def __init__(self, accelerator, precision: str, config_g: dict, config_d: dict, channels_last: bool = False,
+                 compile: bool = False):
         if precision == "fp16" and min(zero_stage(config_g), zero_stage(config_d)) == 0:
             raise DeepSpeedConfigError("train.precision=fp16 with DeepSpeed needs ZeRO stage 1, 2 or 3 "
                                        "(bigan's loss scaling goes through the ZeRO optimizer)")
@@ -153,6 +154,7 @@ class DeepSpeedBackend:
         # of one flat buffer, stage 3 gathers them contiguous, and DeepSpeed's start-up broadcast
         # (p.data.view(torch.uint8)) refuses channels_last tensors. The weights stay contiguous.
         self.channels_last_ignored = channels_last
+        self.compile_ignored = compile  # not tried inside ZeRO's module hooks
         self.configs = {"g": config_g, "d": config_d}
         self._shadows, self._stale = {}, {"g": True, "d": True}
         self.scalers = {k: DynamicLossScale(enabled=precision == "fp16") for k in "gd"}
@@ -209,6 +211,7 @@ class DeepSpeedBackend:
             return f"ZeRO-{zero_stage(self.configs[which])}" + (f" (offload: {', '.join(offload)})" if offload else "")
 
         ignored = " (train.channels_last ignored: ZeRO keeps weights contiguous)" if self.channels_last_ignored else ""
+        ignored += " (train.compile ignored: not supported inside DeepSpeed engines)" if self.compile_ignored else ""
         scaling = ", loss scale per engine" if self.dtype == torch.float16 else ""
         return f"DeepSpeed engines: G {one('g')}, D {one('d')}; {NAMES[self.dtype]}{scaling}, fp32 weights{ignored}"
 
@@ -264,6 +267,13 @@ class DeepSpeedBackend:
     def remember_architecture(self, g, d):
         """Unpartitioned templates of G and D (taken before ZeRO-3 partitions them), for plain_copy."""
         self._template = {"g": copy.deepcopy(g).cpu(), "d": copy.deepcopy(d).cpu()}
+
+    def check_resumable_world(self, saved: int, now: int):
+        """ZeRO checkpoints hold one partition of each optimizer (stage 3: of the weights too) per process."""
+        if saved != now:
+            raise DeepSpeedConfigError(f"this DeepSpeed checkpoint holds ZeRO partitions of {saved} processes and this "
+                                       f"run has {now}: resume it with {saved} (DeepSpeed's universal checkpoints, "
+                                       f"ds_to_universal.py, can re-partition it)")
 
     def save(self, directory: Path):
         for which, engine in self.engines.items():

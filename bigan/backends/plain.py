@@ -25,20 +25,22 @@ class PlainBackend:
             g, d = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (g, d))
         g, d = (m.to(self.device, memory_format=self.memory_format) for m in (g, d))
         self.g, self.d, self.opt_g, self.opt_d = self.accelerator.prepare(g, d, opt_g, opt_d)
+        # unwrapped once: unwrap_model asks importlib.metadata whether DeepSpeed is installed on
+        # every call (4 ms, measured: the EMA update did it every step)
         self.g_module = self.accelerator.unwrap_model(self.g)
         self.d_module = self.accelerator.unwrap_model(self.d)
+        self.bare = {"g": self.g_module, "d": self.d_module}  # never compiled: EMA, copies and exports
+        # R1 and WGAN-GP differentiate D's gradient (a double backward), which torch.compile's
+        # aot_autograd refuses: penalties run D eager (DDP handles double backward, tested)
+        self.d_penalty = self.d
+        self.wrapped = {"g": self.g, "d": self.d}  # DDP itself, for no_sync
         if self.compile:
             self.g, self.d = torch.compile(self.g), torch.compile(self.d)
             self.g_module, self.d_module = torch.compile(self.g_module), torch.compile(self.d_module)
-        # unwrapped once: unwrap_model asks importlib.metadata whether DeepSpeed is installed on
-        # every call (4 ms, measured: the EMA update did it every step)
-        self.bare = {k: self.accelerator.unwrap_model(m) for k, m in (("g", self.g_module), ("d", self.d_module))}
         self.params = {k: list(m.parameters()) for k, m in self.bare.items()}
         # stepped directly, not through Accelerate's wrapper: fused Adam's found_inf is an attribute
         # of the torch optimizer itself (checkpoints still go through the prepared ones)
         self.optimizers = {"g": self.opt_g.optimizer, "d": self.opt_d.optimizer}
-        self.wrapped = {"g": self.g, "d": self.d}
-        self.d_penalty = self.d  # DDP handles double backward through the wrapper (tested)
 
     def remember_architecture(self, g, d):
         pass  # weights are never partitioned here
@@ -54,6 +56,9 @@ class PlainBackend:
     def plain_copy(self, which: str):
         """The model itself: its weights are whole on every rank."""
         return self.bare[which]
+
+    def check_resumable_world(self, saved: int, now: int):
+        pass  # Accelerate saves whole models and optimizers: any number of processes can load them
 
     def save(self, directory):
         pass  # models and optimizers are in Accelerate's save_state
