@@ -54,7 +54,9 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, ba
     root = Path(run_dir) / "checkpoints"
     final = root / f"ckpt-{step:09d}"
     tmp = root / f".tmp-ckpt-{step:09d}"
-    if final.exists():
+    from bigan.training.ranks import on_rank_zero
+
+    if on_rank_zero(accelerator, final.exists):  # (saved already: the last step's checkpoint at exit)
         return final
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -82,9 +84,17 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, ba
     return final
 
 
-def load(accelerator, path: Path, backend=None, architecture: dict | None = None) -> dict:
-    """Restore everything save() wrote; returns this rank's data stream state. Refuses, naming
-    the settings, a checkpoint whose model was built with other ones than `architecture`."""
+def data_layout(path: Path) -> dict:
+    """How the stream was split when `path` was written (rank 0's position: processes, workers, batch
+    size, mode), to tell an exact resume from one on another layout."""
+    state = json.loads((Path(path) / "data_rank_0.json").read_text())
+    return {k: state.get(k) for k in ("world_size", "workers", "batch_size", "mode")}
+
+
+def load(accelerator, path: Path, backend=None, architecture: dict | None = None, data: bool = True) -> dict | None:
+    """Restore everything save() wrote; returns this rank's data stream state (None with data=False:
+    a resume on another layout, or a roll-back, which go on with a stream of their own). Refuses,
+    naming the settings, a checkpoint whose model was built with other ones than `architecture`."""
     saved_file = Path(path) / "architecture.json"
     if architecture is not None and saved_file.exists():
         saved = json.loads(saved_file.read_text())
@@ -96,6 +106,8 @@ def load(accelerator, path: Path, backend=None, architecture: dict | None = None
     accelerator.load_state(str(path))
     if backend is not None:
         backend.load(path)
+    if not data:
+        return None
     data_file = Path(path) / f"data_rank_{accelerator.process_index}.json"
     if not data_file.exists():
         raise CheckpointError(f"{path} has no data position for rank {accelerator.process_index} "

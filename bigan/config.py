@@ -31,6 +31,8 @@ class DataConfig:
                    ("infinite", "epoch"))
     workers: int = _f(2, "DataLoader worker processes per rank")
     shuffle_buffer: int = _f(1000, "samples held in each worker's shuffle buffer")
+    shard_mix: int = _f(32, "shards each worker reads at once, interleaved at random (mixes shards written in "
+                            "sorted order; lower it for pipe: sources, one process per open shard)")
     flip: bool = _f(True, "random horizontal flip")
     crop_scale_min: float = _f(1.0, "random-resized-crop minimum area fraction; 1.0 = center crop only")
     demo_images: int = _f(10_000, "size of the built-in demo set when shards='demo'")
@@ -88,6 +90,7 @@ class TrainConfig:
     deepspeed_g: str = _f("", "DeepSpeed JSON for G only (e.g. ZeRO-3), overriding train.deepspeed")
     deepspeed_d: str = _f("", "DeepSpeed JSON for D only (e.g. ZeRO-2), overriding train.deepspeed")
     max_bad_steps: int = _f(5, "after this many non-finite losses in a row, roll back to the last checkpoint")
+    max_rollbacks: int = _f(3, "roll-backs per run at most (each goes on with new batches and latents); then exit 2")
 
 
 @dataclass
@@ -183,6 +186,7 @@ def _validate(c: Config):
         ("data.resolution", d.resolution in (32, 64, 128, 256), "must be 32, 64, 128 or 256"),
         ("data.workers", d.workers >= 0, "must be >= 0"),
         ("data.shuffle_buffer", d.shuffle_buffer >= 1, "must be >= 1"),
+        ("data.shard_mix", d.shard_mix >= 1, "must be >= 1"),
         ("data.crop_scale_min", 0 < d.crop_scale_min <= 1, "must be in (0, 1]"),
         ("data.demo_images", d.demo_images >= 1, "must be >= 1"),
         ("model.z_dim", m.z_dim > 0, "must be positive"),
@@ -217,6 +221,7 @@ def _validate(c: Config):
         ("train.ema_rampup", t.ema_rampup >= 0, "must be >= 0 (0 = no ramp-up)"),
         ("train.grad_clip", t.grad_clip >= 0, "must be >= 0 (0 = off)"),
         ("train.max_bad_steps", t.max_bad_steps >= 1, "must be >= 1"),
+        ("train.max_rollbacks", t.max_rollbacks >= 0, "must be >= 0"),
         ("run.log_every", r.log_every >= 1, "must be >= 1"),
         ("run.image_every_kimg", r.image_every_kimg > 0, "must be positive"),
         ("run.ckpt_every_kimg", r.ckpt_every_kimg > 0, "must be positive"),

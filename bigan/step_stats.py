@@ -21,19 +21,28 @@ class StepStats:
         for key, value in stats.items():
             self.values.setdefault(key, []).append((value, weight))
 
-    def means(self) -> dict[str, float]:
-        """The weighted mean of each key since the last call (one host read for all), then reset."""
-        if not self.values:
-            return {}
+    def means(self, totals: dict | None = None, sum_over_ranks=None, ranks: int = 1) -> dict[str, float]:
+        """The weighted mean of each key since the last call, then reset; with `sum_over_ranks` (an
+        all-reduce sum; every rank calls this at the same step, with the same keys) the mean over the
+        `ranks` ranks, and `totals` (numbers of this rank) summed over them. One collective and one
+        host read for all."""
         keys, means = list(self.values), []
         for key in keys:
             values = torch.stack([torch.as_tensor(v).float().reshape(()) for v, _ in self.values[key]])
             weights = torch.tensor([w for _, w in self.values[key]], device=values.device)
             means.append((values * weights).sum() / weights.sum())
+        self.values = {}
+        totals = totals or {}
         devices = {m.device for m in means}
         device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
-        self.values = {}
-        return dict(zip(keys, torch.stack([m.to(device) for m in means]).tolist()))
+        vector = torch.cat([torch.stack([m.to(device) for m in means]) if means else torch.zeros(0, device=device),
+                            torch.tensor([float(v) for v in totals.values()], device=device)])
+        if not len(vector):
+            return {}
+        if sum_over_ranks is not None:
+            vector = sum_over_ranks(vector)
+            vector[:len(means)] /= ranks
+        return dict(zip(keys + list(totals), vector.tolist()))
 
 
 class NonFiniteSteps:

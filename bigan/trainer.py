@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bigan import checkpoint, losses
+from bigan import checkpoint, losses, seeding
 from bigan.backends import make_backend
 from bigan.config import Config
 from bigan.data.stream import DataError, Loader, StreamSpec, resolve_shards
@@ -33,13 +33,8 @@ from bigan.models import build_models, init_weights
 from bigan.models.layers import update_spectral_norms
 from bigan.step_stats import NonFiniteSteps, StepStats
 from bigan.tracking import Tracker, memory_gib
-
-
-STOP_FILE = "STOP"  # created in the run dir (e.g. by slurm/train.sh on preemption): checkpoint and exit 0
-
-
-class StopWhileWaiting(Exception):
-    """A stop was requested while this process was blocked waiting for its next batch."""
+from bigan.training.ranks import on_rank_zero
+from bigan.training.stops import STOP_FILE, StopAgreement, StopWhileWaiting
 
 
 class DivergedError(Exception):
@@ -49,9 +44,10 @@ class DivergedError(Exception):
 class TrainState:
     """Counters kept in every checkpoint."""
 
-    def __init__(self):
-        self.step = self.images_seen = self.d_steps = self.skipped = self.bad_in_row = 0
+    def __init__(self, seed: int = 0):
+        self.step = self.images_seen = self.d_steps = self.skipped = self.bad_in_row = self.rollbacks = 0
         self.best_fid = float("inf")
+        self.seed = self.stream_seed = seed  # train.seed, and the data stream's (new after an elastic resume)
 
     def state_dict(self):
         return dict(vars(self))
@@ -76,7 +72,9 @@ def data_source(config: Config, accelerator, held_out: bool = False) -> str:
                                       paired=paired))
 
 
-def build_loader(config: Config, accelerator, start: dict | None = None) -> Loader:
+def build_loader(config: Config, accelerator, start: dict | None = None, seed: int | None = None) -> Loader:
+    """This rank's loader, continuing from `start` (a checkpoint's position) with the stream seed `seed`
+    (default train.seed)."""
     shard_set = resolve_shards(data_source(config, accelerator))
     paired = config.model.arch == "pix2pix"
     if paired and shard_set.paired is False:
@@ -89,8 +87,9 @@ def build_loader(config: Config, accelerator, start: dict | None = None) -> Load
         raise DataError(f"model.num_classes={config.model.num_classes} but the shards' manifest names no "
                         f"labels (write them with bigan-shards --labels-from-dirs or --label-column)")
     spec = StreamSpec(shard_set, config.train.batch_size, config.data.resolution, rank=accelerator.process_index,
-                      world_size=accelerator.num_processes, seed=config.train.seed, mode=config.data.mode,
-                      shuffle_buffer=config.data.shuffle_buffer, flip=config.data.flip,
+                      world_size=accelerator.num_processes, seed=config.train.seed if seed is None else seed,
+                      mode=config.data.mode,
+                      shuffle_buffer=config.data.shuffle_buffer, shard_mix=config.data.shard_mix, flip=config.data.flip,
                       crop_scale=None if config.data.crop_scale_min >= 1 else (config.data.crop_scale_min, 1.0),
                       start=start or {}, paired=paired)
     return Loader(spec, workers=config.data.workers, device=accelerator.device)
@@ -118,21 +117,20 @@ class Trainer:
         self.ema = EMA(g, t.ema_kimg, t.ema_rampup) if t.ema_kimg > 0 else None
         self.backend.remember_architecture(g, d)
         self.backend.wrap(g, d, opt_g, opt_d)
+        seeding.seed_rank(t.seed, accelerator.process_index, seeding.FRESH)  # weights agree; from here, draws differ
         if self.ema is not None:
             self.ema.model.to(accelerator.device)
-        self.state = TrainState()
+        self.state = TrainState(t.seed)
         for obj in (self.state, self.backend, self.ema):
             if obj is not None:
                 accelerator.register_for_checkpointing(obj)
         self.device = accelerator.device
         self.micro_batch_images = t.batch_size * accelerator.num_processes
         self.total_images = int(t.kimg * 1000)
-        self.signal_received = False  # set by the handler on this rank
-        self.stop_requested = False   # agreed by all ranks (at log steps)
+        self.stops = StopAgreement(accelerator, self.run_dir)
         self.stats = StepStats()
         self.nonfinite = NonFiniteSteps(self.device)
         self.data_wait = 0.0  # seconds this process waited for batches since the last log step
-        self.waiting_for_data = False  # set around each wait, for the signal handler
         self.loader_position = None  # the stream's position to save when a stop interrupted a wait
         self.paired = m.arch == "pix2pix"
         generator = torch.Generator().manual_seed(t.seed)
@@ -217,11 +215,11 @@ class Trainer:
 
     def _next_batch(self, batches):
         start = time.perf_counter()
-        self.waiting_for_data = True
+        self.stops.waiting_for_data = True
         try:
             batch = next(batches)
         finally:
-            self.waiting_for_data = False
+            self.stops.waiting_for_data = False
         self.data_wait += time.perf_counter() - start
         return batch
 
@@ -254,9 +252,9 @@ class Trainer:
             self.loader.close()
         self.tracker.close()
         if self.accelerator.is_main_process:
-            if self.stop_requested:  # deleting it tells slurm/train.sh the stop was honoured
+            if self.stops.agreed:  # deleting it tells slurm/train.sh the stop was honoured
                 (self.run_dir / STOP_FILE).unlink(missing_ok=True)
-            state = "stopped on request (signal or STOP file)" if self.stop_requested else "done"
+            state = "stopped on request (signal or STOP file)" if self.stops.agreed else "done"
             seconds = max(time.perf_counter() - self._loop_start[0], 1e-9)
             rate = (self.state.images_seen - self._loop_start[1]) / seconds
             print(f"bigan: {state} at {self.state.images_seen / 1000:.1f} kimg after {seconds:.0f} s of training "
@@ -265,10 +263,24 @@ class Trainer:
     def _start(self):
         """Resume (if asked), build the loader, trackers and signal handlers; the batch iterator."""
         c = self.config
-        resume_from = checkpoint.resolve(self.run_dir, c.run.resume)
-        data_state = checkpoint.load(self.accelerator, resume_from, self.backend, self.architecture()) if resume_from else None
+        resume_from = self._on_rank_zero(lambda: checkpoint.resolve(self.run_dir, c.run.resume))
+        data_state, notes = None, []
+        if resume_from:
+            wanted = self._optimizer_settings()
+            saved_layout = self._on_rank_zero(lambda: checkpoint.data_layout(resume_from))
+            elastic = self._changed_layout(saved_layout)
+            self.backend.check_resumable_world(saved_layout["world_size"], self.accelerator.num_processes)
+            data_state = checkpoint.load(self.accelerator, resume_from, self.backend, self.architecture(),
+                                         data=not elastic)
+            if self.state.seed != c.train.seed:
+                raise checkpoint.CheckpointError(f"{resume_from} was trained with train.seed={self.state.seed} "
+                                                 f"(now {c.train.seed}); resume with that seed or start a new run.dir")
+            if elastic:
+                notes.append(self._restart_stream(saved_layout, elastic))
+                data_state = None
+            notes += self._apply_optimizer_settings(wanted)
         self.nonfinite = NonFiniteSteps(self.device, self.state.bad_in_row)
-        self.loader = build_loader(c, self.accelerator, data_state)
+        self.loader = build_loader(c, self.accelerator, data_state, self.state.stream_seed)
         self.extractor = self.classifier = None
         if c.eval.every_kimg > 0:  # fail now, not hours in, if the feature extractor is missing
             from bigan.metrics.features import Extractor, ModeClassifier
@@ -283,7 +295,7 @@ class Trainer:
             self.grid_pairs = held_out_pairs(data_source(c, self.accelerator, held_out=True), c.data.resolution,
                                              min(c.run.grid_size, 16), self.device)
         self.tracker = Tracker(self.accelerator, self.run_dir, c.to_yaml())
-        self._install_signal_handlers()
+        self.stops.install_handlers()
         print(f"bigan: rank {self.accelerator.process_index}/{self.accelerator.num_processes} on "
               f"{socket.gethostname()}, device {self.device}", flush=True)
         if self.accelerator.is_main_process:
@@ -293,9 +305,63 @@ class Trainer:
             print(f"bigan: {self.backend.describe()}", flush=True)
             if c.loss.pack > 1:
                 print(f"bigan: D judges packs of {c.loss.pack} samples (PacGAN; loss.pack=1 turns it off)", flush=True)
+            for note in notes:
+                print(f"bigan: {note}", flush=True)
             print(f"bigan: {where}; run dir {self.run_dir}: TensorBoard logs in {self.run_dir / 'logs'}, "
                   f"checkpoints in {self.run_dir / 'checkpoints'}, samples in {self.run_dir / 'samples'}", flush=True)
         return iter(self.loader)
+
+    def _on_rank_zero(self, decide):
+        return on_rank_zero(self.accelerator, decide)
+
+    def _changed_layout(self, saved: dict) -> list[str]:
+        """What changed since the checkpoint in how the stream is split (processes, workers), if anything;
+        refused where the stream cannot restart (epoch mode) or must not (batch size, mode)."""
+        c = self.config
+        names = {"world_size": "processes", "workers": "data.workers", "batch_size": "train.batch_size",
+                 "mode": "data.mode"}
+        now = {"world_size": self.accelerator.num_processes, "workers": max(c.data.workers, 1),
+               "batch_size": c.train.batch_size, "mode": c.data.mode}
+        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        fixed = [f"{names[k]} {a} -> {b}" for k, (a, b) in changed.items() if k in ("batch_size", "mode")]
+        if fixed or (changed and c.data.mode == "epoch"):
+            raise checkpoint.CheckpointError(
+                "cannot continue the data stream: " + ", ".join(fixed or [f"{names[k]} {a} -> {b}" for k, (a, b)
+                                                                          in changed.items()])
+                + " since the checkpoint" + ("" if fixed else " (data.mode=epoch splits each epoch by processes and "
+                                                              "workers; resume with those, or use data.mode=infinite)"))
+        return [f"{names[k]} {a} -> {b}" for k, (a, b) in changed.items()]
+
+    def _restart_stream(self, saved: dict, changed: list[str]) -> str:
+        """An elastic resume: new stream and draw seeds, the same on no rank as before (infinite mode
+        samples shards with replacement per round, so nothing is lost)."""
+        self.state.stream_seed = seeding.rank_seed(self.config.train.seed, 0, seeding.ELASTIC,
+                                                   self.state.images_seen) % 2**31
+        seeding.seed_rank(self.config.train.seed, self.accelerator.process_index, seeding.ELASTIC,
+                          self.state.images_seen)
+        return (f"resuming on a new layout ({', '.join(changed)}): images seen, models, optimizers and EMA are "
+                f"restored; the data stream restarts from new per-rank seeds")
+
+    def _optimizer_settings(self) -> dict:
+        """What each optimizer's parameter groups should hold now: learning rate, betas, eps from train.*
+        (D's with the lazy-R1 correction)."""
+        t, loss = self.config.train, self.config.loss
+        d_lr, d_betas = losses.lazy_adam(t.d_lr, t.d_betas, loss.r1_interval if loss.r1 > 0 else 1)
+        return {"G": {"lr": t.g_lr, "betas": tuple(t.g_betas), "eps": t.adam_eps},
+                "D": {"lr": d_lr, "betas": tuple(d_betas), "eps": t.adam_eps}}
+
+    def _apply_optimizer_settings(self, wanted: dict) -> list[str]:
+        """After a resume, the optimizer settings of this command line replace the checkpoint's (which
+        load_state restored with the optimizer state); returns a line naming what changed, if anything."""
+        changes = []
+        for name, optimizer in (("G", self.backend.opt_g), ("D", self.backend.opt_d)):
+            for key, value in wanted[name].items():
+                had = {tuple(g[key]) if isinstance(g[key], (list, tuple)) else g[key] for g in optimizer.param_groups}
+                if had != {value}:
+                    changes.append(f"{name} {key} {_shown(had)} -> {_shown({value})}")
+                for group in optimizer.param_groups:
+                    group[key] = value
+        return [f"optimizer settings from this command line, not the checkpoint's: {'; '.join(changes)}"] if changes else []
 
     def _loop(self, batches, progress):
         c = self.config
@@ -306,17 +372,17 @@ class Trainer:
         # A stop that interrupts a wait for data leaves the batches this iteration already took to be
         # saved as untaken; with one batch per iteration none was taken, and nothing is copied per step.
         several = self.config.train.grad_accum * self.config.loss.d_steps > 1
-        while self.state.images_seen < self.total_images and not self.stop_requested:
+        while self.state.images_seen < self.total_images and not self.stops.check(self.state.step + 1):
             position = self.loader.state_dict() if several else None
             try:
                 self.train_step(batches)
             except StopWhileWaiting:  # nothing of this iteration ran; its batches go back to the stream
-                self.stop_requested, self.loader_position = True, position
+                self.stops.agreed, self.loader_position = True, position
                 return
             if self.state.step % c.run.log_every == 0:
                 self._log(progress)
                 if self.state.bad_in_row >= c.train.max_bad_steps:  # counted on the device, read at log steps
-                    batches = self._roll_back()
+                    self._roll_back()
             self._maybe_images_and_save()
             self._maybe_evaluate()
 
@@ -367,15 +433,16 @@ class Trainer:
         was_training = g.training
         g.eval()
         wanted = self.eval_metrics()
-        with self.backend.autocast():
-            if self.paired:  # on held-out pairs: eval.data, or the demo's held-out set
-                results = evaluate_pairs(g, data_source(self.config, self.accelerator, held_out=True),
-                                         self.config.data.resolution, self.extractor, self.accelerator, e.n, wanted)
-            else:
-                blocks = generated_images(g, m.z_dim, m.num_classes, self.accelerator, e.n, self.config.train.seed)
-                results = evaluate(blocks, data_source(self.config, self.accelerator, held_out=True) if wanted else None,
-                                   self.config.data.resolution, self.extractor, self.accelerator, e.n, wanted,
-                                   classifier=self.classifier)
+        # in fp32 (no autocast), as bigan-eval: the loop's scores and bigan-eval's are the same numbers,
+        # and the cached reference statistics (computed in fp32) fit both
+        if self.paired:  # on held-out pairs: eval.data, or the demo's held-out set
+            results = evaluate_pairs(g, data_source(self.config, self.accelerator, held_out=True),
+                                     self.config.data.resolution, self.extractor, self.accelerator, e.n, wanted)
+        else:
+            blocks = generated_images(g, m.z_dim, m.num_classes, self.accelerator, e.n, self.config.train.seed)
+            results = evaluate(blocks, data_source(self.config, self.accelerator, held_out=True) if wanted else None,
+                               self.config.data.resolution, self.extractor, self.accelerator, e.n, wanted,
+                               classifier=self.classifier)
         g.train(was_training)
         return results
 
@@ -402,20 +469,20 @@ class Trainer:
                     disable=not (self.accelerator.is_main_process and self.config.run.progress), dynamic_ncols=True)
 
     def _log(self, progress):
-        """Host-side logging every log_every steps; also where all ranks agree on a stop request
-        (a signal on any rank, or RUN_DIR/STOP on the shared file system)."""
-        asked = self.signal_received or (self.run_dir / STOP_FILE).exists()
-        stop = torch.tensor([float(asked)], device=self.device)
-        self.stop_requested = bool(self.accelerator.reduce(stop, "sum").item() > 0)
+        """Host-side logging every log_every steps: the means of the interval's stats over all ranks, and
+        the ranks' corrupt samples (summed) and data waits (mean), in one all-reduce."""
         self.sync_counters()
         now, seen, step = time.perf_counter(), self.state.images_seen, self.state.step
         elapsed, steps = max(now - self._last_log[0], 1e-9), max(step - self._last_log[2], 1)
-        values = self.stats.means()
+        world = self.accelerator.num_processes
+        per_rank = {"Progress/corrupt_samples": self.loader.corrupt_samples, "Progress/data_wait_s": self.data_wait}
+        values = self.stats.means(per_rank, self._sum_over_ranks if world > 1 else None, world)
+        data_wait = values.pop("Progress/data_wait_s") / world
         values.update({
             "Progress/kimg": seen / 1000, "Progress/img_per_s": (seen - self._last_log[1]) / elapsed,
-            "Progress/iteration_ms": elapsed / steps * 1e3, "Progress/data_wait_ms": self.data_wait / steps * 1e3,
-            "Progress/step_share": 1 - min(self.data_wait / elapsed, 1.0),
-            "Progress/skipped_steps": self.state.skipped, "Progress/corrupt_samples": self.loader.corrupt_samples,
+            "Progress/iteration_ms": elapsed / steps * 1e3, "Progress/data_wait_ms": data_wait / steps * 1e3,
+            "Progress/step_share": 1 - min(data_wait / elapsed, 1.0),
+            "Progress/skipped_steps": self.state.skipped,
             "LR/G": self.backend.opt_g.param_groups[0]["lr"], "LR/D": self.backend.opt_d.param_groups[0]["lr"],
             "Memory/peak_gib": memory_gib(self.device),
         })
@@ -426,6 +493,9 @@ class Trainer:
                               "data": f"{1 - values['Progress/step_share']:.0%}"}, refresh=False)
         self._warn_if_input_bound(values["Progress/step_share"], now)
         self._last_log, self.data_wait = (now, seen, step), 0.0
+
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(values.to(self.device), "sum")
 
     def _warn_if_input_bound(self, step_share: float, now: float):
         """Say so (at most every 10 minutes) when this process spends most of its time waiting for data."""
@@ -467,20 +537,30 @@ class Trainer:
                 "data.resolution": self.config.data.resolution, "loss.pack": self.config.loss.pack}
 
     def _roll_back(self):
-        latest = checkpoint.resolve(self.run_dir, "latest")
+        """Back to the last checkpoint after train.max_bad_steps non-finite iterations in a row, on a new
+        course: weights, optimizers, EMA and counters as they were, but the data stream goes on past the
+        batches that diverged and every rank draws new latents (an exact replay would diverge again at
+        the same step). At most train.max_rollbacks times per run."""
+        t = self.config.train
+        latest = self._on_rank_zero(lambda: checkpoint.resolve(self.run_dir, "latest"))
         if latest is None:
             raise DivergedError(f"training diverged: {self.state.bad_in_row} non-finite iterations in a row before "
                                 f"the first checkpoint; lower train.g_lr/d_lr or set train.grad_clip")
+        if self.state.rollbacks >= t.max_rollbacks:
+            raise DivergedError(f"training diverged again after {self.state.rollbacks} roll-back(s) "
+                                f"(train.max_rollbacks={t.max_rollbacks}); lower train.g_lr/d_lr or set "
+                                f"train.grad_clip, and resume from {latest}")
         if self.accelerator.is_main_process:
-            print(f"bigan: {self.state.bad_in_row} non-finite steps in a row; rolling back to {latest}", flush=True)
-        skipped = self.state.skipped
-        data_state = checkpoint.load(self.accelerator, latest, self.backend, self.architecture())
-        self.state.skipped, self.state.bad_in_row = skipped, 0
+            print(f"bigan: {self.state.bad_in_row} non-finite steps in a row; rolling back to {latest} "
+                  f"(roll-back {self.state.rollbacks + 1} of at most {t.max_rollbacks}): the stream goes on "
+                  f"past the batches that diverged, and new latents are drawn", flush=True)
+        kept = (self.state.skipped, self.state.rollbacks + 1, self.state.stream_seed)
+        checkpoint.load(self.accelerator, latest, self.backend, self.architecture(), data=False)
+        self.state.skipped, self.state.rollbacks, self.state.stream_seed = kept
+        self.state.bad_in_row = 0
+        seeding.seed_rank(t.seed, self.accelerator.process_index, seeding.ROLLBACK, self.state.rollbacks)
         self.nonfinite = NonFiniteSteps(self.device)
-        self.loader.close()
-        self.loader = build_loader(self.config, self.accelerator, data_state)
         self._reset_marks()
-        return iter(self.loader)
 
     def export(self):
         g = self.backend.plain_copy("g")  # every rank: a collective under ZeRO-3
@@ -491,24 +571,8 @@ class Trainer:
         checkpoint.export_generator(self.run_dir / "export", g, self.ema.model if self.ema else None,
                                     self.config.to_dict()["model"], meta)
 
-    def _install_signal_handlers(self):
-        """SIGTERM/SIGUSR1 (Slurm preemption) and a first Ctrl-C: finish the step, checkpoint, exit 0.
 
-        Slurm and most supervisors signal the whole process group; the DataLoader workers ignore
-        these signals (bigan.data.stream) and leave the shutdown to this process. A second Ctrl-C
-        stops at once (KeyboardInterrupt). While this process is blocked waiting for a batch, the
-        stop takes effect at once too: the handler interrupts the wait (StopWhileWaiting).
-        """
-        def request_stop(signum, frame):
-            if signum == signal.SIGINT:
-                if self.signal_received:
-                    raise KeyboardInterrupt
-                if self.accelerator.is_main_process:
-                    print("\nbigan: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
-                          flush=True)
-            self.signal_received = True
-            if self.waiting_for_data and self.accelerator.num_processes == 1:  # (other ranks would wait in
-                raise StopWhileWaiting                                          # a collective for this one)
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, request_stop)
+def _shown(values: set) -> str:
+    """A set of optimizer values as the user typed them: one value, or all of them."""
+    shown = [str(list(v)) if isinstance(v, tuple) else f"{v:g}" for v in sorted(values)]
+    return shown[0] if len(shown) == 1 else "{" + ", ".join(shown) + "}"

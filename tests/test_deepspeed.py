@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 pytest.importorskip("deepspeed")
 
 from conftest import HELPERS, PIX2PIX, free_port, run, tiny_args  # noqa: E402
-from test_trainer import _assert_close, _params  # noqa: E402
+from test_trainer import _assert_close, _params, ranks_draw_their_own_and_match_one_big_batch  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("deepspeed")  # one worker computes the plain-path references once
 
@@ -103,6 +103,16 @@ def test_zero_stages_match_the_plain_path(stage, penalty, accum, references, tmp
     _assert_close(reference, result, initial)
     if stage == 3:  # G runs only in G steps on its engine, so DeepSpeed can prefetch from its trace
         assert result["zero3_trace_complete.g"], "G's ZeRO-3 module trace is re-recorded at every forward"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_ranks_draw_their_own_latents_and_match_one_big_batch(stage, tiny_shards, tmp_path, env):
+    """What the trainer itself draws and reads on 2 ranks in ZeRO engines, against one process on the
+    concatenated batch (see test_trainer.py's DDP twin)."""
+    ranks_draw_their_own_and_match_one_big_batch(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         f"launch_configs/accelerate/deepspeed_zero{stage}.yaml", "--num_processes", "2",
+         "--main_process_port", str(free_port())], tiny_shards, tmp_path, env)
 
 
 @pytest.mark.parametrize("stage, penalty, extra, ref_name", [

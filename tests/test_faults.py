@@ -188,7 +188,7 @@ def test_sources_joined_with_double_colon_combine(tiny_shards, tmp_path, env):
 
 
 BAD_VALUES = {  # every config key, with a value it must refuse (the key is named in the message)
-    "data.shards": "/nowhere/data-{0..3}.tar", "data.resolution": "48", "data.mode": "forever", "data.workers": "-1", "data.shuffle_buffer": "0",
+    "data.shards": "/nowhere/data-{0..3}.tar", "data.resolution": "48", "data.mode": "forever", "data.workers": "-1", "data.shuffle_buffer": "0", "data.shard_mix": "0",
     "data.flip": "maybe", "data.crop_scale_min": "1.5", "data.demo_images": "0",
     "model.arch": "stylegan", "model.z_dim": "0", "model.g_channels": "0", "model.d_channels": "-8",
     "model.num_classes": "-1", "model.d_norm": "layer", "model.sync_batchnorm": "2", "model.norm": "group",
@@ -199,7 +199,7 @@ BAD_VALUES = {  # every config key, with a value it must refuse (the key is name
     "train.seed": "1.5", "train.g_lr": "-1", "train.d_lr": "0", "train.g_betas": "[2,2]",
     "train.d_betas": "[0.5]", "train.adam_eps": "0", "train.ema_kimg": "-1", "train.ema_rampup": "-0.1",
     "train.grad_clip": "-1", "train.compile": "yes please", "train.channels_last": "1.5",
-    "train.deepspeed": "/nowhere/zero2.json", "train.deepspeed_g": "/nowhere/zero3.json", "train.deepspeed_d": "/nowhere/zero1.json", "train.max_bad_steps": "0",
+    "train.deepspeed": "/nowhere/zero2.json", "train.deepspeed_g": "/nowhere/zero3.json", "train.deepspeed_d": "/nowhere/zero1.json", "train.max_bad_steps": "0", "train.max_rollbacks": "-1",
     "run.dir": "/dev/null/run", "run.resume": "/nowhere/ckpt-000000010", "run.log_every": "0", "run.image_every_kimg": "0",
     "run.ckpt_every_kimg": "-1", "run.ckpt_limit": "0", "run.grid_size": "0", "run.progress": "sometimes",
     "eval.every_kimg": "-1", "eval.n": "0", "eval.extractor": "/nowhere/net.pt", "eval.inception": "/nowhere/inception.pkl",

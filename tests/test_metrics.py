@@ -233,3 +233,57 @@ def test_demo_quality_sun_contrast_sees_a_disc_and_not_a_blur():
     assert demo_quality.sun_contrast(blur(disc, 7)) < demo_quality.sun_contrast(disc) / 3
     real = np.stack([render_landscape(0, i, 32) for i in range(64)])
     assert demo_quality.sun_contrast(blur(real, 5)) < 0.6 * demo_quality.sun_contrast(real)
+
+
+def test_the_loop_and_bigan_eval_give_the_same_fid_for_a_bf16_run(tiny_shards, small_extractor, tmp_path, env):
+    """The loop evaluates in fp32 whatever train.precision is, as bigan-eval does: the same EMA generator
+    scores the same FID both ways (and both share one cache of reference statistics)."""
+    run_dir = tmp_path / "run"
+    train(tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.064, "train.precision": "bf16", "eval.every_kimg": 0.064,
+                                             "eval.n": 64, "eval.extractor": small_extractor, "eval.metrics": "fid"}),
+          env)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
+    events.Reload()
+    (in_loop,) = [e.value for e in events.Scalars("Metrics/fid")]
+    out = tmp_path / "eval.json"
+    run([sys.executable, "-m", "bigan.metrics.evaluate", "--checkpoint", str(run_dir), "--data", str(tiny_shards),
+         "--n", "64", "--extractor", str(small_extractor), "--metrics", "fid", "--out", str(out)], env)
+    assert json.loads(out.read_text())["fid"] == pytest.approx(in_loop, rel=1e-5)
+
+
+class FakeInception(torch.nn.Module):
+    """The calling convention of StyleGAN3's Inception pickle, with an output bias that IS must leave out."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                        torch.nn.Flatten())
+        self.head = torch.nn.Linear(8, 5, bias=False)
+        self.register_buffer("output_bias", torch.tensor([6.0, 0.0, 0.0, 0.0, 0.0]))
+
+    def forward(self, images, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False):
+        features = self.body(images.float() / 127.5 - 1)
+        if return_features:
+            return features
+        logits = self.head(features) * 20
+        return torch.softmax(logits if no_output_bias else logits + self.output_bias, dim=1)
+
+
+def test_inception_score_leaves_out_the_output_bias_as_published(tiny_shards, tmp_path, env):
+    """IS as StyleGAN3's metrics compute it: the softmax of Inception's logits without the output bias."""
+    fake = tmp_path / "inception-2015-12-05.pkl"
+    torch.jit.script(FakeInception()).save(str(fake))
+    images = np.random.default_rng(0).integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", images=images)
+    out = tmp_path / "is.json"
+    run([sys.executable, "-m", "bigan.metrics.evaluate", "--samples", str(tmp_path / "samples.npz"), "--data",
+         str(tiny_shards), "--metrics", "is", "--inception", str(fake), "--out", str(out)], env)
+    with torch.no_grad():
+        probs = FakeInception()(torch.from_numpy(images).permute(0, 3, 1, 2), no_output_bias=True).double().numpy()
+    splits = np.array_split(probs, 10)
+    expected, _ = metrics.inception_score([p.sum(0) for p in splits], [(p * np.log(p)).sum() for p in splits],
+                                          [len(p) for p in splits])
+    assert json.loads(out.read_text())["is"] == pytest.approx(expected, rel=1e-6)

@@ -1,9 +1,11 @@
 """The training loop through its real entry point: logs, checkpoints, resume, faults, equivalences."""
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bigan import checkpoint
-from conftest import HELPERS, PIX2PIX, ROOT, free_port, run, tiny_args, train
+from conftest import HELPERS, PIX2PIX, ROOT, descendants, free_port, kill_group, run, tiny_args, train
 
 
 def _events(run_dir):
@@ -173,6 +175,35 @@ def test_non_finite_losses_are_skipped_then_rolled_back(tiny_shards, tmp_path, e
     assert "Progress/skipped_steps" in _events(run_dir).Tags()["scalars"]
 
 
+def test_a_roll_back_changes_course_instead_of_replaying_the_divergence(tiny_shards, tmp_path, env):
+    """Batches 6-8 of the stream diverge whatever the weights: an exact replay from the step-4 checkpoint
+    would meet them again at the same step, for ever. The roll-back goes on past them (and draws new
+    latents), so the run rolls back once and finishes."""
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.096, "run.ckpt_every_kimg": 0.032,
+                                               "train.max_bad_steps": 3, "run.log_every": 1})
+    result = run([sys.executable, str(HELPERS / "train_with_faults.py"), "nan-on-batches", "6-8", *args], env)
+    assert result.stdout.count("rolling back to") == 1 and "ckpt-000000004" in result.stdout, result.stdout
+    assert "done at 0.1 kimg" in result.stdout
+    state = torch.load(checkpoint.checkpoints(run_dir)[-1] / "custom_checkpoint_0.pkl", weights_only=False)
+    assert state["images_seen"] == 96 and state["rollbacks"] == 1 and state["skipped"] == 3
+    data = json.loads((checkpoint.checkpoints(run_dir)[-1] / "data_rank_0.json").read_text())
+    assert data["batches"] == 12 + 4, "steps 5-8 (batches 5-8) rolled back and not replayed: 4 batches more"
+
+
+def test_roll_backs_are_bounded_then_one_line_and_exit_2(tiny_shards, tmp_path, env):
+    """A divergence that follows every roll-back: after train.max_rollbacks of them, one line and exit 2."""
+    args = tiny_args(tiny_shards, tmp_path / "run", **{"train.kimg": 10, "run.ckpt_every_kimg": 0.016,
+                                                        "train.max_bad_steps": 2, "train.max_rollbacks": 2,
+                                                        "run.log_every": 1})
+    result = run([sys.executable, str(HELPERS / "train_with_faults.py"), "nan-d-loss-from", "3", *args], env,
+                 check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stdout.count("rolling back to") == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "training diverged again after 2 roll-back(s) (train.max_rollbacks=2)" in last, last
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model.arch=stylegan"], "model.arch: must be one of dcgan, resnet, pix2pix, got 'stylegan'"),
     (["--train.batchsize=4"], "unknown config key 'train.batchsize'"),
@@ -252,8 +283,9 @@ def test_pix2pix_trains_from_pairs_shows_held_out_triplets_translates_and_evalua
     grid = events.Images("samples/G_ema")[-1]
     assert (grid.width, grid.height) == (6 * 32, 2 * 32), "4 held-out pairs as input | output | target, 2 per row"
     grid_png = np.asarray(Image.open(sorted((run_dir / "samples").glob("samples_G_ema_*"))[-1]))
-    layout = np.asarray(Image.open(held_out / "layouts" / "000000.png"))
-    assert np.array_equal(grid_png[:32, :32], layout), "the first column shows the held-out inputs"
+    layouts = [np.asarray(Image.open(p)) for p in sorted((held_out / "layouts").glob("*.png"))]
+    assert any(np.array_equal(grid_png[:32, :32], layout) for layout in layouts), \
+        "the first column shows a held-out input (bigan-shards shuffles them into its shards)"
 
     out = tmp_path / "translated"
     result = run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir), "--input",
@@ -279,3 +311,185 @@ def test_pix2pix_on_single_images_and_noise_models_with_input_are_one_line_error
                  env, check=False)
     assert single.returncode == 2 and not (tmp_path / "r").exists()
     assert "model.arch=pix2pix needs pairs" in single.stderr.strip().splitlines()[-1]
+
+
+# Adam with eps 1 steps linearly in the gradient (see above); lr 0.1 makes each update large beside the
+# float32 spacing of the weights it moves
+DRAWS = {"model.arch": "resnet", "model.g_channels": 4, "model.d_channels": 4, "model.z_dim": 8, "train.adam_eps": 1.0,
+         "train.g_lr": 0.1, "train.d_lr": 0.1, "loss.name": "hinge", "loss.r1": 1.0, "loss.r1_interval": 2,
+         "data.workers": 1, "train.ema_kimg": 0, "run.image_every_kimg": 1000}
+
+
+def ranks_draw_their_own_and_match_one_big_batch(launch: list, tiny_shards, tmp_path, env):
+    """Through bigan.train's own data stream and sampling on 2 ranks (launched by `launch`): the ranks'
+    latents and reals differ and look like what they are drawn from, and the weights after 3 steps equal
+    one process's after the same 3 steps on the concatenated reals and latents (resnet: D has no batch
+    statistics; G's BatchNorm in eval mode)."""
+    draws = tmp_path / "draws"
+    draws.mkdir()
+    args = tiny_args(tiny_shards, tmp_path / "run", **DRAWS, **{"train.batch_size": 4, "train.kimg": 0.024})
+    run([*launch, str(HELPERS / "trainer_draws.py"), str(draws), *args], env)
+    ranks = [torch.load(draws / f"draws_rank{r}.pt", weights_only=False) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    for key in ("d_latents", "g_latents"):
+        z = [torch.stack([step[key][0][0] for step in rank]) for rank in ranks]
+        assert not torch.equal(z[0], z[1]), f"both ranks drew the same {key}"
+        assert all(abs(x.mean()) < 0.5 and 0.7 < x.std() < 1.3 for x in z), key  # 48 draws of N(0, 1) each
+    assert not torch.equal(ranks[0][0]["reals"][0]["image"], ranks[1][0]["reals"][0]["image"])
+    reference = tmp_path / "replayed.pt"
+    run([sys.executable, str(HELPERS / "replay_draws.py"), str(draws), str(reference),
+         *tiny_args(tiny_shards, tmp_path / "replay", **DRAWS, **{"train.batch_size": 8})], env)
+    _assert_close(_params(reference), _params(draws / "final.pt"), _params(tmp_path / "initial.pt"))
+
+
+def test_ddp_ranks_draw_their_own_latents_and_match_one_big_batch(tiny_shards, tmp_path, env):
+    ranks_draw_their_own_and_match_one_big_batch(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch_configs/accelerate/cpu_multi.yaml",
+         "--num_processes", "2", "--main_process_port", str(free_port())], tiny_shards, tmp_path, env)
+
+
+def test_compile_trains_with_r1_and_wgan_gp_and_its_export_loads(tiny_shards, tmp_path, env):
+    """train.compile: the penalties' double backward runs D eager (aot_autograd refuses it), the rest
+    compiled; the export holds plain parameter names (no '_orig_mod.'), so bigan-sample --no-ema loads it."""
+    run_dir = tmp_path / "run"
+    train(tiny_args(tiny_shards, run_dir, **{"train.compile": "true", "loss.name": "wgan", "loss.gp": 10.0,
+                                             "loss.r1": 1.0, "loss.r1_interval": 2, "train.kimg": 0.032,
+                                             "data.workers": 0}), env)
+    exported = load_file(str(run_dir / "export" / "generator.safetensors"))
+    assert not any("_orig_mod" in key for key in exported), sorted(exported)[:3]
+    assert all(torch.isfinite(v).all() for v in exported.values() if v.is_floating_point())
+    out = tmp_path / "g.npz"
+    run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir), "--no-ema", "--n", "4", "--out", str(out)],
+        env)
+    assert np.load(out)["images"].shape == (4, 32, 32, 3)
+
+
+def test_resume_applies_new_optimizer_settings_and_says_which(tiny_shards, tmp_path, env):
+    """--train.g_lr / d_betas / adam_eps on resume replace what the checkpoint's optimizer state holds."""
+    run_dir = tmp_path / "run"
+    train(tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.016, "loss.r1": 0}), env)
+    resumed = train([f"--run.dir={run_dir}", "--run.resume=latest", "--train.kimg=0.032", "--train.g_lr=1e-4",
+                     "--train.d_betas=[0.5, 0.9]", "--train.adam_eps=1e-6"], env)
+    line = next(x for x in resumed.stdout.splitlines() if "optimizer settings from this command line" in x)
+    assert "G lr 0.0002 -> 0.0001" in line and "D betas [0.0, 0.99] -> [0.5, 0.9]" in line, line
+    assert "G eps 1e-08 -> 1e-06" in line and "D lr" not in line, line
+    optimizers = [torch.load(checkpoint.checkpoints(run_dir)[-1] / name, weights_only=False)
+                  for name in ("optimizer.bin", "optimizer_1.bin")]
+    g_group, d_group = (o["param_groups"][0] for o in optimizers)
+    assert g_group["lr"] == 1e-4 and tuple(d_group["betas"]) == (0.5, 0.9) and d_group["eps"] == 1e-6
+    again = train([f"--run.dir={run_dir}", "--run.resume=latest", "--train.kimg=0.04"], env)
+    assert "optimizer settings from this command line" not in again.stdout, "config.yaml now holds the new ones"
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The trainer process of one rank among those `accelerate launch` started (each in a session of its own)."""
+    for pid in descendants(launcher):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"bigan/train.py" in cmdline and os.getpgid(pid) == pid:
+            return pid
+    raise AssertionError(f"no rank {rank} under process {launcher}")
+
+
+def test_a_signal_to_one_rank_stops_both_within_seconds_whatever_log_every(tiny_shards, tmp_path, env):
+    """Stops are agreed on a wall-clock cadence: with run.log_every far beyond the run, SIGUSR1 to rank 1
+    alone (Slurm's warning can reach one node first) still stops both ranks at one step, with a checkpoint."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "train.log"
+    args = tiny_args(tiny_shards, run_dir, **{"train.kimg": 1000, "run.log_every": 10**6, "data.workers": 1,
+                                               "run.image_every_kimg": 1000})
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                    "launch_configs/accelerate/cpu_multi.yaml", "--num_processes", "2",
+                                    "--main_process_port", str(free_port()), "bigan/train.py", *args],
+                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while "starting fresh" not in log.read_text():
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(3)  # some steps
+        os.kill(_rank_pid(process.pid, 1), signal.SIGUSR1)
+        signalled = time.time()
+        process.wait(timeout=120)
+        took = time.time() - signalled
+    finally:
+        kill_group(process.pid)
+    text = log.read_text()
+    assert process.returncode == 0 and "stopped on request" in text, text[-3000:]
+    (saved,) = checkpoint.checkpoints(run_dir)
+    assert {json.loads((saved / f"data_rank_{r}.json").read_text())["batches"] for r in range(2)} == \
+        {int(saved.name.split("-")[1])}, "both ranks stopped after the same step"
+    assert took < 60, took
+
+
+def test_resume_on_another_number_of_processes_or_workers_restarts_the_stream(tiny_shards, tmp_path, env):
+    """Infinite mode: 2 ranks -> 1 process, then 1 worker -> 2: one line says the stream restarts from new
+    seeds; images seen and the models carry on (and the run after that resumes exactly again)."""
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_shards, run_dir, **{"data.workers": 1})
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch_configs/accelerate/cpu_multi.yaml",
+         "--num_processes", "2", "--main_process_port", str(free_port()), "bigan/train.py", *args,
+         "--train.kimg=0.032"], env)
+    one = train([f"--run.dir={run_dir}", "--run.resume=latest", "--train.kimg=0.048"], env)
+    assert "resuming on a new layout (processes 2 -> 1)" in one.stdout and "restarts from new per-rank seeds" in one.stdout
+    two = train([f"--run.dir={run_dir}", "--run.resume=latest", "--train.kimg=0.064", "--data.workers=2"], env)
+    assert "resuming on a new layout (data.workers 1 -> 2)" in two.stdout, two.stdout
+    final = checkpoint.checkpoints(run_dir)[-1]
+    state = torch.load(final / "custom_checkpoint_0.pkl", weights_only=False)
+    assert state["images_seen"] == 64 and state["step"] == 2 + 2 + 2
+    data = json.loads((final / "data_rank_0.json").read_text())
+    assert data["seed"] == state["stream_seed"] != 0 and data["world_size"] == 1 and data["workers"] == 2
+    exact = train([f"--run.dir={run_dir}", "--run.resume=latest", "--train.kimg=0.08"], env)
+    assert "new layout" not in exact.stdout and "done at 0.1 kimg" in exact.stdout
+
+
+def test_epoch_mode_refuses_a_resume_on_another_layout_in_one_line(tiny_shards, tmp_path, env):
+    run_dir = tmp_path / "run"
+    train(tiny_args(tiny_shards, run_dir, **{"data.workers": 1, "data.mode": "epoch", "train.kimg": 0.016}), env)
+    refused = train([f"--run.dir={run_dir}", "--run.resume=latest", "--train.kimg=0.032", "--data.workers=2"], env,
+                    check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "data.workers 1 -> 2" in refused.stderr.strip().splitlines()[-1] and "data.mode=epoch" in refused.stderr
+
+
+def _launch_two(args: list, env, script: str = "bigan/train.py", check=True):
+    return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                "launch_configs/accelerate/cpu_multi.yaml", "--num_processes", "2", "--main_process_port",
+                str(free_port()), script, *args], env, check=check)
+
+
+def test_logged_corrupt_samples_are_summed_over_ranks(tmp_path, env):
+    """Every shard has unreadable samples, so both ranks count some: TensorBoard shows their sum."""
+    import io
+    import webdataset as wds
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    good = io.BytesIO()
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(good, format="JPEG")
+    for shard in range(4):
+        with wds.TarWriter(str(folder / f"data-{shard}.tar")) as sink:
+            for i in range(40):
+                sink.write({"__key__": f"{shard}-{i}", "jpg": b"\xff\xd8broken" if i % 5 == 0 else good.getvalue()})
+    run_dir = tmp_path / "run"
+    _launch_two(tiny_args(folder, run_dir, **{"train.kimg": 0.064, "data.workers": 1, "run.log_every": 2}), env)
+    logged = _events(run_dir).Scalars("Progress/corrupt_samples")[-1].value
+    final = checkpoint.checkpoints(run_dir)[-1]
+    per_rank = [sum(role[3] for role in json.loads((final / f"data_rank_{r}.json").read_text())["roles"].values())
+                for r in range(2)]
+    assert min(per_rank) > 0 and logged == sum(per_rank), (logged, per_rank)
+
+
+def test_the_latest_checkpoint_is_rank_0s_choice(tiny_shards, tmp_path, env):
+    """Rank 1's file system lags and lists no checkpoint: rank 1 resumes from the one rank 0 found, rather
+    than starting fresh beside a resumed rank 0 (which would then wait in a collective for ever)."""
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_shards, run_dir, **{"data.workers": 1})
+    _launch_two([*args, "--train.kimg=0.032"], env)
+    resumed = _launch_two(["lagging-listing", "1", *args, "--train.kimg=0.064", "--run.resume=latest"], env,
+                          script=str(HELPERS / "train_with_faults.py"))
+    assert "resuming from" in resumed.stdout and "done at 0.1 kimg" in resumed.stdout
+    assert checkpoint.checkpoints(run_dir)[-1].name == "ckpt-000000004"

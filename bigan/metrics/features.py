@@ -72,7 +72,8 @@ class Extractor:
         images = images_uint8.to(self.device)
         if self.is_inception:
             features = self.net(images, return_features=True)
-            probs = self.net(images) if want_probs else None  # softmax output
+            # IS as published (StyleGAN3's metrics): the softmax of the logits without the output bias
+            probs = self.net(images, no_output_bias=True) if want_probs else None
             return features.double(), (probs.double() if probs is not None else None)
         out = self.net(images)
         features, logits = out if isinstance(out, (tuple, list)) else (out, None)
