@@ -4,11 +4,16 @@
         model.safetensors, model_1.safetensors, optimizer*.bin   G, D, both optimizers (Accelerate)
         G/, D/                                                    instead, with DeepSpeed: each engine's ZeRO state
         random_states_R.pkl                                      python/numpy/torch/CUDA RNG per rank
-        custom_checkpoint_*.pkl                                  trainer counters, scalers, EMA
+        custom_checkpoint_*.pkl                                  trainer counters, scalers, EMA (named in checkpoint.json)
         data_rank_R.json                                         stream position per rank
+        architecture.json                                        the settings the weights' shapes depend on
+        checkpoint.json                                          written last: layout, ranks, every file, state names
 
 A kill at any moment leaves either the previous complete checkpoints or a ``.tmp-*`` folder
-that ``latest`` ignores and the next save removes.
+that ``latest`` ignores and the next save removes. Before a checkpoint is loaded every file its
+checkpoint.json lists must be there: ``latest`` skips one that is not (and says so), an explicit
+path to one is refused naming the missing file. Checkpoints written before checkpoint.json
+existed (layout 1) are checked against the files that layout always held.
 """
 from __future__ import annotations
 
@@ -19,7 +24,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+import bigan
+
 _NAME = re.compile(r"^ckpt-(\d{9})$")
+LAYOUT = 2
+MANIFEST = "checkpoint.json"
+LEGACY_STATES = ("train", "backend", "ema")  # layout 1: custom_checkpoint_0/1/2.pkl, in this order
 
 
 class CheckpointError(Exception):
@@ -27,30 +37,81 @@ class CheckpointError(Exception):
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Checkpoint folders of a run (complete or not), oldest first; in-progress .tmp-* ones are not listed."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()), key=lambda p: p.name)
 
 
-def resolve(run_dir: Path, spec: str) -> Path | None:
-    """'' -> None (fresh start), 'latest' -> newest complete checkpoint or None, else the given path."""
+def missing_files(path: Path) -> list[str]:
+    """The files a checkpoint should hold and does not (empty: complete)."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if manifest.exists():
+        try:
+            listed = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return [f"{MANIFEST} (unreadable)"]
+        return [name for name in listed if not (path / name).exists()]
+    return _missing_legacy(path)
+
+
+def _missing_legacy(path: Path) -> list[str]:
+    """Layout 1 (no checkpoint.json): what every such checkpoint held, for the processes that wrote it."""
+    try:
+        world = json.loads((path / "data_rank_0.json").read_text())["world_size"]
+    except (OSError, ValueError, KeyError):
+        return ["data_rank_0.json" if not (path / "data_rank_0.json").exists() else "data_rank_0.json (unreadable)"]
+    expected = ["architecture.json", "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"]
+    expected += [f"{kind}_{r}.{ext}" for r in range(world) for kind, ext in (("random_states", "pkl"), ("data_rank", "json"))]
+    if not (path / "G").is_dir():  # plain (Accelerate) weights; DeepSpeed keeps its engines in G/ and D/
+        expected += ["model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin"]
+    elif not (path / "D").is_dir():
+        expected.append("D")
+    return [name for name in expected if not (path / name).exists()]
+
+
+def states(path: Path) -> dict:
+    """Name -> file of the custom states (trainer counters, backend, EMA, ...) a checkpoint holds."""
+    manifest = Path(path) / MANIFEST
+    if manifest.exists():
+        return json.loads(manifest.read_text())["states"]
+    return {name: f"custom_checkpoint_{i}.pkl" for i, name in enumerate(LEGACY_STATES)}
+
+
+def resolve(run_dir: Path, spec: str, flag: str = "run.resume") -> tuple[Path | None, list[str]]:
+    """('' -> None (fresh start), 'latest' -> the newest complete checkpoint or None, else the given
+    path, refused if incomplete), and a note per incomplete checkpoint 'latest' passed over."""
     if not spec:
-        return None
+        return None, []
     if spec == "latest":
-        found = checkpoints(run_dir)
-        return found[-1] if found else None
+        skipped = []
+        for path in reversed(checkpoints(run_dir)):
+            missing = missing_files(path)
+            if not missing:
+                return path, skipped
+            skipped.append(f"{path} is incomplete ({_listed(missing)} missing): skipped")
+        return None, skipped
     path = Path(spec)
-    if not (path / "random_states_0.pkl").exists():
-        raise CheckpointError(f"run.resume: {path} is not a bigan checkpoint (no random_states_0.pkl)")
-    return path
+    if not (path / MANIFEST).exists() and not (path / "data_rank_0.json").exists():
+        raise CheckpointError(f"{flag}: {path} is not a bigan checkpoint (no {MANIFEST})")
+    missing = missing_files(path)
+    if missing:
+        raise CheckpointError(f"{flag}: {path} is incomplete: {_listed(missing)} missing; resume from another "
+                              f"checkpoint (run.resume=latest takes the newest complete one)")
+    return path, []
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, backend=None,
-         architecture: dict | None = None) -> Path:
+         architecture: dict | None = None, state_names: list[str] = ()) -> Path:
     """Every rank calls this (Accelerate has barriers inside save_state). `architecture` (model
-    settings and resolution) is kept beside the weights, so a resume can say what changed."""
+    settings and resolution) is kept beside the weights, so a resume can say what changed;
+    `state_names` name the custom states in the order they were registered with Accelerate."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"ckpt-{step:09d}"
     tmp = root / f".tmp-ckpt-{step:09d}"
@@ -70,6 +131,9 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, ba
         (tmp / f"data_rank_{accelerator.process_index}.json").write_text(json.dumps(data_state))
         if accelerator.is_main_process and architecture is not None:
             (tmp / "architecture.json").write_text(json.dumps(architecture, indent=1))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:  # last: a checkpoint without it was never finished
+            _write_manifest(tmp, accelerator.num_processes, state_names)
     except Exception as exc:  # a full disk surfaces as OSError or safetensors' own error
         shutil.rmtree(tmp, ignore_errors=True)
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
@@ -82,6 +146,17 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, ba
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_manifest(folder: Path, world: int, state_names) -> None:
+    """checkpoint.json: every file of the checkpoint (what this rank sees, and each rank's own files by
+    name, which a lagging shared file system might not list yet) and the custom states' names."""
+    per_rank = [f"{kind}_{r}.{ext}" for r in range(world) for kind, ext in (("random_states", "pkl"),
+                                                                             ("data_rank", "json"))]
+    files = sorted({p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} | set(per_rank))
+    manifest = {"layout": LAYOUT, "bigan_version": bigan.__version__, "world_size": world, "files": files,
+                "states": {name: f"custom_checkpoint_{i}.pkl" for i, name in enumerate(state_names)}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def data_layout(path: Path) -> dict:

@@ -6,9 +6,10 @@
     bigan-sample --checkpoint runs/demo --interpolate 8 --out walk.png  # latent interpolation rows
     bigan-sample --checkpoint runs/layout2painting --input layouts/ --out paintings/   # pix2pix: translate
 
-CHECKPOINT is a run dir (its exported generator, else its latest checkpoint), a checkpoint
-dir (plain or DeepSpeed: ZeRO partitions are merged on the CPU, no GPU needed), or an
-exported ``.safetensors`` file with ``generator.json`` beside it.
+CHECKPOINT is a run dir (its exported generator, else its latest complete checkpoint), a
+checkpoint dir (plain or DeepSpeed: ZeRO partitions are merged on the CPU, no GPU needed), or an
+exported ``.safetensors`` file with ``generator.json`` beside it. Nothing that exists is
+overwritten unless ``--overwrite`` says so, and nothing is ever written into ``--input``.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from bigan import checkpoint
 from bigan.models import build_models
 from bigan.tracking import image_grid, to_uint8
 
-EMA_STATE_INDEX = 2  # custom_checkpoint_2.pkl: the trainer registers state, scalers, EMA in that order
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class SampleError(Exception):
@@ -49,45 +50,88 @@ def load_generator(path: str | Path, ema: bool = True):
     if path.is_dir() and (path / "export" / "generator.json").exists():
         path = path / "export" / ("generator_ema.safetensors" if ema else "generator.safetensors")
         if not path.exists():
+            print(f"bigan-sample: warning: no EMA generator in {path.parent} (trained with train.ema_kimg=0); "
+                  f"sampling G itself", file=sys.stderr)
             path = path.with_name("generator.safetensors")
-    elif path.is_dir() and not (path / "random_states_0.pkl").exists():  # a run dir: its latest checkpoint
-        latest = checkpoint.resolve(path, "latest")
+    elif path.is_dir() and not _is_checkpoint(path):  # a run dir: its latest complete checkpoint
+        latest, skipped = checkpoint.resolve(path, "latest")
         if latest is None:
-            raise SampleError(f"--checkpoint: {path} has no exported generator and no checkpoints")
+            raise SampleError(f"--checkpoint: {path} has no exported generator and no complete checkpoint"
+                              + (f" ({'; '.join(skipped)})" if skipped else ""))
+        for note in skipped:
+            print(f"bigan-sample: warning: {note}", file=sys.stderr)
         path = latest
     if path.suffix == ".safetensors":
         meta_file = path.parent / "generator.json"
         if not meta_file.exists():
             raise SampleError(f"--checkpoint: {meta_file} is missing (it describes the generator's architecture)")
         meta = json.loads(meta_file.read_text())
-        g = _build(meta["model"], meta["resolution"])
-        g.load_state_dict(_read_safetensors(path))
-        return g.eval(), {**meta["model"], "resolution": meta["resolution"]}
+        model = {**meta["model"], "resolution": meta["resolution"]}
+        return _loaded(_build(meta["model"], meta["resolution"]), _read_safetensors(path), path), model
+    if not path.is_dir():
+        raise SampleError(f"--checkpoint: {path} is neither a run dir, a checkpoint dir nor a .safetensors file")
+    model = _checkpoint_model(path)
+    return _loaded(_build(model, model["resolution"]), _checkpoint_weights(path, ema), path), model
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / checkpoint.MANIFEST).exists() or (path / "data_rank_0.json").exists()
+
+
+def _checkpoint_model(path: Path) -> dict:
+    """The model settings of a checkpoint: its own architecture.json, else the run's config.yaml."""
+    architecture = path / "architecture.json"
+    if architecture.exists():
+        try:
+            saved = json.loads(architecture.read_text())
+            return {**{k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith("model.")},
+                    "resolution": saved["data.resolution"]}
+        except (ValueError, KeyError) as exc:
+            raise SampleError(f"--checkpoint: {architecture} is unreadable ({type(exc).__name__}: {exc})") from None
     config_file = path.parent.parent / "config.yaml"  # RUN/checkpoints/ckpt-N -> RUN/config.yaml
     if not config_file.exists():
-        raise SampleError(f"--checkpoint: {config_file} is missing (the run's resolved config)")
-    config = yaml.safe_load(config_file.read_text())
-    g = _build(config["model"], config["data"]["resolution"])
-    ema_file = path / f"custom_checkpoint_{EMA_STATE_INDEX}.pkl"
-    if ema and ema_file.exists():
-        g.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=False))
-    elif (path / "model.safetensors").exists():
-        g.load_state_dict(_read_safetensors(path / "model.safetensors"))
-    else:  # a DeepSpeed checkpoint: merge G's ZeRO partitions on the CPU
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        raise SampleError(f"--checkpoint: {path} has no architecture.json and {config_file} is missing")
+    try:
+        config = yaml.safe_load(config_file.read_text())
+        return {**config["model"], "resolution": config["data"]["resolution"]}
+    except (yaml.YAMLError, KeyError, TypeError) as exc:
+        raise SampleError(f"--checkpoint: {path} has no architecture.json and {config_file} is not a run's "
+                          f"config ({type(exc).__name__})") from None
 
-        g.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag="G"))
-    return g.eval(), {**config["model"], "resolution": config["data"]["resolution"]}
+
+def _checkpoint_weights(path: Path, ema: bool) -> dict:
+    """G's weights in a checkpoint: EMA-G's (named in checkpoint.json) unless ema is False, else G's own."""
+    ema_file = path / checkpoint.states(path).get("ema", "none")
+    if ema and ema_file.is_file():
+        return torch.load(ema_file, map_location="cpu", weights_only=False)
+    if ema:
+        print(f"bigan-sample: warning: {path} holds no EMA generator (train.ema_kimg=0); sampling G itself",
+              file=sys.stderr)
+    if (path / "model.safetensors").exists():
+        return _read_safetensors(path / "model.safetensors")
+    if not (path / "G").is_dir():
+        raise SampleError(f"--checkpoint: {path} is incomplete: neither model.safetensors nor G/ (DeepSpeed) is there")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="G")  # G's ZeRO partitions, merged on the CPU
+
+
+def _loaded(g, state: dict, source: Path):
+    try:
+        g.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SampleError(f"--checkpoint: the weights in {source} do not fit the architecture it names "
+                          f"({str(exc).splitlines()[0]})") from None
+    return g.eval()
 
 
 def latents(n: int, z_dim: int, seed: int, truncation: float | None) -> torch.Tensor:
-    """Standard normal latents; with truncation t, components beyond ±t are redrawn."""
+    """Standard normal latents; with truncation t, drawn from the normal truncated to [-t, t] (by its
+    inverse CDF: no redrawing, so a tiny t takes no longer than a large one)."""
     generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, z_dim, generator=generator)
-    if truncation is not None:
-        while (outside := z.abs() > truncation).any():
-            z[outside] = torch.randn(int(outside.sum()), generator=generator)
-    return z
+    if truncation is None:
+        return torch.randn(n, z_dim, generator=generator)
+    return torch.nn.init.trunc_normal_(torch.empty(n, z_dim), 0.0, 1.0, -truncation, truncation, generator=generator)
 
 
 def slerp(a, b, t):
@@ -109,22 +153,42 @@ def generate(g, model: dict, z: torch.Tensor, labels=None, batch: int = 256, dev
     return torch.cat(out)
 
 
-def write(images: torch.Tensor, out: str | Path, columns: int | None = None):
-    """A grid (.png/.jpg), a folder of PNGs (DIR/), or a uint8 NxHxWx3 array (.npz)."""
-    is_dir, out = str(out).endswith("/"), Path(out)
+def is_folder(out: str | Path) -> bool:
+    return str(out).endswith("/") or Path(out).is_dir()
+
+
+def write(images: torch.Tensor, out: str | Path, columns: int | None = None, names: list | None = None):
+    """A grid (.png/.jpg), a folder of PNGs (DIR/, named 000000.png ... or `names`), or a uint8 NxHxWx3
+    array (.npz)."""
     as_uint8 = to_uint8(images).permute(0, 2, 3, 1).numpy()
-    if is_dir or out.is_dir():
-        out.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(as_uint8):
-            Image.fromarray(image).save(out / f"{i:06d}.png")
-    elif out.suffix == ".npz":
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if is_folder(out):
+        for name, image in zip(names or [f"{i:06d}.png" for i in range(len(as_uint8))], as_uint8):
+            (Path(out) / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(Path(out) / name)
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
         np.savez_compressed(out, images=as_uint8)
-    elif out.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        out.parent.mkdir(parents=True, exist_ok=True)
+    elif out.suffix.lower() in GRID_SUFFIXES:
         Image.fromarray(image_grid(images, columns)).save(out)
     else:
         raise SampleError(f"--out: {out} must end in .png/.jpg (grid), .npz (array) or / (one PNG each)")
+
+
+def check_outputs(out: str, names: list, overwrite: bool, input_folder: Path | None = None):
+    """Refuse, before anything is generated, to write into the input folder or over existing files."""
+    target = Path(out).resolve()
+    if input_folder is not None:
+        source = input_folder.resolve()
+        if target == source or source in target.parents:
+            raise SampleError(f"--out: {out} is inside --input {input_folder}: bigan-sample never writes into "
+                              f"its input; choose another folder")
+    existing = [Path(out) / name for name in names] if is_folder(out) else [Path(out)]
+    existing = [p for p in existing if p.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise SampleError(f"--out: {existing[0]} exists{more}; pass --overwrite to replace, or choose another --out")
 
 
 def input_images(folder: Path) -> list[Path]:
@@ -138,43 +202,46 @@ def input_images(folder: Path) -> list[Path]:
     return paths
 
 
+def output_names(paths: list[Path], folder: Path) -> list[Path]:
+    """The PNG name each input gets in an output folder (its relative path, .png); refuses names that two
+    inputs would share (a.jpg and a.png), naming them."""
+    names, seen = [path.relative_to(folder).with_suffix(".png") for path in paths], {}
+    for path, name in zip(paths, names):
+        if name in seen:
+            raise SampleError(f"--input: {seen[name].name} and {path.name} in {path.parent} would both be written "
+                              f"as {name}; rename one of them")
+        seen[name] = path
+    return names
+
+
 @torch.no_grad()
-def translate(g, resolution: int, folder: Path, out: str, limit: int | None = None, batch: int = 32,
-              device="cpu") -> tuple[int, list]:
-    """An image-to-image generator applied to every image in `folder` (each resized and center-cropped
-    to the training resolution). out: a folder (one PNG per input, same relative path), a grid .png of
-    input | output pairs, or a .npz of the outputs. Returns (images written, [(path, reason) skipped])."""
+def translate(g, resolution: int, paths: list[Path], batch: int = 32, device="cpu") -> tuple:
+    """An image-to-image generator applied to each of `paths` (resized and center-cropped to the training
+    resolution): (inputs, outputs, indices of the paths read, [(path, reason) skipped])."""
     from PIL import ImageOps
 
-    paths, skipped, inputs, outputs, names = input_images(folder)[:limit], [], [], [], []
+    from bigan.data.images import to_rgb
+
+    skipped, inputs, outputs, read = [], [], [], []
     g = g.to(device)
     for start in range(0, len(paths), batch):
         chunk = []
-        for path in paths[start:start + batch]:
+        for i, path in enumerate(paths[start:start + batch], start):
             try:
                 with Image.open(path) as image:
-                    image = ImageOps.fit(image.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
+                    image = ImageOps.fit(to_rgb(image), (resolution, resolution), Image.Resampling.BICUBIC)
             except Exception as exc:  # one unreadable file never stops the rest
                 skipped.append((path, f"{type(exc).__name__}: {exc}"))
                 continue
             chunk.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1)
-            names.append(path.relative_to(folder).with_suffix(".png"))
+            read.append(i)
         if chunk:
             x = torch.stack(chunk).to(device)
             inputs.append(x.cpu())
             outputs.append(g(x, x).float().cpu())
     if not outputs:
-        raise SampleError(f"--input: none of the {len(paths)} images in {folder} could be read")
-    inputs, outputs = torch.cat(inputs), torch.cat(outputs)
-    if out.endswith("/") or Path(out).is_dir():
-        for name, image in zip(names, to_uint8(outputs).permute(0, 2, 3, 1).numpy()):
-            (Path(out) / name).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(Path(out) / name)
-    elif Path(out).suffix.lower() in (".png", ".jpg", ".jpeg"):
-        write(torch.stack([inputs, outputs], 1).flatten(0, 1), out, columns=8)
-    else:
-        write(outputs, out)
-    return len(outputs), skipped
+        raise SampleError(f"--input: none of the {len(paths)} images could be read")
+    return torch.cat(inputs), torch.cat(outputs), read, skipped
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -185,49 +252,83 @@ def _read_safetensors(path: Path) -> dict:
                           f"({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})") from None
 
 
-def main(argv=None):
+def _parse(argv):
     parser = Parser(prog="bigan-sample", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or exported .safetensors")
-    parser.add_argument("--n", type=int, default=None, help="number of images (default 64; with --input: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--truncation", type=float, default=None, help="redraw latent components beyond ±T")
+    parser.add_argument("--n", type=int, default=None, help="number of images (default 64; with --interpolate 8 "
+                        "rows of STEPS, a multiple of STEPS; with --input: at most this many inputs)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the latents (default 0)")
+    parser.add_argument("--truncation", type=float, default=None,
+                        help="latents from the standard normal truncated to [-T, T]")
     parser.add_argument("--out", default="samples.png", help="grid .png, folder/ or .npz")
     parser.add_argument("--interpolate", type=int, default=0, metavar="STEPS",
-                        help="rows of STEPS images walking between random latents (slerp)")
+                        help="rows of STEPS (>= 2) images walking between random latents (slerp)")
     parser.add_argument("--input", type=Path, default=None, metavar="DIR",
                         help="image-to-image (pix2pix) generators: translate every image in DIR (--n: at most)")
     parser.add_argument("--no-ema", action="store_true", help="the raw generator instead of its EMA")
+    parser.add_argument("--overwrite", action="store_true", help="replace files that --out already holds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.truncation is not None and not args.truncation > 0:  # redrawing until |z| <= 0 never ends
+    if args.truncation is not None and not args.truncation > 0:
         parser.error(f"--truncation must be positive, got {args.truncation}")
-    if (args.n is not None and args.n < 1) or args.interpolate < 0:
-        parser.error("--n must be at least 1" if args.interpolate >= 0 else "--interpolate must be >= 0")
-    n = args.n or 64
-    out = str(args.out)
-    if not (out.endswith("/") or Path(out).is_dir() or Path(out).suffix.lower() in (".npz", ".png", ".jpg", ".jpeg")):
-        parser.error(f"--out: {out} must end in .png/.jpg (grid), .npz (array) or / (one PNG each)")
+    if args.n is not None and args.n < 1:
+        parser.error("--n must be at least 1")
+    if args.interpolate < 0 or args.interpolate == 1:
+        parser.error(f"--interpolate must be 0 (off) or at least 2 steps (a walk has two ends), got {args.interpolate}")
+    if args.interpolate and args.n is not None and args.n % args.interpolate:
+        parser.error(f"--n {args.n} must be a multiple of --interpolate {args.interpolate} (rows of that many steps)")
+    if not (is_folder(args.out) or Path(args.out).suffix.lower() in (".npz", *GRID_SUFFIXES)):
+        parser.error(f"--out: {args.out} must end in .png/.jpg (grid), .npz (array) or / (one PNG each)")
+    return args
+
+
+def _refuse_flags_for(model: dict, args):
+    """Flags that do nothing for the generator at hand are refused (exit 2), except --seed, a warning."""
+    translates = model["arch"] == "pix2pix"
+    if translates != (args.input is not None):
+        raise SampleError("--input: this generator translates images (model.arch=pix2pix); give --input DIR"
+                          if args.input is None else
+                          f"--input is for image-to-image generators; {args.checkpoint} maps noise to images")
+    if translates:
+        for flag, given in (("--truncation", args.truncation is not None), ("--interpolate", args.interpolate)):
+            if given:
+                raise SampleError(f"{flag} shapes latents, and this generator translates images (it has none)")
+        if args.seed is not None:
+            print("bigan-sample: warning: --seed does nothing for an image-to-image generator (no latents; "
+                  "dropout is off when sampling)", file=sys.stderr)
+
+
+def main(argv=None):
+    args = _parse(argv)
     try:
         g, model = load_generator(args.checkpoint, ema=not args.no_ema)
-        if (model["arch"] == "pix2pix") != (args.input is not None):
-            raise SampleError("--input: this generator translates images (model.arch=pix2pix); give --input DIR"
-                              if args.input is None else
-                              f"--input is for image-to-image generators; {args.checkpoint} maps noise to images")
+        _refuse_flags_for(model, args)
+        seed = args.seed or 0
         if args.input is not None:
-            written, skipped = translate(g, model["resolution"], args.input, out, args.n, device=args.device)
+            paths = input_images(args.input)[:args.n]
+            names = output_names(paths, args.input)
+            check_outputs(args.out, names, args.overwrite, args.input)
+            inputs, outputs, read, skipped = translate(g, model["resolution"], paths, device=args.device)
             for path, reason in skipped:
                 print(f"bigan-sample: skipped {path}: {reason}", file=sys.stderr)
-            print(f"translated {written} images from {args.input}")
+            if Path(args.out).suffix.lower() in GRID_SUFFIXES and not is_folder(args.out):  # input | output pairs
+                write(torch.stack([inputs, outputs], 1).flatten(0, 1), args.out, columns=8)
+            else:
+                write(outputs, args.out, names=[names[i] for i in read])
+            print(f"translated {len(read)} images from {args.input}")
         elif args.interpolate:
-            rows = max(1, n // args.interpolate)
-            ends = latents(2 * rows, model["z_dim"], args.seed, args.truncation).view(rows, 2, -1)
+            n = args.n or 8 * args.interpolate
+            check_outputs(args.out, [f"{i:06d}.png" for i in range(n)], args.overwrite)
+            rows = n // args.interpolate
+            ends = latents(2 * rows, model["z_dim"], seed, args.truncation).view(rows, 2, -1)
             t = torch.linspace(0, 1, args.interpolate)[None, :, None]
             z = slerp(ends[:, :1], ends[:, 1:], t).reshape(-1, model["z_dim"])
             write(generate(g, model, z, device=args.device), args.out, columns=args.interpolate)
         else:
-            z = latents(n, model["z_dim"], args.seed, args.truncation)
-            write(generate(g, model, z, device=args.device), args.out)
-    except SampleError as exc:
+            n = args.n or 64
+            check_outputs(args.out, [f"{i:06d}.png" for i in range(n)], args.overwrite)
+            write(generate(g, model, latents(n, model["z_dim"], seed, args.truncation), device=args.device), args.out)
+    except (SampleError, checkpoint.CheckpointError) as exc:
         print(f"bigan-sample: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")

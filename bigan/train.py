@@ -70,10 +70,7 @@ def main(argv=None):
     from bigan.trainer import DivergedError, Trainer
 
     accelerator = make_accelerator(config)
-    if accelerator.is_main_process:
-        Path(config.run.dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.run.dir) / "config.yaml").write_text(config.to_yaml())
-    try:
+    try:  # (RUN/config.yaml is written once resume checks, models and the stream stand: Trainer._start)
         Trainer(config, accelerator).fit()
         for sig in (signal.SIGINT, signal.SIGTERM):  # done and checkpointed: a late signal must not turn
             signal.signal(sig, signal.SIG_IGN)        # the clean exit that follows into a kill

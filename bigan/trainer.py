@@ -121,9 +121,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.model.to(accelerator.device)
         self.state = TrainState(t.seed)
-        for obj in (self.state, self.backend, self.ema):
-            if obj is not None:
-                accelerator.register_for_checkpointing(obj)
+        self.checkpointed = {"train": self.state, "backend": self.backend, "ema": self.ema}  # named in checkpoint.json
+        self.checkpointed = {name: obj for name, obj in self.checkpointed.items() if obj is not None}
+        for obj in self.checkpointed.values():
+            accelerator.register_for_checkpointing(obj)
         self.device = accelerator.device
         self.micro_batch_images = t.batch_size * accelerator.num_processes
         self.total_images = int(t.kimg * 1000)
@@ -263,8 +264,8 @@ class Trainer:
     def _start(self):
         """Resume (if asked), build the loader, trackers and signal handlers; the batch iterator."""
         c = self.config
-        resume_from = self._on_rank_zero(lambda: checkpoint.resolve(self.run_dir, c.run.resume))
-        data_state, notes = None, []
+        resume_from, notes = self._on_rank_zero(lambda: checkpoint.resolve(self.run_dir, c.run.resume))
+        data_state = None
         if resume_from:
             wanted = self._optimizer_settings()
             saved_layout = self._on_rank_zero(lambda: checkpoint.data_layout(resume_from))
@@ -286,14 +287,17 @@ class Trainer:
             from bigan.metrics.features import Extractor, ModeClassifier
 
             if set(self.eval_metrics()) - {"l1", "psnr"}:
-                self.extractor = Extractor(c.eval.extractor, self.device, c.eval.inception or None)
+                self.extractor = Extractor(c.eval.extractor, self.device, c.eval.inception or None, c.data.resolution)
             if c.eval.modes:
-                self.classifier = ModeClassifier(c.eval.modes, self.device)
+                self.classifier = ModeClassifier(c.eval.modes, self.device, c.data.resolution)
         if self.paired and self.accelerator.is_main_process:  # grids of input | output | target
             from bigan.metrics.evaluate import held_out_pairs
 
             self.grid_pairs = held_out_pairs(data_source(c, self.accelerator, held_out=True), c.data.resolution,
                                              min(c.run.grid_size, 16), self.device)
+        if self.accelerator.is_main_process:  # only now: a refused command leaves the run folder as it was
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(c.to_yaml())
         self.tracker = Tracker(self.accelerator, self.run_dir, c.to_yaml())
         self.stops.install_handlers()
         print(f"bigan: rank {self.accelerator.process_index}/{self.accelerator.num_processes} on "
@@ -410,7 +414,13 @@ class Trainer:
         if self.next_eval is None or self.state.images_seen < self.next_eval:
             return
         self.next_eval = self._next_mark(self.config.eval.every_kimg)
-        results = self.evaluate()
+        from bigan.metrics.features import ExtractorError
+
+        try:
+            results = self.evaluate()
+        except ExtractorError:  # (raised on every rank alike) the training so far is kept before stopping
+            self.save()
+            raise
         scalars = {k: float(v) for k, v in results.items()
                    if isinstance(v, (int, float)) and k not in ("n", "n_ref", "modes_of")}
         self.tracker.scalars({f"Metrics/{k}": v for k, v in scalars.items()}, self.state.images_seen)
@@ -529,7 +539,7 @@ class Trainer:
         self.sync_counters()
         position = self.loader_position or self.loader.state_dict()
         return checkpoint.save(self.accelerator, self.run_dir, self.state.step, self.config.run.ckpt_limit,
-                               position, self.backend, self.architecture())
+                               position, self.backend, self.architecture(), list(self.checkpointed))
 
     def architecture(self) -> dict:
         """What the weights' shapes depend on (kept in checkpoints, compared on resume)."""
@@ -542,7 +552,7 @@ class Trainer:
         batches that diverged and every rank draws new latents (an exact replay would diverge again at
         the same step). At most train.max_rollbacks times per run."""
         t = self.config.train
-        latest = self._on_rank_zero(lambda: checkpoint.resolve(self.run_dir, "latest"))
+        latest, _ = self._on_rank_zero(lambda: checkpoint.resolve(self.run_dir, "latest"))
         if latest is None:
             raise DivergedError(f"training diverged: {self.state.bad_in_row} non-finite iterations in a row before "
                                 f"the first checkpoint; lower train.g_lr/d_lr or set train.grad_clip")

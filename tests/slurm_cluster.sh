@@ -9,11 +9,17 @@ set -euo pipefail
 action=$1
 dir=$(realpath -m "$2")
 
-stop() {
+stop() {  # and wait until they are gone (a daemon still exiting holds the ports the next start needs)
+  pids=()
   for pidfile in "$dir"/slurmd-node*.pid "$dir"/slurmctld.pid "$dir"/munged.pid; do
-    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    [ -f "$pidfile" ] && pids+=("$(cat "$pidfile")") && kill "${pids[-1]}" 2>/dev/null || true
   done
-  sleep 1
+  for _ in $(seq 1 100); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && return 0
+    sleep 0.1
+  done
 }
 
 if [ "$action" = stop ]; then
@@ -22,7 +28,7 @@ if [ "$action" = stop ]; then
 fi
 
 mkdir -p "$dir"/state "$dir"/spool "$dir"/log
-cpus=$(nproc)
+cpus=$(OMP_NUM_THREADS='' nproc)  # (nproc honours OMP_NUM_THREADS, which the tests set to 1)
 memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
 port=${SLURM_TEST_PORT:-16817}
 host=$(hostname -s)

@@ -483,3 +483,80 @@ def test_in_each_infinite_round_the_readers_share_one_permutation_of_the_shards(
         assert sorted(picked) == sorted(shard_set.urls), round_
         rounds.append(picked)
     assert rounds[0] != rounds[1] != rounds[2]
+
+
+# ---------------------------------------------------------------- pixel formats and pairs
+
+
+def write_png16(path: Path, array: np.ndarray):
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by the last axis), written by hand: PIL writes 16-bit
+    greyscale only, and that is the case PIL reads wrong."""
+    import struct
+    import zlib
+
+    a = np.asarray(array, dtype=">u2")
+    channels = 1 if a.ndim == 2 else a.shape[2]
+    raw = b"".join(b"\x00" + a[y].tobytes() for y in range(a.shape[0]))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 16, {1: 0, 2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_images_are_scaled_to_8_bits_in_shards_stream_and_translation(channels, tmp_path):
+    """A 16-bit ramp reads as the same ramp in 8 bits wherever bigan reads images (PIL's own convert turns
+    16-bit greyscale nearly white)."""
+    from bigan.data.stream import decode_rgb
+    from bigan.sample import translate
+
+    ramp = np.tile(np.linspace(0, 65535, 16), (16, 1)).astype(np.uint16)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_png16(folder / "ramp.png", ramp if channels == 1 else np.stack([ramp] * 3, -1))
+    expected = np.round(ramp / 257).astype(np.int64)
+    with Image.open(folder / "ramp.png") as image:
+        assert image.mode == ("I;16" if channels == 1 else "RGB")
+    decoded = decode_rgb({"png": (folder / "ramp.png").read_bytes()}).astype(np.int64)  # a foreign shard's sample
+    assert np.abs(decoded - expected[..., None]).max() <= 1
+    shards_mod.make_shards(folder, tmp_path / "shards", shards_mod.ShardOptions(format="png", progress=False))
+    image = next(iter(_loader(tmp_path / "shards", batch=1, resolution=16)))["image"][0]
+    assert ((image + 1) * 127.5 - torch.from_numpy(expected)).abs().max() <= 1.01
+    class Echo(torch.nn.Module):
+        def forward(self, x, y):
+            return x
+
+    inputs, _, _, _ = translate(Echo(), 16, [folder / "ramp.png"])  # bigan-sample --input
+    assert ((inputs[0] + 1) * 127.5 - torch.from_numpy(expected)).abs().max() <= 1.01
+
+
+def test_pairs_of_other_aspect_ratios_are_listed_and_skipped_others_aligned(tmp_path, capsys):
+    """An input of the target's aspect but another size is resized to the target before the shared crop (so
+    they line up); one of another aspect ratio cannot be lined up by any crop: listed and skipped. Two inputs
+    with one name (a.jpg, a.png) are ambiguous: both listed."""
+    targets, inputs = tmp_path / "targets", tmp_path / "inputs"
+    targets.mkdir(), inputs.mkdir()
+    pattern = np.zeros((30, 40, 3), np.uint8)
+    pattern[:, :20] = 255  # left half white: where the crop falls shows
+    for name in ("same", "wide", "twice", "dup"):
+        Image.fromarray(pattern).save(targets / f"{name}.png")
+    Image.fromarray(pattern).save(inputs / "same.png")
+    Image.fromarray(pattern).resize((80, 60), Image.Resampling.NEAREST).save(inputs / "twice.png")
+    Image.new("RGB", (30, 30)).save(inputs / "wide.png")
+    for suffix in ("png", "jpg"):
+        Image.fromarray(pattern).save(inputs / f"dup.{suffix}")
+    out = tmp_path / "pairs"
+    assert shards_mod.main([str(targets), str(out), "--src-dir", str(inputs), "--resolution", "16", "--format",
+                            "png"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total"] == 2
+    reasons = {Path(e["input"]).relative_to(tmp_path).as_posix(): e["reason"] for e in manifest["skipped"]}
+    assert "differ in aspect ratio" in reasons["targets/wide.png"]
+    assert "ambiguous" in reasons["inputs/dup.png"] and "ambiguous" in reasons["inputs/dup.jpg"]
+    err = capsys.readouterr().err
+    assert "wide.png" in err and "dup.jpg" in err
+    batch = next(iter(_loader(out, batch=2, resolution=16, paired=True, mode="epoch", epochs=1)))
+    assert (batch["source"] - batch["image"]).abs().max() < 0.05, "each input lines up with its target"

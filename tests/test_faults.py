@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, run, tiny_args
 
@@ -367,3 +368,241 @@ def test_every_command_refuses_a_bad_flag_in_one_line(module, argv, flag, tiny_s
     err = capsys.readouterr().err.strip()
     assert code == 2, (code, err)
     assert len(err.splitlines()) == 1 and flag in err and "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------- bad input, by class (issue 24)
+#
+# Every CLI and every input kind with its bad values, in one table. Each case runs in-process and must
+# exit 2 with one line naming the problem, and leave every file of the inputs as it was (nothing
+# written, nothing changed). Later families add their rows here.
+
+
+class _Classifier(torch.nn.Module):
+    """A mode classifier that goes wrong in one of the ways users' files do."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, images):
+        if self.kind == "float_only":  # forgot that bigan passes uint8 pixels
+            return self.conv(images).mean((2, 3))
+        x = images.float().mean((1, 2, 3))[:, None].repeat(1, 4)
+        if self.kind == "nan":
+            return x * float("nan")
+        if self.kind == "one_row":
+            return x[:1]
+        if self.kind == "no_classes":
+            return x[:, :0]
+        if self.kind == "nan_on_content":  # fine on the blank probe, NaN on real images
+            return torch.where(x > 0, torch.full_like(x, float("nan")), x)
+        return x
+
+
+def _snapshot(root: Path) -> dict:
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, hashlib.sha1(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()} | \
+        {p.relative_to(root).as_posix() + "/": None for p in root.rglob("*") if p.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_shards, env):
+    """What the table's cases read: a trained run, a broken copy of its checkpoint, an image-to-image
+    export, image folders, classifier files, npz files, a dataset, pairs and 16-bit images."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from bigan.checkpoint import export_generator
+    from bigan.models.pix2pix import UNetGenerator
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    run([sys.executable, "-m", "bigan.train", *tiny_args(tiny_shards, root / "run", **{"train.kimg": 0.016,
+                                                                                       "data.workers": 0})], env)
+    incomplete = root / "incomplete" / "checkpoints" / "ckpt-000000002"
+    shutil.copytree(root / "run" / "checkpoints" / "ckpt-000000002", incomplete)
+    (incomplete / "random_states_0.pkl").unlink()
+    (incomplete / "optimizer_1.bin").unlink()
+    shutil.copy(root / "run" / "config.yaml", root / "incomplete" / "config.yaml")
+    export_generator(root / "pix2pix", UNetGenerator(32, 4), None, {"arch": "pix2pix", "z_dim": 8, "g_channels": 4,
+                     "d_channels": 4, "num_classes": 0, "norm": "batch", "dropout": 0.5}, {"resolution": 32})
+    for folder, names in (("collide", ("a.png", "a.jpg")), ("layouts", ("x.png", "y.png"))):
+        (root / folder).mkdir()
+        for name in names:
+            Image.new("RGB", (40, 40), (200, 40, 40)).save(root / folder / name)
+    (root / "out").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "out" / "taken.png")
+    for kind in ("float_only", "nan", "one_row", "no_classes", "nan_on_content"):
+        torch.jit.script(_Classifier(kind)).save(str(root / f"{kind}.pt"))
+    torch.save(_Classifier("fine").state_dict(), root / "state_dict.pt")
+    np.savez(root / "empty.npz", images=np.zeros((0, 32, 32, 3), np.uint8))
+    np.savez(root / "samples.npz", images=np.full((8, 32, 32, 3), 90, np.uint8))
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2}).save_to_disk(str(root / "dataset"))
+    for side, size in (("targets", (40, 30)), ("inputs", (30, 30))):
+        (root / "wide" / side).mkdir(parents=True)
+        Image.new("RGB", size).save(root / "wide" / side / "p.png")
+    (root / "broken16").mkdir()
+    from test_data import write_png16
+
+    write_png16(root / "broken16" / "deep.png", np.random.default_rng(0).integers(0, 65535, (16, 16), np.uint16))
+    data = (root / "broken16" / "deep.png").read_bytes()
+    (root / "broken16" / "deep.png").write_bytes(data[:len(data) // 2])  # cut inside its pixels
+    return root
+
+
+TRAIN = ["--run.dir={root}/run", "--run.resume=latest"]
+BAD_INPUTS = [  # (id, module, argv with {root}, the one line contains)
+    ("train:refused-resume", "bigan.train", [*TRAIN, "--model.g_channels=16"], "was trained with model.g_channels=8"),
+    ("train:batch-size-on-resume", "bigan.train", [*TRAIN, "--train.batch_size=4"], "train.batch_size 8 -> 4"),
+    ("train:incomplete-checkpoint", "bigan.train",
+     ["--run.dir={root}/run", "--run.resume={root}/incomplete/checkpoints/ckpt-000000002"], "is incomplete"),
+    ("train:classifier-state-dict", "bigan.train", [*TRAIN, "--eval.every_kimg=1", "--eval.metrics=",
+                                                    "--eval.modes={root}/state_dict.pt"], "holds a state_dict"),
+    ("train:classifier-float-only", "bigan.train", [*TRAIN, "--eval.every_kimg=1", "--eval.metrics=",
+                                                    "--eval.modes={root}/float_only.pt"], "fails on a batch of uint8"),
+    ("train:classifier-nan", "bigan.train", [*TRAIN, "--eval.every_kimg=1", "--eval.metrics=",
+                                             "--eval.modes={root}/nan.pt"], "non-finite"),
+    ("train:extractor-one-row", "bigan.train", [*TRAIN, "--eval.every_kimg=1", "--eval.metrics=fid",
+                                                "--eval.extractor={root}/one_row.pt"], "shape (1, 4) for 2 images"),
+    ("sample:out-inside-input", "bigan.sample", ["--checkpoint", "{root}/pix2pix/generator.safetensors", "--input",
+                                                 "{root}/layouts", "--out", "{root}/layouts/"], "never writes into"),
+    ("sample:colliding-names", "bigan.sample", ["--checkpoint", "{root}/pix2pix/generator.safetensors", "--input",
+                                                "{root}/collide", "--out", "{root}/fresh/"], "would both be written"),
+    ("sample:existing-out", "bigan.sample", ["--checkpoint", "{root}/run", "--out", "{root}/out/taken.png"],
+     "exists; pass --overwrite"),
+    ("sample:truncation-pix2pix", "bigan.sample", ["--checkpoint", "{root}/pix2pix/generator.safetensors", "--input",
+                                                   "{root}/layouts", "--truncation", "1", "--out", "{root}/t/"],
+     "--truncation shapes latents"),
+    ("sample:interpolate-pix2pix", "bigan.sample", ["--checkpoint", "{root}/pix2pix/generator.safetensors", "--input",
+                                                    "{root}/layouts", "--interpolate", "4", "--out", "{root}/t/"],
+     "--interpolate shapes latents"),
+    ("sample:interpolate-1", "bigan.sample", ["--checkpoint", "{root}/run", "--interpolate", "1"], "--interpolate"),
+    ("sample:n-not-rows", "bigan.sample", ["--checkpoint", "{root}/run", "--interpolate", "4", "--n", "10"],
+     "must be a multiple of --interpolate 4"),
+    ("sample:incomplete-run", "bigan.sample", ["--checkpoint", "{root}/incomplete", "--out", "{root}/t.png"],
+     "no complete checkpoint"),
+    ("eval:classifier-state-dict", "bigan.metrics.evaluate", ["--samples", "{root}/samples.npz", "--modes",
+                                                              "{root}/state_dict.pt"], "holds a state_dict"),
+    ("eval:classifier-float-only", "bigan.metrics.evaluate", ["--samples", "{root}/samples.npz", "--modes",
+                                                              "{root}/float_only.pt"], "x.float()"),
+    ("eval:classifier-nan", "bigan.metrics.evaluate", ["--samples", "{root}/samples.npz", "--modes",
+                                                       "{root}/nan.pt"], "non-finite"),
+    ("eval:classifier-one-row", "bigan.metrics.evaluate", ["--samples", "{root}/samples.npz", "--modes",
+                                                           "{root}/one_row.pt"], "shape (1, 4) for 2 images"),
+    ("eval:classifier-no-classes", "bigan.metrics.evaluate", ["--samples", "{root}/samples.npz", "--modes",
+                                                              "{root}/no_classes.pt"], "at least 2"),
+    ("eval:classifier-nan-on-images", "bigan.metrics.evaluate", ["--samples", "{root}/samples.npz", "--modes",
+                                                                 "{root}/nan_on_content.pt"], "for 8 of 8 images"),
+    ("eval:no-samples", "bigan.metrics.evaluate", ["--samples", "{root}/empty.npz", "--modes",
+                                                   "{root}/nan_on_content.pt"], "holds no images"),
+    ("eval:seed-with-samples", "bigan.metrics.evaluate", ["--samples", "{root}/samples.npz", "--modes",
+                                                          "{root}/nan_on_content.pt", "--seed", "3"], "--seed"),
+    ("eval:extractor-without-features", "bigan.metrics.evaluate",
+     ["--samples", "{root}/samples.npz", "--modes", "{root}/nan_on_content.pt", "--extractor", "{root}/nan.pt"],
+     "--extractor would do nothing"),
+    ("eval:inception-with-other-extractor", "bigan.metrics.evaluate",
+     ["--samples", "{root}/samples.npz", "--data", "{root}/run", "--extractor", "{root}/nan.pt", "--inception",
+      "{root}/nan.pt"], "--inception would do nothing"),
+    ("shards:split-with-folder", "bigan.data.shards", ["{root}/layouts", "{root}/new", "--split", "test"], "--split"),
+    ("shards:label-column-with-folder", "bigan.data.shards", ["{root}/layouts", "{root}/new", "--label-column", "k"],
+     "--labels-from-dirs"),
+    ("shards:labels-from-dirs-with-dataset", "bigan.data.shards", ["{root}/dataset", "{root}/new",
+                                                                   "--labels-from-dirs"], "--label-column"),
+    ("shards:pairs-of-another-aspect", "bigan.data.shards", ["{root}/wide/targets", "{root}/new", "--src-dir",
+                                                             "{root}/wide/inputs"], "differ in aspect ratio"),
+    ("shards:broken-16-bit", "bigan.data.shards", ["{root}/broken16", "{root}/new"], "deep.png"),
+    ("demo:root-with-grid", "bigan.data.demo", ["--grid", "{root}/grid.png", "--root", "{root}/cache"], "--root"),
+    ("demo:workers-with-folders", "bigan.data.demo", ["--pairs", "--folders", "{root}/f", "--workers", "2"],
+     "--workers"),
+]
+
+
+@pytest.mark.parametrize("module, argv, message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(module, argv, message, bad_inputs, capsys):
+    import importlib
+
+    before = _snapshot(bad_inputs)
+    try:
+        code = importlib.import_module(module).main([a.format(root=bad_inputs) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "warning" not in line.lower()
+           and not line.startswith("[")]  # (DeepSpeed's and torch's own log lines, the warnings bigan itself gives)
+    assert code == 2 and len(err) == 1 and message in err[0] and "Traceback" not in err[0], (code, err)
+    assert _snapshot(bad_inputs) == before, "a refused command changed its inputs"
+
+
+def test_after_a_refused_resume_the_run_resumes_and_samples_as_before(bad_inputs, tmp_path, env):
+    """The issue's case: a refused resume used to rewrite config.yaml, so that a plain resume was refused
+    next and bigan-sample failed with a load_state_dict traceback."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(bad_inputs / "run", run_dir)
+    refused = run([sys.executable, "-m", "bigan.train", f"--run.dir={run_dir}", "--run.resume=latest",
+                   "--model.g_channels=16"], env, check=False)
+    assert refused.returncode == 2
+    resumed = run([sys.executable, "-m", "bigan.train", f"--run.dir={run_dir}", "--run.resume=latest",
+                   "--train.kimg=0.024"], env)
+    assert "resuming from" in resumed.stdout
+    run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir / "checkpoints" / "ckpt-000000003"),
+         "--n", "2", "--out", str(tmp_path / "g.png")], env)
+
+
+def test_latest_passes_over_an_incomplete_checkpoint_and_says_which_it_uses(bad_inputs, tmp_path, env):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(bad_inputs / "run", run_dir)
+    newer = run_dir / "checkpoints" / "ckpt-000000009"
+    shutil.copytree(run_dir / "checkpoints" / "ckpt-000000002", newer)
+    (newer / "data_rank_0.json").unlink()
+    resumed = run([sys.executable, "-m", "bigan.train", f"--run.dir={run_dir}", "--run.resume=latest",
+                   "--train.kimg=0.024"], env)
+    assert f"{newer} is incomplete (data_rank_0.json missing): skipped" in resumed.stdout
+    assert f"resuming from {run_dir / 'checkpoints' / 'ckpt-000000002'}" in resumed.stdout
+
+
+def test_checkpoints_without_a_manifest_are_checked_as_layout_1(bad_inputs, tmp_path):
+    """Checkpoints written before checkpoint.json existed are checked against what that layout held."""
+    import shutil
+
+    from bigan import checkpoint
+
+    old = tmp_path / "ckpt-000000002"
+    shutil.copytree(bad_inputs / "run" / "checkpoints" / "ckpt-000000002", old)
+    (old / "checkpoint.json").unlink()
+    assert checkpoint.missing_files(old) == []
+    for name in ("architecture.json", "random_states_0.pkl", "optimizer_1.bin"):
+        (old / name).rename(old / f"{name}.moved")
+        assert checkpoint.missing_files(old) == [name]
+        (old / f"{name}.moved").rename(old / name)
+
+
+def test_sample_rebuilds_g_from_the_checkpoint_when_config_yaml_is_broken(bad_inputs, tmp_path, env):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(bad_inputs / "run", run_dir, ignore=shutil.ignore_patterns("export"))
+    (run_dir / "config.yaml").write_text("model: [unclosed\n")
+    run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir), "--n", "2", "--out",
+         str(tmp_path / "g.png")], env)
+
+
+def test_a_tiny_truncation_draws_at_once(bad_inputs, tmp_path, env):
+    """--truncation 1e-9 used to redraw for ever: the truncated normal is drawn by its inverse CDF."""
+    out = tmp_path / "z.npz"
+    result = run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(bad_inputs / "run"), "--n", "4",
+                  "--truncation", "1e-9", "--out", str(out)], env, timeout=60)
+    assert result.returncode == 0 and out.exists()
+    from bigan.sample import latents
+
+    z = latents(1000, 16, 0, 0.5)
+    assert z.abs().max() <= 0.5 and 0.25 < z.std() < 0.3  # truncated to [-0.5, 0.5]: std 0.28

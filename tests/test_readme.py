@@ -73,8 +73,8 @@ def _small(command: str, extractor: Path) -> list[str]:
     if "bigan.metrics.evaluate" in argv or argv[0].endswith("bigan-eval"):
         return ["--n", "16", "--batch", "8"] + (["--extractor", str(extractor), "--metrics", "fid"]
                                                 if "--data" in argv else [])
-    if argv[0].endswith("bigan-sample") and "--n" in argv:
-        return ["--n", "4"]
+    if argv[0].endswith("bigan-sample") and "--n" in argv:  # (with --interpolate: one row of its steps)
+        return ["--n", argv[argv.index("--interpolate") + 1] if "--interpolate" in argv else "4"]
     if argv[0].endswith("bigan-shards") and "--workers" in argv:
         return ["--workers", "2"]  # this machine's cores: 8 processes for 8 images only start up
     if argv[0].endswith("bigan-demo-data") and "--folders" in argv:

@@ -19,8 +19,8 @@ from conftest import ROOT, free_port, tiny_args
 pytestmark = pytest.mark.xdist_group("slurm")  # one throwaway cluster, on one pytest worker
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory, env):
+@pytest.fixture(scope="session")  # not module: pytest-xdist may run other modules' tests between these, and a
+def slurm(tmp_path_factory, env):  # module fixture would then stop and start the cluster again on the same ports
     if shutil.which("slurmctld") is None or os.geteuid() != 0:
         message = "needs root and Debian's slurmctld, slurmd, slurm-client and munge (.ci/run installs them)"
         if os.environ.get("BIGAN_REQUIRE_SLURM"):
@@ -102,7 +102,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_without_repeating_steps(
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    args = tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.8, "data.workers": 1, "run.log_every": 1})
+    # long enough (300 steps) that the stop, agreed every ~2 s, lands before the end
+    args = tiny_args(tiny_shards, run_dir, **{"train.kimg": 4.8, "data.workers": 1, "run.log_every": 1,
+                                               "run.image_every_kimg": 1})
     job = sbatch(slurm, run_dir, nodes=1, procs_per_node=2, train_args=args)
     deadline = time.time() + 300
     while not list((run_dir / "samples").glob("*.png")):  # training has started
@@ -115,15 +117,15 @@ def test_preempted_job_checkpoints_requeues_and_resumes_without_repeating_steps(
     assert "USR1 received" in batch_log and f"requeueing job {job}" in batch_log
     assert "(restart 1)" in batch_log and "(restart 2)" not in batch_log, "requeued once, and not after finishing"
     (log,) = node_logs(run_dir).values()
-    assert "stopped on request" in log and "resuming from" in log and "done at 0.8 kimg" in log
+    assert "stopped on request" in log and "resuming from" in log and "done at 4.8 kimg" in log
     stopped_at = int(log.split("resuming from")[1].split("ckpt-")[1][:9])
-    assert 1 <= stopped_at < 50
-    assert checkpoint.checkpoints(run_dir)[-1].name == "ckpt-000000050", "ends at the planned length"
+    assert 1 <= stopped_at < 300
+    assert checkpoint.checkpoints(run_dir)[-1].name == "ckpt-000000300", "ends at the planned length"
 
     events = EventAccumulator(str(run_dir / "logs" / "tensorboard"), purge_orphaned_data=False)
     events.Reload()
     logged = [e.step for e in events.Scalars("Progress/kimg")]
-    assert sorted(logged) == [16 * k for k in range(1, 51)], "every step logged once: none done twice, none lost"
+    assert sorted(logged) == [16 * k for k in range(1, 301)], "every step logged once: none done twice, none lost"
 
 
 @pytest.mark.parametrize("accelerate_config", ["cpu_multi", "deepspeed_zero2"])

@@ -152,7 +152,7 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_usable(tiny_sha
     assert killed.returncode == -9
     assert [p.name for p in checkpoint.checkpoints(run_dir)] == ["ckpt-000000002"]
     assert list((run_dir / "checkpoints").glob(".tmp-*")), "the interrupted write is left as a temp dir"
-    assert checkpoint.resolve(run_dir, "latest").name == "ckpt-000000002"
+    assert checkpoint.resolve(run_dir, "latest")[0].name == "ckpt-000000002"
 
     resumed = train(args + ["--run.resume=latest"], env)
     assert "resuming from" in resumed.stdout and "ckpt-000000002" in resumed.stdout

@@ -295,6 +295,10 @@ def main(argv=None):
     for flag, value in (("--n", args.n), ("--resolution", args.resolution), ("--workers", args.workers)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    drawn = "--grid" if args.grid is not None else "--folders" if args.folders is not None else None
+    for flag, value in (("--root", args.root), ("--workers", args.workers)):
+        if drawn and value is not None:  # those draw in this process and write no shards
+            parser.error(f"{flag} does nothing with {drawn}: it renders in this process and writes no shards")
     if args.grid is not None:
         import torch
 

@@ -19,6 +19,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bigan.cli import Parser
+from bigan.data.images import align_pair, to_rgb
 from PIL import Image, ImageOps
 
 import bigan
@@ -72,14 +74,20 @@ def folder_items(root: Path, labels_from_dirs: bool):
 def paired_folder_items(root: Path, src_root: Path):
     """(target path, input path) for every image under root with a match under src_root (same relative
     path without extension), and a list of (path, reason) for the images of either side without one."""
+    ambiguous = []
+
     def index(folder):
         paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not paths:
             raise ShardError(f"no images found in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
         found = {}
         for p in paths:
-            found.setdefault(p.relative_to(folder).with_suffix("").as_posix(), p)
-        return found
+            found.setdefault(p.relative_to(folder).with_suffix("").as_posix(), []).append(p)
+        for key, same in found.items():  # a.jpg beside a.png: which one pairs is anyone's guess
+            if len(same) > 1:
+                ambiguous.extend((str(p), f"{', '.join(q.name for q in same)} share the name {key}: which one "
+                                          f"pairs is ambiguous (rename all but one)") for p in same)
+        return {key: same[0] for key, same in found.items() if len(same) == 1}
 
     if not src_root.is_dir():
         raise ShardError(f"--src-dir: {src_root} is not a folder")
@@ -90,7 +98,7 @@ def paired_folder_items(root: Path, src_root: Path):
                          f"without extension, e.g. a/001.jpg with a/001.png)")
     unmatched = [(str(targets[k]), f"no input image {k}.* in {src_root}") for k in sorted(set(targets) - set(sources))]
     unmatched += [(str(sources[k]), f"no target image {k}.* in {root}") for k in sorted(set(sources) - set(targets))]
-    return items, unmatched
+    return items, ambiguous + unmatched
 
 
 def open_hf_dataset(source: Path, split: str):
@@ -170,7 +178,7 @@ def load_item(item):
 def _fit(image: Image.Image, resolution: int | None) -> Image.Image:
     if resolution is not None:
         image.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale when possible
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if resolution is None or image.size == (resolution, resolution):
         return image
     return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.BICUBIC)
@@ -213,8 +221,11 @@ def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions,
         for n, item in enumerate(items):
             try:
                 image, label, key, *src = load(item)
+                src = src[0] if src else None
+                if src is not None:  # one size first, so that the crop to the resolution cuts both alike
+                    image, src = align_pair(image, src)
                 data = encode_image(image, options)
-                src_data = encode_image(src[0], options) if src and src[0] is not None else None
+                src_data = encode_image(src, options) if src is not None else None
             except Exception as exc:  # one bad input never stops the run
                 failures.append((_describe(item), f"{type(exc).__name__}: {exc}"))
                 tick(1)
@@ -303,8 +314,8 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
         shards += [{"name": name, "samples": count} for name, count in counts.items()]
         failures += failed
     if items and not any(s["samples"] for s in shards):  # no manifest of nothing: training would find no data
-        for shard in shards:
-            (Path(out_dir) / shard["name"]).unlink(missing_ok=True)
+        for shard in Path(out_dir).glob("data-*.tar"):  # (the writers open their first shard before any sample)
+            shard.unlink(missing_ok=True)
         what, why = failures[0] if failures else ("?", "no sample was written")
         raise ShardError(f"none of the {len(items)} inputs could be read; first: {what}: {why}")
     manifest = {
@@ -329,7 +340,7 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
 
 
 def make_shards(source: Path, out_dir: Path, options: ShardOptions, labels_from_dirs=False,
-                image_column="image", label_column=None, split="train", overwrite=False,
+                image_column=None, label_column=None, split=None, overwrite=False,
                 src_dir: Path | None = None, src_column: str | None = None, seed: int = 0) -> dict:
     """Everything bigan-shards does, callable from Python; `seed` shuffles the inputs before they are
     split into shards."""
@@ -344,6 +355,13 @@ def make_shards(source: Path, out_dir: Path, options: ShardOptions, labels_from_
     unmatched = []
     if src_column and is_folder:
         raise ShardError(f"--src-column is for datasets; {source} is a folder of images (pair it with --src-dir)")
+    for flag, value in (("--image-column", image_column), ("--label-column", label_column), ("--split", split)):
+        if value is not None and is_folder:
+            raise ShardError(f"{flag} is for datasets; {source} is a folder of images"
+                             + (" (class labels from sub-folders: --labels-from-dirs)" if flag == "--label-column" else ""))
+    if labels_from_dirs and not is_folder:
+        raise ShardError(f"--labels-from-dirs is for folders of images; {source} is a dataset (name its label "
+                         f"column with --label-column)")
     if src_dir and not is_folder:
         raise ShardError(f"--src-dir pairs two folders; {source} is a dataset (name its input column with --src-column)")
     if is_folder and src_dir:
@@ -355,11 +373,18 @@ def make_shards(source: Path, out_dir: Path, options: ShardOptions, labels_from_
         raise ShardError(f"source {source} is a file; give a folder of images, a save_to_disk folder, "
                          f"or {'/'.join(TABLE_SUFFIXES)} files")
     else:
-        rows, names = hf_items(open_hf_dataset(source, split), source, image_column, label_column, src_column)
+        rows, names = hf_items(open_hf_dataset(source, split or "train"), source, image_column or "image",
+                               label_column, src_column)
         items = rows[:]
+    created = not Path(out_dir).exists()
     prepare_output(Path(out_dir), overwrite)
-    return write_shards(items, load_item, Path(out_dir), options, source=str(source), label_names=names,
-                        paired=bool(src_dir or src_column), skipped=unmatched, shuffle_seed=seed)
+    try:
+        return write_shards(items, load_item, Path(out_dir), options, source=str(source), label_names=names,
+                            paired=bool(src_dir or src_column), skipped=unmatched, shuffle_seed=seed)
+    except ShardError:
+        if created:  # a refused command leaves no trace
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def main(argv=None):
@@ -369,15 +394,15 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=None,
                         help="resize the shorter side to R and center-crop to RxR (default: keep originals)")
     parser.add_argument("--format", choices=["jpg", "png", "webp"], default="jpg")
-    parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality 1-100 (default 95)")
+    parser.add_argument("--quality", type=int, default=None, help="jpg/webp quality 1-100 (default 95)")
     parser.add_argument("--maxcount", type=int, default=10_000, help="samples per shard at most")
     parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes, each with its own shards")
     parser.add_argument("--overwrite", action="store_true", help="replace shards in a non-empty output dir")
     parser.add_argument("--labels-from-dirs", action="store_true", help="class labels from first-level sub-folders")
-    parser.add_argument("--image-column", default="image", help="datasets: column with the images")
+    parser.add_argument("--image-column", default=None, help="datasets: column with the images (default image)")
     parser.add_argument("--label-column", default=None, help="datasets: column with integer class labels")
-    parser.add_argument("--split", default="train", help="datasets: split of a saved DatasetDict")
+    parser.add_argument("--split", default=None, help="datasets: split of a saved DatasetDict (default train)")
     parser.add_argument("--src-dir", type=Path, default=None, help="pairs (pix2pix): folder of input images, "
                         "matched to SOURCE's target images by path without extension")
     parser.add_argument("--src-column", default=None, help="pairs (pix2pix), datasets: column with the input images")
@@ -387,12 +412,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.resolution is not None and args.resolution < 1:
         parser.error(f"--resolution must be positive, got {args.resolution}")
-    if not 1 <= args.quality <= 100:
+    if args.quality is not None and not 1 <= args.quality <= 100:
         parser.error(f"--quality must be in 1..100, got {args.quality}")
+    if args.quality is not None and args.format == "png":  # worth going on for: a warning, not an error
+        print("bigan-shards: warning: --quality does nothing with --format png (lossless)", file=sys.stderr)
     for flag, value in (("--maxcount", args.maxcount), ("--maxsize", args.maxsize), ("--workers", args.workers)):
         if not value >= 1:
             parser.error(f"{flag} must be at least 1, got {value}")
-    options = ShardOptions(resolution=args.resolution, format=args.format, quality=args.quality,
+    options = ShardOptions(resolution=args.resolution, format=args.format, quality=args.quality or 95,
                            maxcount=args.maxcount, maxsize=int(args.maxsize), workers=args.workers,
                            progress=not args.no_progress and sys.stderr.isatty())
     try:

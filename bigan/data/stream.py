@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from bigan.data.images import check_pair_aspect, to_rgb
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SOURCE_KEYS = tuple(f"src.{k}" for k in IMAGE_KEYS)  # paired samples: KEY.src.jpg (input) beside KEY.jpg (target)
 # Tags that keep the seeds of different random choices apart. Integers, not strings: hash() of a
@@ -165,7 +167,7 @@ def decode_rgb(sample: dict, out: np.ndarray | None = None, keys=IMAGE_KEYS) -> 
         except ValueError:
             pass  # CMYK or an oddity simplejpeg refuses: let PIL try, it raises if really corrupt
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(image))  # 16-bit greyscale scaled, not clipped to white
 
 
 def fit_square(image: np.ndarray, resolution: int, rng: random.Random, crop_scale: tuple | None) -> np.ndarray:
@@ -192,7 +194,9 @@ def fit_square(image: np.ndarray, resolution: int, rng: random.Random, crop_scal
 def fit_pair(target: np.ndarray, source: np.ndarray, resolution: int, rng: random.Random,
              crop_scale: tuple | None) -> tuple[np.ndarray, np.ndarray]:
     """Target and input cropped and resized identically: the input is first brought to the target's
-    size, then both take the same crop (the same random draws)."""
+    size, then both take the same crop (the same random draws). A pair whose aspect ratios differ beyond
+    bigan.data.images.ASPECT_TOLERANCE raises (counted as unreadable): no crop would line it up."""
+    check_pair_aspect(target.shape[1::-1], source.shape[1::-1])
     if source.shape != target.shape:
         source = np.asarray(Image.fromarray(source).resize(target.shape[1::-1], Image.Resampling.BICUBIC))
     state = rng.getstate()

@@ -93,6 +93,7 @@ def reference_stats(shards, resolution: int, extractor: Extractor, accelerator, 
     if pending:
         add(pending)
     stats.reduce(accelerator)
+    refuse_nonfinite(extractor, stats.nonfinite, None, 0, stats.n)  # never into the cache
     if accelerator.is_main_process:
         stats.save(cached)
     accelerator.wait_for_everyone()
@@ -110,6 +111,8 @@ def load_samples(path: Path) -> np.ndarray:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
         raise ExtractorError(f"--samples: {path}: expected uint8 images of shape (N, H, H, 3), "
                              f"got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise ExtractorError(f"--samples: {path} holds no images (shape {images.shape}): nothing to score")
     return images
 
 
@@ -189,22 +192,30 @@ def array_images(images: np.ndarray, accelerator, batch: int = 64):
 def sample_stats(blocks, resolution: int, extractor: Extractor | None, accelerator, n: int, keep: int = 10_000,
                  want_probs: bool = False, classifier: ModeClassifier | None = None):
     """(FeatureStats, ModeCounts) of the images `blocks` yields on this rank, summed over ranks (None where
-    no extractor or classifier is given). Every rank calls this, also one that was given no images."""
-    probe = torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8)
+    no extractor or classifier is given). Every rank calls this, also one that was given no images. Rows
+    the networks give non-finite values for are refused after the sum, on every rank alike."""
     stats = modes = None
     if extractor is not None:
-        features, probs = extractor(probe, want_probs=want_probs)
-        stats = FeatureStats(features.shape[1], keep, classes=probs.shape[1] if probs is not None else 0, total=n)
+        stats = FeatureStats(extractor.dim, keep, classes=extractor.classes if want_probs else 0, total=n)
     if classifier is not None:
-        modes = ModeCounts(classifier.classes(resolution))
+        modes = ModeCounts(classifier.classes)
     for indices, images in blocks:
         if stats is not None:
             features, probs = extractor(images, want_probs=want_probs)
             stats.update(features, indices, probs)
         if modes is not None:
             modes.update(classifier(images))
-    return (stats.reduce(accelerator) if stats is not None else None,
-            modes.reduce(accelerator) if modes is not None else None)
+    stats = stats.reduce(accelerator) if stats is not None else None
+    modes = modes.reduce(accelerator) if modes is not None else None
+    refuse_nonfinite(extractor, stats.nonfinite if stats else 0, classifier, modes.unscored if modes else 0, n)
+    return stats, modes
+
+
+def refuse_nonfinite(extractor, bad_features: int, classifier, bad_logits: int, n: int):
+    for net, bad, what in ((extractor, bad_features, "features"), (classifier, bad_logits, "class logits")):
+        if bad:
+            raise ExtractorError(f"{net.path} gave non-finite {what} (NaN or inf) for {bad} of {n} images; "
+                                 f"nothing was scored")
 
 
 def feature_metrics(ref: dict, fake, n: int, wanted, extractor: Extractor) -> dict:
@@ -237,9 +248,23 @@ def evaluate(blocks, data, resolution: int, extractor: Extractor | None, acceler
         ref = reference_stats(data, resolution, extractor, accelerator, keep=keep, batch=batch)
         result.update(feature_metrics(ref, fake, n, wanted, extractor))
     if modes is not None:
-        result["modes"], result["kl_modes"] = metrics.mode_coverage(modes.counts)
-        result.update(modes_of=len(modes.counts), classifier=classifier.name)
+        result["modes"], result["kl_modes"] = metrics.mode_coverage(modes.classes)
+        result.update(modes_of=len(modes.classes), classifier=classifier.name)
     return result
+
+
+def _refuse_idle_flags(parser, args, wanted):
+    """Flags that would do nothing with the others given are refused (exit 2), not silently ignored."""
+    scores_features = bool(set(wanted) - {"l1", "psnr"}) if wanted else bool(args.data)
+    idle = [("--seed", args.seed is not None and args.samples is not None, "--samples are scored as they are"),
+            ("--no-ema", args.no_ema and args.samples is not None, "--samples are scored as they are"),
+            ("--extractor", args.extractor is not None and not scores_features, "no fid, kid, is or pr is computed"),
+            ("--inception", args.inception is not None and args.extractor not in (None, "inception"),
+             f"--extractor {args.extractor} is not Inception"),
+            ("--inception", args.inception is not None and not scores_features, "no fid, kid, is or pr is computed")]
+    for flag, given, why in idle:
+        if given:
+            parser.error(f"{flag} would do nothing: {why}")
 
 
 def main(argv=None):
@@ -250,7 +275,7 @@ def main(argv=None):
     parser.add_argument("--data", default=None, help="reference shards: manifest, folder, pattern, pipe: URLs "
                         "(needed for fid, kid, is, pr)")
     parser.add_argument("--n", type=int, default=None, help="generated samples (default 10000; with --samples: all)")
-    parser.add_argument("--extractor", default="inception", help="'inception' or a TorchScript/pickled module path")
+    parser.add_argument("--extractor", default=None, help="'inception' (default) or a TorchScript/pickled module path")
     parser.add_argument("--inception", default=None, help="path of inception-2015-12-05.pkl (default: "
                         "$BIGAN_INCEPTION or $BIGAN_CACHE/inception-2015-12-05.pkl)")
     parser.add_argument("--metrics", default=None, help=f"comma-separated subset of {','.join(METRICS)}; for "
@@ -260,7 +285,7 @@ def main(argv=None):
                         help="mode coverage: a TorchScript/pickled classifier of uint8 NCHW images to K class "
                              "logits; reports modes reached of K and KL(samples || uniform)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="seed of the generated samples' latents (default 0)")
     parser.add_argument("--no-ema", action="store_true", help="the raw generator instead of its EMA")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -277,18 +302,26 @@ def main(argv=None):
         parser.error(f"--data: reference shards are needed for --metrics {','.join(wanted)}")
     if not wanted and not args.modes and not args.data:
         parser.error("nothing to compute: give --data (fid, kid, is, pr) and/or --modes CLASSIFIER")
+    _refuse_idle_flags(parser, args, wanted)
+    args.extractor = args.extractor or "inception"
     from accelerate import Accelerator
 
     from bigan.data.stream import DataError
     from bigan.sample import SampleError, load_generator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    try:  # the extractor and classifier files first: a missing one fails before anything is generated
+    try:  # the networks' files, the generator or samples, then the networks tried at their resolution:
+        # a missing or broken file fails before anything is generated
         features = set(wanted) - {"l1", "psnr"} if wanted else args.data  # (fid is in both default sets)
         extractor = Extractor(args.extractor, accelerator.device, args.inception) if features else None
         classifier = ModeClassifier(args.modes, accelerator.device) if args.modes else None
         g, model = load_generator(args.checkpoint, ema=not args.no_ema) if args.checkpoint else (None, {})
+        images = load_samples(args.samples)[:args.n] if args.samples is not None else None
+        resolution = images.shape[1] if images is not None else model["resolution"]
         paired = model.get("arch") == "pix2pix"
+        for network in (extractor, classifier):
+            if network is not None:
+                network.probe(resolution)
         wanted = wanted or (list(PAIR_METRICS if paired else METRICS) if args.data else [])
         wrong = sorted(set(wanted) - set(PAIR_METRICS if paired else METRICS))
         if wrong or (paired and args.modes):
@@ -296,15 +329,15 @@ def main(argv=None):
             raise ExtractorError(f"--metrics: {', '.join(wrong) or 'modes'} cannot score {kind} "
                                  f"(it takes {', '.join(PAIR_METRICS if paired else METRICS)})")
         if paired:
-            result = evaluate_pairs(g.to(accelerator.device), args.data, model["resolution"], extractor, accelerator,
+            result = evaluate_pairs(g.to(accelerator.device), args.data, resolution, extractor, accelerator,
                                     args.n or 10_000, wanted, args.batch)
-        elif args.samples is not None:
-            images = load_samples(args.samples)[:args.n]
-            n, resolution, blocks = len(images), images.shape[1], array_images(images, accelerator, args.batch)
+        elif images is not None:
+            n, blocks = len(images), array_images(images, accelerator, args.batch)
         else:
             g = g.to(accelerator.device)
-            n, resolution = args.n or 10_000, model["resolution"]
-            blocks = generated_images(g, model["z_dim"], model["num_classes"], accelerator, n, args.seed, args.batch)
+            n = args.n or 10_000
+            blocks = generated_images(g, model["z_dim"], model["num_classes"], accelerator, n, args.seed or 0,
+                                      args.batch)
         if not paired:
             result = evaluate(blocks, args.data, resolution, extractor, accelerator, n, wanted, args.batch,
                               classifier=classifier)

@@ -21,9 +21,9 @@ torch.manual_seed(0)
 g, _ = build_models("dcgan", 32, 16, 8, 8)
 g.eval()
 blocks = generated_images(g, 16, 0, accelerator, n=80, batch=16)
-result = evaluate(blocks, shards, 32, Extractor(extractor_path), accelerator, n=80,
+result = evaluate(blocks, shards, 32, Extractor(extractor_path, resolution=32), accelerator, n=80,
                   wanted=("fid", "kid", "pr", "is"), batch=16, keep=64,
-                  classifier=ModeClassifier(extractor_path))  # its logits as classes: mode counts add up too
+                  classifier=ModeClassifier(extractor_path, resolution=32))  # its logits as classes: mode counts add up too
 if accelerator.is_main_process:
     with open(out, "w") as f:
         json.dump(result, f)
