@@ -97,9 +97,10 @@ def sync(device):
 
 def measure_loader(config, accelerator, iterations: int) -> float:
     """(a) ms per batch of the Loader alone, batches on the device (median of the second half)."""
-    from bigan.trainer import build_loader
+    from bigan import families
+    from bigan.training.data import build_loader
 
-    batches = iter(build_loader(config, accelerator))
+    batches = iter(build_loader(families.build(config), accelerator))
     times, last = [], None
     for _ in range(iterations):
         next(batches)["image"].sum().item()  # waits for the batch's device work, as a step would

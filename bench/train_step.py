@@ -67,12 +67,19 @@ def bigan_loop(arch, batch, precision, channels_last, ch, steps, warmup, use_yar
     if accelerator.device.type == "cuda":  # peak memory of this run alone
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    models = None
-    if use_yardstick_modules:
-        torch.manual_seed(0)
-        g, d, _ = ARCHS[arch](128, ch)
-        models = (TakesLabels(g), TakesLabels(d))
-    trainer = Trainer(config, accelerator, models=models)
+    family = None
+    if use_yardstick_modules:  # the family of model.arch, with the yardstick's own G and D
+        from bigan import families
+
+        class Yardstick(families.get(config.model.arch)):
+            dcgan_init = False
+
+            def build_pair(self):
+                g, d, _ = ARCHS[arch](128, ch)
+                return TakesLabels(g), TakesLabels(d)
+
+        family = Yardstick(config)
+    trainer = Trainer(config, accelerator, family=family)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     reals = [{"image": (torch.rand(batch, 3, resolution, resolution, device=accelerator.device) * 2 - 1)
               .contiguous(memory_format=memory_format), "label": None} for _ in range(4)]

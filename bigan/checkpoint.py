@@ -108,22 +108,25 @@ def _listed(names: list[str]) -> str:
 
 
 def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, backend=None,
-         architecture: dict | None = None, state_names: list[str] = ()) -> Path:
+         architecture: dict | None = None, state_names: list[str] = (), current: tuple = ()) -> Path:
     """Every rank calls this (Accelerate has barriers inside save_state). `architecture` (model
     settings and resolution) is kept beside the weights, so a resume can say what changed;
-    `state_names` name the custom states in the order they were registered with Accelerate."""
+    `state_names` name the custom states in the order they were registered with Accelerate.
+    `current`: checkpoints that hold this very state (resumed from, or written since); another one of
+    the same step (a later checkpoint of a history a resume from an earlier one left) is replaced."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"ckpt-{step:09d}"
     tmp = root / f".tmp-ckpt-{step:09d}"
-    from bigan.training.ranks import on_rank_zero
+    from bigan.training.ranks import first_failure, gathered_lists, on_rank_zero
 
-    if on_rank_zero(accelerator, final.exists):  # (saved already: the last step's checkpoint at exit)
-        return final
+    if Path(final) in {Path(c) for c in current} and on_rank_zero(accelerator, final.exists):
+        return final  # (saved already: the last step's checkpoint at exit)
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+    failure = None
     try:
         accelerator.save_state(str(tmp))
         if backend is not None:
@@ -131,29 +134,44 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, ba
         (tmp / f"data_rank_{accelerator.process_index}.json").write_text(json.dumps(data_state))
         if accelerator.is_main_process and architecture is not None:
             (tmp / "architecture.json").write_text(json.dumps(architecture, indent=1))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:  # last: a checkpoint without it was never finished
-            _write_manifest(tmp, accelerator.num_processes, state_names)
     except Exception as exc:  # a full disk surfaces as OSError or safetensors' own error
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"could not write checkpoint {final} ({reason}); earlier checkpoints "
-                              f"in {root} are intact") from None
+        failure = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    failure = first_failure(accelerator, failure)  # (a collective: the ranks agree, none waits for a failed one)
+    if failure is None:  # every rank's own files, by what each of them sees (a shared file system may lag)
+        files = gathered_lists(accelerator, [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()])
+        if accelerator.is_main_process:  # last: a checkpoint without it was never finished
+            try:
+                _write_manifest(tmp, accelerator.num_processes, state_names, files)
+            except Exception as exc:
+                failure = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        failure = first_failure(accelerator, failure)
+    if failure is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final} ({failure}); earlier checkpoints "
+                              f"in {root} are intact")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp.rename(final)
+        if final.exists():  # of another history: out of the way first, then gone
+            replaced = root / f".old-{final.name}"
+            final.rename(replaced)
+            tmp.rename(final)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            tmp.rename(final)
         for old in checkpoints(run_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def _write_manifest(folder: Path, world: int, state_names) -> None:
-    """checkpoint.json: every file of the checkpoint (what this rank sees, and each rank's own files by
+def _write_manifest(folder: Path, world: int, state_names, seen: list) -> None:
+    """checkpoint.json: every file of the checkpoint (what any rank sees, and each rank's own files by
     name, which a lagging shared file system might not list yet) and the custom states' names."""
     per_rank = [f"{kind}_{r}.{ext}" for r in range(world) for kind, ext in (("random_states", "pkl"),
                                                                              ("data_rank", "json"))]
-    files = sorted({p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} | set(per_rank))
+    files = sorted(set(seen) | {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+                   | set(per_rank))
     manifest = {"layout": LAYOUT, "bigan_version": bigan.__version__, "world_size": world, "files": files,
                 "states": {name: f"custom_checkpoint_{i}.pkl" for i, name in enumerate(state_names)}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -170,14 +188,10 @@ def load(accelerator, path: Path, backend=None, architecture: dict | None = None
     """Restore everything save() wrote; returns this rank's data stream state (None with data=False:
     a resume on another layout, or a roll-back, which go on with a stream of their own). Refuses,
     naming the settings, a checkpoint whose model was built with other ones than `architecture`."""
-    saved_file = Path(path) / "architecture.json"
-    if architecture is not None and saved_file.exists():
-        saved = json.loads(saved_file.read_text())
-        changed = [f"{key}={saved[key]!r} (now {architecture.get(key)!r})" for key in sorted(saved)
-                   if saved[key] != architecture.get(key)]
-        if changed:
-            raise CheckpointError(f"{path} was trained with " + ", ".join(changed)
-                                  + "; resume with those settings or start a new run.dir")
+    if architecture is not None:  # decided on rank 0 (refused on every rank alike)
+        from bigan.training.ranks import on_rank_zero
+
+        on_rank_zero(accelerator, lambda: _check_architecture(Path(path), architecture))
     accelerator.load_state(str(path))
     if backend is not None:
         backend.load(path)
@@ -188,6 +202,18 @@ def load(accelerator, path: Path, backend=None, architecture: dict | None = None
         raise CheckpointError(f"{path} has no data position for rank {accelerator.process_index} "
                               f"(saved with fewer processes?)")
     return json.loads(data_file.read_text())
+
+
+def _check_architecture(path: Path, architecture: dict):
+    saved_file = path / "architecture.json"
+    if not saved_file.exists():
+        return
+    saved = json.loads(saved_file.read_text())
+    changed = [f"{key}={saved[key]!r} (now {architecture.get(key)!r})" for key in sorted(saved)
+               if saved[key] != architecture.get(key)]
+    if changed:
+        raise CheckpointError(f"{path} was trained with " + ", ".join(changed)
+                              + "; resume with those settings or start a new run.dir")
 
 
 def export_generator(out_dir: Path, g, g_ema, model_config: dict, meta: dict):

@@ -40,8 +40,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("dcgan", "'dcgan' (conv + BatchNorm), 'resnet' (residual, spectral norm) or 'pix2pix' (paired "
-                            "image-to-image: U-Net G, PatchGAN D; needs paired shards)", ("dcgan", "resnet", "pix2pix"))
+    arch: str = _f("dcgan", "the GAN family (bigan.families): 'dcgan' (conv + BatchNorm), 'resnet' (residual, "
+                            "spectral norm), 'pix2pix' (paired image-to-image: U-Net G, PatchGAN D; needs paired "
+                            "shards), or package.module:Class for a family of your own")
     z_dim: int = _f(128, "latent dimension")
     g_channels: int = _f(32, "generator base width (64 = classic DCGAN; 32 keeps the CPU demo quick)")
     d_channels: int = _f(32, "discriminator base width")
@@ -88,7 +89,8 @@ class TrainConfig:
     channels_last: bool = _f(False, "channels_last memory format (faster convs on GPUs)")
     deepspeed: str = _f("", "DeepSpeed JSON for both G and D ('' = plain Accelerate/DDP, or the launch config's)")
     deepspeed_g: str = _f("", "DeepSpeed JSON for G only (e.g. ZeRO-3), overriding train.deepspeed")
-    deepspeed_d: str = _f("", "DeepSpeed JSON for D only (e.g. ZeRO-2), overriding train.deepspeed")
+    deepspeed_d: str = _f("", "DeepSpeed JSON for D only (e.g. ZeRO-2), overriding train.deepspeed; "
+                              "train.deepspeed_<name> does the same for a family's other networks")
     max_bad_steps: int = _f(5, "after this many non-finite losses in a row, roll back to the last checkpoint")
     max_rollbacks: int = _f(3, "roll-backs per run at most (each goes on with new batches and latents); then exit 2")
 
@@ -127,9 +129,22 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self):
+        self.family_options = None     # the options dataclass of model.arch's family, if it has one
+        self.deepspeed_networks = {}   # train.deepspeed_<name> for a family's networks other than g and d
+
+    def sections(self) -> dict:
+        """Section name -> its dataclass instance: the fixed ones, then the family's own (if any)."""
+        found = {s.name: getattr(self, s.name) for s in dataclasses.fields(self)}
+        if self.family_options is not None:
+            found[family_section(self)] = self.family_options
+        return found
+
     def to_dict(self) -> dict:
-        return {s.name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, s.name)).items()}
-                for s in dataclasses.fields(self)}
+        out = {name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+               for name, obj in self.sections().items()}
+        out["train"].update({f"deepspeed_{name}": path for name, path in self.deepspeed_networks.items()})
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -168,20 +183,39 @@ def _convert(key: str, value, spec: dataclasses.Field):
     return value
 
 
+def family_section(config: Config) -> str | None:
+    """The config section of model.arch's own options (the family's name), or None if it has none."""
+    from bigan import families
+
+    family = families.get(config.model.arch)
+    return family.name if family.options is not None else None
+
+
 def _set(config: Config, key: str, value):
     section, _, name = key.partition(".")
-    sections = {f.name: f for f in dataclasses.fields(Config)}
+    sections = config.sections()
+    if section == "train" and name.startswith("deepspeed_") and name not in ("deepspeed_g", "deepspeed_d"):
+        config.deepspeed_networks[name.removeprefix("deepspeed_")] = _convert(key, value, _PATH)
+        return
     if section not in sections or not name:
-        raise ConfigError(f"unknown config key {key!r} (sections: {', '.join(sections)})")
-    obj = getattr(config, section)
+        raise ConfigError(f"unknown config key {key!r} (sections: {', '.join(sections)}"
+                          + (f"; a family's own section exists only with its model.arch" if "." in key else "") + ")")
+    obj = sections[section]
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if name not in fields:
         raise ConfigError(f"unknown config key {key!r} (known in {section}: {', '.join(fields)})")
     setattr(obj, name, _convert(key, value, fields[name]))
 
 
+_PATH = _f("", "")
+
+
 def _validate(c: Config):
+    from bigan import families
+
     d, m, loss, t, r, e = c.data, c.model, c.loss, c.train, c.run, c.eval
+    family = families.get(m.arch)
+    metrics = {x.strip() for x in e.metrics.split(",") if x.strip()}
     checks = [
         ("data.resolution", d.resolution in (32, 64, 128, 256), "must be 32, 64, 128 or 256"),
         ("data.workers", d.workers >= 0, "must be >= 0"),
@@ -205,10 +239,7 @@ def _validate(c: Config):
          "packing is for unconditional models (a pack of samples has no one label); set model.num_classes=0"),
         ("loss.l1", loss.l1 >= 0, "must be >= 0 (0 = GAN loss only)"),
         ("model.dropout", 0 <= m.dropout < 1, "must be in [0, 1)"),
-        ("model.num_classes", m.arch != "pix2pix" or m.num_classes == 0,
-         "model.arch=pix2pix is conditioned on its input image, not a class; set model.num_classes=0"),
-        ("loss.pack", m.arch != "pix2pix" or loss.pack == 1, "packing is for unconditional models; model.arch=pix2pix "
-         "needs loss.pack=1"),
+        *family.checks(c),
         ("train.batch_size", t.batch_size >= 1, "must be >= 1"),
         ("train.grad_accum", t.grad_accum >= 1, "must be >= 1"),
         ("train.kimg", t.kimg > 0, "must be positive"),
@@ -229,36 +260,31 @@ def _validate(c: Config):
         ("run.grid_size", r.grid_size >= 1, "must be >= 1"),
         ("eval.every_kimg", e.every_kimg >= 0, "must be >= 0 (0 = off)"),
         ("eval.n", e.n >= 1, "must be >= 1"),
-        ("eval.metrics", {x.strip() for x in e.metrics.split(",") if x.strip()} <= {"fid", "kid", "is", "pr", "l1", "psnr"},
-         "must name some of fid, kid, is, pr, l1, psnr"),
-        ("eval.metrics", m.arch == "pix2pix" or not {x.strip() for x in e.metrics.split(",")} & {"l1", "psnr"},
-         "l1 and psnr compare outputs with targets: they need model.arch=pix2pix"),
-        ("eval.metrics", m.arch != "pix2pix" or not {x.strip() for x in e.metrics.split(",")} & {"is", "pr"},
-         "model.arch=pix2pix is evaluated with l1, psnr, fid and kid"),
-        ("eval.modes", m.arch != "pix2pix" or not e.modes, "mode coverage is for noise-to-image models, "
-         "not model.arch=pix2pix"),
+        ("eval.metrics", metrics <= set(family.metrics),
+         f"model.arch={m.arch} is evaluated with {', '.join(family.metrics)}"),
         ("eval.metrics", e.every_kimg == 0 or e.metrics.strip(",").strip() or e.modes,
          "is empty and so is eval.modes: evaluation every eval.every_kimg would compute nothing"),
     ]
-    for section in dataclasses.fields(c):  # no inf or nan anywhere (train.kimg=.inf never ends)
-        for f in dataclasses.fields(getattr(c, section.name)):
-            value = getattr(getattr(c, section.name), f.name)
+    for section, obj in c.sections().items():  # no inf or nan anywhere (train.kimg=.inf never ends)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
             numbers = value if isinstance(value, (list, tuple)) else [value]
             if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-                raise ConfigError(f"{section.name}.{f.name}: must be a finite number, got {value!r}")
+                raise ConfigError(f"{section}.{f.name}: must be a finite number, got {value!r}")
     for key, ok, message in checks:
         if not ok:
             section, name = key.split(".")
-            raise ConfigError(f"{key}: {message}, got {getattr(getattr(c, section), name)!r}")
+            raise ConfigError(f"{key}: {message}, got {getattr(c.sections()[section], name)!r}")
 
 
 def check_files(c: Config):
     """What the config names on disk, checked before anything is built or written (cheap checks only).
 
     The shards themselves are checked by the caller (bigan.data.stream.resolve_shards)."""
-    for key in ("train.deepspeed", "train.deepspeed_g", "train.deepspeed_d", "eval.inception", "eval.modes"):
-        section, name = key.split(".")
-        value = getattr(getattr(c, section), name)
+    named = {key: getattr(getattr(c, key.split(".")[0]), key.split(".")[1]) for key in
+             ("train.deepspeed", "train.deepspeed_g", "train.deepspeed_d", "eval.inception", "eval.modes")}
+    named.update({f"train.deepspeed_{name}": path for name, path in c.deepspeed_networks.items()})
+    for key, value in named.items():
         if value and not Path(value).is_file():
             raise ConfigError(f"{key}: file not found: {value}")
     if c.eval.extractor != "inception" and not Path(c.eval.extractor).is_file():
@@ -288,7 +314,7 @@ def check_files(c: Config):
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file (nested sections), then `section.key=value` overrides."""
-    config = Config()
+    settings = []  # (key, value) in order: the file's, then the command line's
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -304,36 +330,51 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping")
-            for name, value in values.items():
-                _set(config, f"{section}.{name}", value)
+            settings += [(f"{section}.{name}", value) for name, value in values.items()]
     for item in overrides:
         key, sep, value = item.removeprefix("--").partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like --section.key=value")
-        _set(config, key, value)
+        settings.append((key, value))
+    config = _apply(settings)
     resolve_auto(config)
     _validate(config)
     return config
 
 
-AUTO_PACK = 4  # bench/modes.py on an H200 (bench/RESULTS.md): 1000 of 1000 modes, KL 0.09 in 2M images;
-               # unpacked and packs of 2 collapsed (19 and 8 modes) in the same run
+def _apply(settings) -> Config:
+    """A Config from (key, value) pairs: the fixed sections' keys first (model.arch among them), then the
+    keys of that family's own section, which only exists once the family is known."""
+    from bigan import families
+
+    config = Config()
+    fixed = {f.name for f in dataclasses.fields(Config)}
+    for key, value in settings:
+        if key.partition(".")[0] in fixed:
+            _set(config, key, value)
+    try:
+        family = families.get(config.model.arch)
+    except families.UnknownFamily as exc:
+        raise ConfigError(f"model.arch: {exc}") from None
+    if family.options is not None:
+        config.family_options = family.options()
+    for key, value in settings:
+        if key.partition(".")[0] not in fixed:
+            _set(config, key, value)
+    return config
 
 
 def resolve_auto(config: Config) -> Config:
     """Settings left to bigan (0 = auto), fixed from the rest of the config: the run's config.yaml
     records what was used, so a resume or a sampler reads the value and not the rule."""
-    m, loss, t = config.model, config.loss, config.train
-    if loss.pack == 0:
-        unconditional = m.num_classes == 0 and m.arch != "pix2pix"
-        loss.pack = next((p for p in (AUTO_PACK, 2) if t.batch_size % p == 0), 1) if unconditional else 1
+    from bigan import families
+
+    if config.loss.pack == 0:
+        config.loss.pack = families.get(config.model.arch).auto_pack(config)
     return config
 
 
 def config_from_dict(data: dict) -> Config:
     """A Config from to_dict() output (e.g. the config.yaml saved in a run dir)."""
-    config = Config()
-    for section, values in data.items():
-        for name, value in values.items():
-            _set(config, f"{section}.{name}", value)
-    return resolve_auto(config)
+    return resolve_auto(_apply([(f"{section}.{name}", value) for section, values in data.items()
+                                for name, value in values.items()]))

@@ -24,8 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bigan.cli import Parser
-from bigan import checkpoint
-from bigan.models import build_models
+from bigan import checkpoint, families
 from bigan.tracking import image_grid, to_uint8
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -35,15 +34,30 @@ class SampleError(Exception):
     pass
 
 
-def _build(model: dict, resolution: int):
-    g, _ = build_models(model["arch"], resolution, model["z_dim"], model["g_channels"], model["d_channels"],
-                        model["num_classes"], model.get("d_norm", "batch"), norm=model.get("norm", "batch"),
-                        dropout=model.get("dropout", 0.5), g_upsample=model.get("g_upsample", "transposed"))
-    return g
+def family_of(model: dict) -> "families.base.Family":
+    """The family a generator was trained as, from its model settings (with "resolution", and for a family
+    with its own config section the "section.key" settings architecture.json records)."""
+    from bigan.config import ConfigError, config_from_dict
+
+    sections = {"model": {k: v for k, v in model.items() if k != "resolution" and "." not in k},
+                "data": {"resolution": model["resolution"]}}
+    for key, value in model.items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections.setdefault(section, {})[name] = value
+    try:
+        return families.build(config_from_dict(sections))
+    except (ConfigError, families.UnknownFamily) as exc:
+        raise SampleError(f"--checkpoint: cannot rebuild the generator ({exc})") from None
+
+
+def _build(model: dict):
+    return family_of(model).build_generator()
 
 
 def load_generator(path: str | Path, ema: bool = True):
-    """(G in eval mode, model config dict with its "resolution") from a run dir, checkpoint dir or exported file."""
+    """(G in eval mode, model settings dict with its "resolution") from a run dir, checkpoint dir or exported
+    file; bigan.sample.family_of(settings) is its family."""
     path = Path(path)
     if not path.exists():
         raise SampleError(f"--checkpoint: {path} does not exist")
@@ -66,12 +80,17 @@ def load_generator(path: str | Path, ema: bool = True):
         if not meta_file.exists():
             raise SampleError(f"--checkpoint: {meta_file} is missing (it describes the generator's architecture)")
         meta = json.loads(meta_file.read_text())
-        model = {**meta["model"], "resolution": meta["resolution"]}
-        return _loaded(_build(meta["model"], meta["resolution"]), _read_safetensors(path), path), model
+        model = {**meta["model"], "resolution": meta["resolution"], **_family_settings(meta.get("architecture", {}))}
+        return _loaded(_build(model), _read_safetensors(path), path), model
     if not path.is_dir():
         raise SampleError(f"--checkpoint: {path} is neither a run dir, a checkpoint dir nor a .safetensors file")
     model = _checkpoint_model(path)
-    return _loaded(_build(model, model["resolution"]), _checkpoint_weights(path, ema), path), model
+    return _loaded(_build(model), _checkpoint_weights(path, ema), path), model
+
+
+def _family_settings(architecture: dict) -> dict:
+    """The "section.key" settings of a family's own config section, from architecture.json."""
+    return {k: v for k, v in architecture.items() if k.split(".")[0] not in ("model", "data", "loss")}
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -85,7 +104,7 @@ def _checkpoint_model(path: Path) -> dict:
         try:
             saved = json.loads(architecture.read_text())
             return {**{k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith("model.")},
-                    "resolution": saved["data.resolution"]}
+                    "resolution": saved["data.resolution"], **_family_settings(saved)}
         except (ValueError, KeyError) as exc:
             raise SampleError(f"--checkpoint: {architecture} is unreadable ({type(exc).__name__}: {exc})") from None
     config_file = path.parent.parent / "config.yaml"  # RUN/checkpoints/ckpt-N -> RUN/config.yaml
@@ -101,7 +120,7 @@ def _checkpoint_model(path: Path) -> dict:
 
 def _checkpoint_weights(path: Path, ema: bool) -> dict:
     """G's weights in a checkpoint: EMA-G's (named in checkpoint.json) unless ema is False, else G's own."""
-    ema_file = path / checkpoint.states(path).get("ema", "none")
+    ema_file = path / checkpoint.states(path).get("ema", "none")  # the EMA of the family's generator
     if ema and ema_file.is_file():
         return torch.load(ema_file, map_location="cpu", weights_only=False)
     if ema:
@@ -142,10 +161,11 @@ def slerp(a, b, t):
 
 
 @torch.no_grad()
-def generate(g, model: dict, z: torch.Tensor, labels=None, batch: int = 256, device="cpu") -> torch.Tensor:
+def generate(g, num_classes: int, z: torch.Tensor, labels=None, batch: int = 256, device="cpu") -> torch.Tensor:
+    """G on latents z in batches (classes 0, 1, ... in turn when it is class-conditional)."""
     g = g.to(device)
-    if model["num_classes"] and labels is None:
-        labels = torch.arange(len(z)) % model["num_classes"]
+    if num_classes and labels is None:
+        labels = torch.arange(len(z)) % num_classes
     out = []
     for i in range(0, len(z), batch):
         y = labels[i:i + batch].to(device) if labels is not None else None
@@ -282,52 +302,40 @@ def _parse(argv):
     return args
 
 
-def _refuse_flags_for(model: dict, args):
-    """Flags that do nothing for the generator at hand are refused (exit 2), except --seed, a warning."""
-    translates = model["arch"] == "pix2pix"
-    if translates != (args.input is not None):
-        raise SampleError("--input: this generator translates images (model.arch=pix2pix); give --input DIR"
-                          if args.input is None else
-                          f"--input is for image-to-image generators; {args.checkpoint} maps noise to images")
-    if translates:
-        for flag, given in (("--truncation", args.truncation is not None), ("--interpolate", args.interpolate)):
-            if given:
-                raise SampleError(f"{flag} shapes latents, and this generator translates images (it has none)")
-        if args.seed is not None:
-            print("bigan-sample: warning: --seed does nothing for an image-to-image generator (no latents; "
-                  "dropout is off when sampling)", file=sys.stderr)
+FAMILY_FLAGS = {"seed": "--seed", "truncation": "--truncation", "interpolate": "--interpolate", "input": "--input"}
+
+
+def _refuse_flags_for(family, args):
+    """Flags that do nothing for the generator's family are refused (exit 2), except --seed, a warning."""
+    arch = family.name
+    if "input" in family.sample_flags and args.input is None:
+        raise SampleError(f"--input: this generator translates images (model.arch={arch}); give --input DIR")
+    for key, flag in FAMILY_FLAGS.items():
+        if key in family.sample_flags or getattr(args, key) in (None, 0):
+            continue
+        if key == "seed":
+            print(f"bigan-sample: warning: --seed does nothing for model.arch={arch} (it draws nothing when "
+                  f"sampling)", file=sys.stderr)
+            continue
+        raise SampleError(f"{flag} does not apply to model.arch={arch} (its flags: "
+                          f"{', '.join(FAMILY_FLAGS[k] for k in family.sample_flags) or 'none'})")
 
 
 def main(argv=None):
     args = _parse(argv)
     try:
         g, model = load_generator(args.checkpoint, ema=not args.no_ema)
-        _refuse_flags_for(model, args)
-        seed = args.seed or 0
-        if args.input is not None:
-            paths = input_images(args.input)[:args.n]
-            names = output_names(paths, args.input)
-            check_outputs(args.out, names, args.overwrite, args.input)
-            inputs, outputs, read, skipped = translate(g, model["resolution"], paths, device=args.device)
-            for path, reason in skipped:
-                print(f"bigan-sample: skipped {path}: {reason}", file=sys.stderr)
-            if Path(args.out).suffix.lower() in GRID_SUFFIXES and not is_folder(args.out):  # input | output pairs
-                write(torch.stack([inputs, outputs], 1).flatten(0, 1), args.out, columns=8)
-            else:
-                write(outputs, args.out, names=[names[i] for i in read])
-            print(f"translated {len(read)} images from {args.input}")
-        elif args.interpolate:
-            n = args.n or 8 * args.interpolate
-            check_outputs(args.out, [f"{i:06d}.png" for i in range(n)], args.overwrite)
-            rows = n // args.interpolate
-            ends = latents(2 * rows, model["z_dim"], seed, args.truncation).view(rows, 2, -1)
-            t = torch.linspace(0, 1, args.interpolate)[None, :, None]
-            z = slerp(ends[:, :1], ends[:, 1:], t).reshape(-1, model["z_dim"])
-            write(generate(g, model, z, device=args.device), args.out, columns=args.interpolate)
+        family = family_of(model)
+        _refuse_flags_for(family, args)
+        args.n = args.n or (8 * args.interpolate if args.interpolate else None if args.input is not None else 64)
+        check_outputs(args.out, family.planned_names(args), args.overwrite, args.input)
+        samples = family.sample(g, args, args.device)
+        if Path(args.out).suffix.lower() in GRID_SUFFIXES and not is_folder(args.out):
+            write(samples.grid if samples.grid is not None else samples.images, args.out, samples.columns)
         else:
-            n = args.n or 64
-            check_outputs(args.out, [f"{i:06d}.png" for i in range(n)], args.overwrite)
-            write(generate(g, model, latents(n, model["z_dim"], seed, args.truncation), device=args.device), args.out)
+            write(samples.images, args.out, names=samples.names)
+        if samples.note:
+            print(samples.note)
     except (SampleError, checkpoint.CheckpointError) as exc:
         print(f"bigan-sample: error: {exc}", file=sys.stderr)
         return 2

@@ -53,9 +53,14 @@ class NonFiniteSteps:
     """
 
     def __init__(self, device, bad_in_row: int = 0):
-        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
-        self.bad_in_row = torch.tensor(bad_in_row, dtype=torch.int64, device=device)
-        self.iteration_bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.device = device
+        self.reset(bad_in_row)
+
+    def reset(self, bad_in_row: int = 0):
+        """Counting from here on (after a resume or a roll-back), with this many bad iterations in a row."""
+        self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.bad_in_row = torch.tensor(bad_in_row, dtype=torch.int64, device=self.device)
+        self.iteration_bad = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def step(self, grad_norm: torch.Tensor, settling):
         """After an optimizer step; ``settling`` is a bool or a device bool tensor."""

@@ -50,17 +50,20 @@ def main(argv=None):
         return 0
     from bigan.data.stream import DataError, resolve_shards
 
+    from bigan import families
+
     try:  # before anything is built or written into the run folder
         check_files(config)
+        family = families.build(config)
         for key, shards in (("data.shards", config.data.shards), ("eval.data", config.eval.data)):
             if shards and shards != "demo":
                 try:
                     shard_set = resolve_shards(shards)
                 except DataError as exc:
                     raise ConfigError(f"{key}: {exc}") from None
-                if config.model.arch == "pix2pix" and shard_set.paired is False:
-                    raise ConfigError(f"{key}: model.arch=pix2pix needs pairs, and {shards} holds single images "
-                                      f"(write pairs with bigan-shards TARGETS OUT --src-dir INPUTS)")
+                why = family.check_data(shard_set, key, shards)
+                if why:
+                    raise ConfigError(why)
     except ConfigError as exc:
         print(f"bigan: error: {exc}", file=sys.stderr)
         return 2
@@ -68,13 +71,14 @@ def main(argv=None):
     from bigan.checkpoint import CheckpointError
     from bigan.metrics.features import ExtractorError
     from bigan.trainer import DivergedError, Trainer
+    from bigan.training.ranks import RankFailure
 
     accelerator = make_accelerator(config)
     try:  # (RUN/config.yaml is written once resume checks, models and the stream stand: Trainer._start)
-        Trainer(config, accelerator).fit()
+        Trainer(config, accelerator, family).fit()
         for sig in (signal.SIGINT, signal.SIGTERM):  # done and checkpointed: a late signal must not turn
             signal.signal(sig, signal.SIG_IGN)        # the clean exit that follows into a kill
-    except (DataError, CheckpointError, ExtractorError, DeepSpeedConfigError, DivergedError) as exc:
+    except (DataError, CheckpointError, ExtractorError, DeepSpeedConfigError, DivergedError, RankFailure) as exc:
         print(f"bigan: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once (the first one stops with a checkpoint)

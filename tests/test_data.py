@@ -442,13 +442,7 @@ def _encoded(c):
     return buffer
 
 
-@pytest.mark.parametrize("source", ["bigan-shards", "webdataset", "webdataset+manifest"])
-@pytest.mark.parametrize("mode", ["infinite", "epoch"])
-def test_class_sorted_inputs_give_batches_as_mixed_as_a_uniform_shuffle(source, mode, tmp_path):
-    """10 equal classes written in class order. Statistic: over 40 batches of 64 from one reader, the mean
-    number of classes per batch and the mean share of each batch's largest class; bound: within 0.25 classes
-    and 0.03 of a uniformly shuffled stream (9.99 classes, a largest share of ~0.17). Before shuffled writing
-    and interleaved reading, bigan's own shards gave 4-5 classes and 23-36 % (issue 23)."""
+def _class_sorted(source: str, tmp_path) -> Path:
     if source == "bigan-shards":
         folders = tmp_path / "classes"
         for c in range(CLASSES):
@@ -457,15 +451,46 @@ def test_class_sorted_inputs_give_batches_as_mixed_as_a_uniform_shuffle(source, 
                 (folders / f"class{c}" / f"{i:04d}.png").write_bytes(_encoded(c).getvalue())
         shards_mod.make_shards(folders, tmp_path / "shards", shards_mod.ShardOptions(format="png", progress=False),
                                labels_from_dirs=True)
-        data = tmp_path / "shards"
-    else:
-        data = _sorted_webdataset(tmp_path / "sorted", with_manifest=source.endswith("manifest"))
-    loader = _loader(data, batch=MIX_BATCH, mode=mode, seed=3, epochs=None)
+        return tmp_path / "shards"
+    return _sorted_webdataset(tmp_path / "sorted", with_manifest=source.endswith("manifest"))
+
+
+MIXED = [  # (source, data mode, readers): one rank's batches, readers = ranks x workers
+    ("bigan-shards", "infinite", 1), ("bigan-shards", "infinite", 8), ("bigan-shards", "epoch", 8),
+    ("webdataset", "infinite", 1), ("webdataset", "epoch", 1),
+    ("webdataset+manifest", "infinite", 1), ("webdataset+manifest", "infinite", 4),
+    ("webdataset+manifest", "infinite", 8), ("webdataset+manifest", "epoch", 1),
+]
+
+
+@pytest.mark.parametrize("source, mode, readers", MIXED, ids=["-".join(map(str, c)) for c in MIXED])
+def test_class_sorted_inputs_give_batches_as_mixed_as_a_uniform_shuffle(source, mode, readers, tmp_path):
+    """10 equal classes written in class order. Statistic: over 40 batches of 64 of rank 0 of `readers` ranks,
+    the mean number of classes per batch and the mean share of each batch's largest class; bound: within 0.25
+    classes and 0.03 of a uniformly shuffled stream (9.99 classes, a largest share of ~0.17). Before shuffled
+    writing and interleaved reading, bigan's own shards gave 4-5 classes and 23-36 % (issue 23). bigan-shards'
+    shards are shuffled when written; another tool's sorted shards are mixed by each reader, with several
+    readers by reading slices of every shard (which needs the manifest's sizes)."""
+    data = _class_sorted(source, tmp_path)
+    loader = _loader(data, batch=MIX_BATCH, mode=mode, seed=3, epochs=None, world_size=readers)
     iterator = iter(loader)
     classes, largest = _class_mix([next(iterator)["label"].numpy() for _ in range(40)])
     uniform_classes, uniform_largest = _uniform_mix(40)
     assert classes >= uniform_classes - 0.25 and largest <= uniform_largest + 0.03, \
         (classes, largest, uniform_classes, uniform_largest)
+
+
+@pytest.mark.parametrize("source, mode", [("webdataset", "infinite"), ("webdataset+manifest", "epoch")])
+def test_sorted_shards_that_cannot_be_mixed_across_readers_say_so(source, mode, tmp_path):
+    """Without sizes (no manifest) a reader cannot take slices, and epoch mode keeps its exact split: with 8
+    readers sharing 30 unshuffled shards, the start-up note says what to do."""
+    from bigan.data.stream import ShardStream
+
+    data = _class_sorted(source, tmp_path)
+    note = ShardStream(StreamSpec(resolve_shards(data), 64, 8, world_size=8, mode=mode)).mixing_note(1)
+    assert note.startswith("warning: each of the 8 data readers mixes only 4 of the 30 shards") and "bigan-shards" in note
+    shuffled = _class_sorted("bigan-shards", tmp_path)
+    assert ShardStream(StreamSpec(resolve_shards(shuffled), 64, 8, world_size=8, mode=mode)).mixing_note(1) is None
 
 
 def test_in_each_infinite_round_the_readers_share_one_permutation_of_the_shards(tmp_path):

@@ -246,3 +246,17 @@ def test_deepspeed_configs_that_would_break_are_refused(tmp_path, env):
                  env, check=False)
     assert result.returncode == 2
     assert "'bf16' casts the whole model" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_family_of_ones_own_trains_and_resumes_identically_on_zero2(tiny_shards, tmp_path, env):
+    """The odd test family (three networks, Q every 3 iterations) in three ZeRO-2 engines, unchanged."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from test_trainer import ODD
+
+    odd_env = {**env, "PYTHONPATH": os.pathsep.join([str(HELPERS), env["PYTHONPATH"]])}
+    straight = _straight_and_resumed(2, {**ODD, "data.workers": 1}, tiny_shards, tmp_path, odd_env)
+    assert "bigan: DeepSpeed engines: G ZeRO-2, D ZeRO-2, Q ZeRO-2" in straight.stdout
+    q_a, q_b = (get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / r / "checkpoints" / "ckpt-000000004"), tag="Q")
+                for r in ("straight", "split"))
+    assert all(torch.equal(q_a[k], q_b[k]) for k in q_a)

@@ -479,10 +479,10 @@ BAD_INPUTS = [  # (id, module, argv with {root}, the one line contains)
      "exists; pass --overwrite"),
     ("sample:truncation-pix2pix", "bigan.sample", ["--checkpoint", "{root}/pix2pix/generator.safetensors", "--input",
                                                    "{root}/layouts", "--truncation", "1", "--out", "{root}/t/"],
-     "--truncation shapes latents"),
+     "--truncation does not apply to model.arch=pix2pix"),
     ("sample:interpolate-pix2pix", "bigan.sample", ["--checkpoint", "{root}/pix2pix/generator.safetensors", "--input",
                                                     "{root}/layouts", "--interpolate", "4", "--out", "{root}/t/"],
-     "--interpolate shapes latents"),
+     "--interpolate does not apply to model.arch=pix2pix"),
     ("sample:interpolate-1", "bigan.sample", ["--checkpoint", "{root}/run", "--interpolate", "1"], "--interpolate"),
     ("sample:n-not-rows", "bigan.sample", ["--checkpoint", "{root}/run", "--interpolate", "4", "--n", "10"],
      "must be a multiple of --interpolate 4"),
@@ -606,3 +606,33 @@ def test_a_tiny_truncation_draws_at_once(bad_inputs, tmp_path, env):
 
     z = latents(1000, 16, 0, 0.5)
     assert z.abs().max() <= 0.5 and 0.25 < z.std() < 0.3  # truncated to [-0.5, 0.5]: std 0.28
+
+
+LAYOUT_1 = ROOT / "tests" / "data" / "layout1_run"  # written by bigan before checkpoint.json and families
+
+
+def test_checkpoints_and_exports_from_before_the_families_seam_still_load(tmp_path, env):
+    """tests/data/layout1_run was written by bigan at cb62f14 (layout 1: no checkpoint.json, G and D by index):
+    bigan-sample makes the same images from its checkpoint and its export as that bigan did, and training
+    resumes from it (the stream restarts its own way: its interleaving is new)."""
+    import shutil
+
+    import numpy as np
+
+    for source, expected in (("checkpoints/ckpt-000000002", "expected_ckpt.npz"), ("", "expected_export.npz")):
+        out = tmp_path / f"{expected}"
+        run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(LAYOUT_1 / source), "--n", "4", "--out",
+             str(out)], env)
+        assert np.array_equal(np.load(out)["images"], np.load(LAYOUT_1 / expected)["images"]), source
+    run_dir = tmp_path / "run"
+    shutil.copytree(LAYOUT_1, run_dir)
+    resumed = run([sys.executable, "-m", "bigan.train", f"--run.dir={run_dir}", "--run.resume=latest",
+                   "--train.kimg=0.032"], env)
+    assert "resuming from" in resumed.stdout and "done at 0.0 kimg" in resumed.stdout
+    assert checkpoint_names(run_dir)[-1] == "ckpt-000000004"
+
+
+def checkpoint_names(run_dir):
+    from bigan import checkpoint
+
+    return [p.name for p in checkpoint.checkpoints(run_dir)]

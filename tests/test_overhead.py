@@ -64,7 +64,7 @@ def test_train_step_never_waits_for_the_device(extra, count_host_reads, monkeypa
     assert reads == [], f"host reads in train_step: {reads}"
     assert lookups == [], f"package metadata looked up in train_step: {lookups}"
     if extra["train.precision"] != "fp16":  # (fp16 on the CPU overflows at GradScaler's first scales)
-        trainer.sync_counters()  # counted on the device, read once
+        trainer.steps.sync_counters()  # counted on the device, read once
         assert trainer.state.skipped == 0
 
 

@@ -493,3 +493,73 @@ def test_the_latest_checkpoint_is_rank_0s_choice(tiny_shards, tmp_path, env):
                           script=str(HELPERS / "train_with_faults.py"))
     assert "resuming from" in resumed.stdout and "done at 0.1 kimg" in resumed.stdout
     assert checkpoint.checkpoints(run_dir)[-1].name == "ckpt-000000004"
+
+
+ODD = {"model.arch": "odd_family:Odd", "odd.q_every": 3}
+
+
+@pytest.fixture
+def odd_env(env):
+    """tests/helpers on PYTHONPATH: the odd family is a file of the tests', not of bigan."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(HELPERS), env.get("PYTHONPATH")]))}
+
+
+def test_a_family_of_ones_own_trains_resumes_bitwise_and_runs_on_ddp(tiny_shards, tmp_path, odd_env):
+    """tests/helpers/odd_family.py: three networks (G, D and an encoder Q), Q stepped every 3 iterations, its
+    own config section and checkpointed state, and nothing of it outside its file."""
+    train(tiny_args(tiny_shards, tmp_path / "straight", **ODD, **{"train.kimg": 0.048}), odd_env)
+    train(tiny_args(tiny_shards, tmp_path / "split", **ODD, **{"train.kimg": 0.024}), odd_env)
+    resumed = train(tiny_args(tiny_shards, tmp_path / "split", **ODD, **{"train.kimg": 0.048, "run.resume": "latest"}),
+                    odd_env)
+    assert "resuming from" in resumed.stdout
+    a, b = (checkpoint.checkpoints(tmp_path / name)[-1] for name in ("straight", "split"))
+    for name in ("model.safetensors", "model_1.safetensors", "model_2.safetensors"):  # G, D, Q
+        left, right = load_file(str(a / name)), load_file(str(b / name))
+        assert all(torch.equal(left[k], right[k]) for k in left), name
+    states = checkpoint.states(a)
+    assert set(states) == {"train", "backend", "ema", "family.q_counter"}
+    for name in ("optimizer.bin", "optimizer_1.bin", "optimizer_2.bin", *states.values()):
+        left, right = (torch.load(p / name, weights_only=False) for p in (a, b))
+        assert _equal(left, right), name
+    train_state = torch.load(a / states["train"], weights_only=False)
+    assert train_state["phase_steps"] == {"D": 6, "G": 6, "Q": 2}, "Q steps at iterations 0 and 3"
+    assert torch.load(a / states["family.q_counter"], weights_only=False) == {"images": 2 * 8}
+    assert json.loads((a / "architecture.json").read_text())["odd.q_every"] == 3
+    assert "Loss/Q" in _events(tmp_path / "straight").Tags()["scalars"]
+    ddp = tmp_path / "ddp"
+    _launch_two(tiny_args(tiny_shards, ddp, **ODD, **{"train.kimg": 0.032, "data.workers": 1}), odd_env)
+    _launch_two(tiny_args(tiny_shards, ddp, **ODD, **{"train.kimg": 0.064, "data.workers": 1, "run.resume": "latest"}),
+                odd_env)
+    assert checkpoint.checkpoints(ddp)[-1].name == "ckpt-000000004"
+    wrong = train(tiny_args(tiny_shards, tmp_path / "w", **{"model.arch": "odd_family:Odd", "odd.q_every": 0}), odd_env,
+                  check=False)
+    assert wrong.returncode == 2 and "odd.q_every: must be >= 1" in wrong.stderr.strip().splitlines()[-1]
+    elsewhere = train(tiny_args(tiny_shards, tmp_path / "x", **{"odd.q_every": 2}), odd_env, check=False)
+    assert elsewhere.returncode == 2 and "unknown config key 'odd.q_every'" in elsewhere.stderr
+
+
+def test_a_roll_back_keeps_the_optimizer_settings_of_the_resume(tiny_shards, tmp_path, env):
+    """Resumed with a lower train.g_lr, then rolled back to the checkpoint written before: the lower rate
+    stays (the checkpoint's optimizer state holds the old one)."""
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_shards, run_dir, **{"run.ckpt_every_kimg": 0.032, "train.max_bad_steps": 2,
+                                               "run.log_every": 1})
+    train(args + ["--train.kimg=0.032"], env)
+    result = run([sys.executable, str(HELPERS / "train_with_faults.py"), "nan-on-batches", "6-7", *args,
+                  "--train.kimg=0.08", "--run.resume=latest", "--train.g_lr=1e-5"], env)
+    assert "rolling back to" in result.stdout and "ckpt-000000004" in result.stdout
+    optimizer = torch.load(checkpoint.checkpoints(run_dir)[-1] / "optimizer.bin", weights_only=False)
+    assert optimizer["param_groups"][0]["lr"] == 1e-5
+
+
+def test_a_resume_from_an_earlier_checkpoint_replaces_the_later_ones_it_reaches(tiny_shards, tmp_path, env):
+    """Resumed from ckpt-2 of a run that had gone on to ckpt-6, with another learning rate: the checkpoints it
+    writes at steps 4 and 6 are its own, not the old history's kept under the same names."""
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_shards, run_dir, **{"run.ckpt_every_kimg": 0.016, "train.kimg": 0.048})
+    train(args, env)
+    old = load_file(str(run_dir / "checkpoints" / "ckpt-000000006" / "model.safetensors"))
+    train(args + [f"--run.resume={run_dir / 'checkpoints' / 'ckpt-000000002'}", "--train.g_lr=0.01"], env)
+    new = load_file(str(run_dir / "checkpoints" / "ckpt-000000006" / "model.safetensors"))
+    assert not all(torch.equal(old[k], new[k]) for k in old), "ckpt-6 still holds the old history"
+    assert not list((run_dir / "checkpoints").glob(".old-*"))

@@ -284,3 +284,49 @@ def test_resize_upsampling_generator_trains_shapes_and_round_trips_through_expor
     export_generator(tmp_path, g, None, model, {"resolution": resolution})
     rebuilt, config = load_generator(tmp_path / "generator.safetensors", ema=False)
     assert config["g_upsample"] == "resize" and torch.equal(rebuilt(z), out)
+
+
+def test_stop_agreement_checks_every_couple_of_seconds_from_any_starting_step(tmp_path):
+    """A resumed run starts at a large step after seconds of start-up: the pace of its iterations, not
+    start-up time over the step number, sets when the STOP file is next looked at."""
+    import time
+    from types import SimpleNamespace
+
+    from bigan.training.stops import StopAgreement
+
+    one = SimpleNamespace(num_processes=1, is_main_process=True, device=torch.device("cpu"))
+    stops = StopAgreement(one, tmp_path, period_s=0.05)
+    time.sleep(0.3)  # start-up
+    step = 200_001   # resumed far into a run
+    assert not stops.check(step)
+    (tmp_path / "STOP").touch()
+    seen_at = None
+    for step in range(step + 1, step + 400):
+        time.sleep(0.002)  # an iteration
+        if stops.check(step):
+            seen_at = step
+            break
+    assert seen_at is not None and seen_at - 200_001 <= 60, seen_at  # ~0.05 s of iterations, not 10,000 of them
+    stops.restart()  # (a roll-back moves the step back: the next check is at once)
+    stops.agreed = False
+    assert stops.check(5)
+
+
+def test_every_kind_of_draw_differs_between_ranks_and_repeats_on_the_same_rank():
+    """What bigan.seeding does for each rank, for every draw the families make with torch's generators:
+    latents and random classes (family.draw), WGAN-GP's mixing weights, dropout masks."""
+    from bigan import families, seeding
+    from bigan.config import load_config
+
+    family = families.build(load_config(None, ["--model.num_classes=10", "--loss.pack=1"]))
+
+    def draws(rank):
+        seeding.seed_rank(0, rank, seeding.FRESH)
+        z, y = family.draw(64, torch.device("cpu"))
+        alpha = torch.rand(64, 1, 1, 1)  # as losses.gradient_penalty draws it
+        mask = torch.nn.functional.dropout(torch.ones(64, 16), 0.5, training=True)
+        return z, y, alpha, mask
+
+    first, again, other = draws(0), draws(0), draws(1)
+    for a, b, c in zip(first, again, other):
+        assert torch.equal(a, b) and not torch.equal(a, c)

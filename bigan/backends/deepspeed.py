@@ -129,13 +129,14 @@ def zero_stage(config: dict) -> int:
 
 
 class DeepSpeedBackend:
-    """Same interface as PlainBackend; ``g``/``d`` are DeepSpeed engines, ``g_module``/``d_module`` their modules."""
+    """Same interface as PlainBackend, keyed by network name; each network is a DeepSpeed engine."""
 
     fused_adam = False  # the ZeRO optimizer checks for overflow itself (a host read inside engine.step)
 
-    def __init__(self, accelerator, precision: str, config_g: dict, config_d: dict, channels_last: bool = False,
+    def __init__(self, accelerator, precision: str, configs: dict, channels_last: bool = False,
                  compile: bool = False):
-        if precision == "fp16" and min(zero_stage(config_g), zero_stage(config_d)) == 0:
+        """configs: network name -> its DeepSpeed config (ZeRO stages may differ per network)."""
+        if precision == "fp16" and min(zero_stage(c) for c in configs.values()) == 0:
             raise DeepSpeedConfigError("train.precision=fp16 with DeepSpeed needs ZeRO stage 1, 2 or 3 "
                                        "(bigan's loss scaling goes through the ZeRO optimizer)")
         from bigan.backends import ds_build
@@ -155,71 +156,82 @@ class DeepSpeedBackend:
         # (p.data.view(torch.uint8)) refuses channels_last tensors. The weights stay contiguous.
         self.channels_last_ignored = channels_last
         self.compile_ignored = compile  # not tried inside ZeRO's module hooks
-        self.configs = {"g": config_g, "d": config_d}
-        self._shadows, self._stale = {}, {"g": True, "d": True}
-        self.scalers = {k: DynamicLossScale(enabled=precision == "fp16") for k in "gd"}
+        self.configs = dict(configs)
+        self._shadows, self._stale = {}, {name: True for name in configs}
+        self.scalers = {name: DynamicLossScale(enabled=precision == "fp16") for name in configs}
 
-    def wrap(self, g, d, opt_g, opt_d):
+    def wrap(self, networks: dict):
+        """networks: name -> (module, optimizer); one engine each, its checkpoint under the name's upper case."""
         import deepspeed
 
         from bigan.backends.ds_build import LockWatch
 
-        engines = {}
-        for which, model, optimizer in (("g", g, opt_g), ("d", d, opt_d)):
+        self.names, self.engines = list(networks), {}
+        for name, (model, optimizer) in networks.items():
             model = reenter_autocast(model.to(self.device), self.device, self.dtype)
             with LockWatch():  # the first engine builds DeepSpeed's communication op on CPUs
-                engines[which], *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.configs[which])
-        self.g, self.d = engines["g"], engines["d"]
-        self.g_module, self.d_module = self.g.module, self.d.module
-        self.d_penalty = self.d_module  # autograd.grad(create_graph=True) through the engine breaks ZeRO
-        self.opt_g, self.opt_d = self.g.optimizer, self.d.optimizer
-        self.engines = engines
+                self.engines[name], *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                              config=self.configs[name])
+
+    def trained(self, name: str):
+        return self.engines[name]
+
+    def module(self, name: str):
+        """The engine's module: forwards through it fire none of the engine's hooks."""
+        return self.engines[name].module
+
+    def penalty(self, name: str):
+        return self.engines[name].module  # autograd.grad(create_graph=True) through the engine breaks ZeRO
+
+    def optimizer(self, name: str):
+        return self.engines[name].optimizer
 
     def autocast(self):
         return autocast(self.device, self.dtype)
 
-    def backward(self, loss, which: str, sync: bool = True):
+    def backward(self, loss, name: str, sync: bool = True):
         """The trainer already divides by the micro-batch count; DeepSpeed steps at the accumulation boundary."""
-        engine = self.engines[which]
-        if self.scalers[which].is_enabled():
-            engine.optimizer.override_loss_scale(self.scalers[which].get_scale())
+        engine = self.engines[name]
+        if self.scalers[name].is_enabled():
+            engine.optimizer.override_loss_scale(self.scalers[name].get_scale())
         engine.backward(loss, scale_wrt_gas=False)
         if not sync:  # not the last micro-batch: let the engine count it (it only steps at the boundary)
             engine.step()
 
-    def step(self, which: str) -> torch.Tensor:
-        engine = self.engines[which]
+    def step(self, name: str) -> torch.Tensor:
+        engine = self.engines[name]
         engine.step()  # skips the update by itself when the global norm is not finite
-        self._stale[which] = True
+        self._stale[name] = True
         norm = engine.get_global_grad_norm()
         # None means DeepSpeed did not compute a norm this step; that is not a non-finite step
         # (NaN here would make the trainer count it as bad and roll back again and again).
         norm = float(norm) if norm is not None else 0.0
-        self.scalers[which].update(math.isfinite(norm))
+        self.scalers[name].update(math.isfinite(norm))
         return torch.tensor(norm)
 
-    def settling(self, which: str) -> bool:
+    def settling(self, name: str) -> bool:
         """Whether a non-finite step is fp16's loss scale still settling (not a bad step)."""
-        scaler = self.scalers[which]
+        scaler = self.scalers[name]
         return scaler.is_enabled() and scaler.get_scale() >= 1
 
     def describe(self) -> str:
-        def one(which):
-            zero = self.configs[which].get("zero_optimization", {})
+        def one(name):
+            zero = self.configs[name].get("zero_optimization", {})
             offload = [k.split("_")[1] for k in ("offload_optimizer", "offload_param")
                        if zero.get(k, {}).get("device", "none") != "none"]
-            return f"ZeRO-{zero_stage(self.configs[which])}" + (f" (offload: {', '.join(offload)})" if offload else "")
+            return f"ZeRO-{zero_stage(self.configs[name])}" + (f" (offload: {', '.join(offload)})" if offload else "")
 
         ignored = " (train.channels_last ignored: ZeRO keeps weights contiguous)" if self.channels_last_ignored else ""
         ignored += " (train.compile ignored: not supported inside DeepSpeed engines)" if self.compile_ignored else ""
         scaling = ", loss scale per engine" if self.dtype == torch.float16 else ""
-        return f"DeepSpeed engines: G {one('g')}, D {one('d')}; {NAMES[self.dtype]}{scaling}, fp32 weights{ignored}"
+        engines = ", ".join(f"{name.upper()} {one(name)}" for name in self.configs)
+        return f"DeepSpeed engines: {engines}; {NAMES[self.dtype]}{scaling}, fp32 weights{ignored}"
 
-    def frozen(self, which: str) -> torch.nn.Module:
-        """The model with its current weights, for forwards that do not train it (G in the D step), EMA and copies.
+    def inference(self, name: str) -> torch.nn.Module:
+        """The network with its current weights, for forwards under no_grad (G in the D step), EMA and copies.
 
         ZeRO-1/2: the engine's module itself. ZeRO-3: a full copy ("shadow"), refreshed by one
-        gather after each optimizer step of that model (every rank calls this at the same points).
+        gather after each optimizer step of that network (every rank calls this at the same points).
         Running G's own module in the D step would gather it layer by layer once more and, worse,
         break ZeRO-3's module trace: DeepSpeed records the submodule order of one forward (with
         its backward) and prefetches from it only while each forward repeats it, which a no_grad
@@ -231,42 +243,42 @@ class DeepSpeedBackend:
         D in the G step still runs D's own module: a shadow there was measured wrong (ZeRO-3 D
         with R1 and grad_accum 2 drifted by up to 57% from the plain path, inside DeepSpeed).
         """
-        if zero_stage(self.configs[which]) != 3:
-            return self.engines[which].module
-        module = self.engines[which].module
-        if which not in self._shadows:
-            self._shadows[which] = copy.deepcopy(self._template[which]).to(self.device)
-        shadow = self._shadows[which]
-        if self._stale[which]:
+        module = self.engines[name].module
+        if zero_stage(self.configs[name]) != 3:
+            return module
+        if name not in self._shadows:
+            self._shadows[name] = copy.deepcopy(self._template[name]).to(self.device)
+        shadow = self._shadows[name]
+        if self._stale[name]:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None), torch.no_grad():
                 for mine, theirs in zip(shadow.parameters(), module.parameters()):
                     mine.copy_(theirs)
-            for name, buffer in module.named_buffers():  # shared, not copied (again: a load may replace them)
-                owner, _, leaf = name.rpartition(".")
+            for key, buffer in module.named_buffers():  # shared, not copied (again: a load may replace them)
+                owner, _, leaf = key.rpartition(".")
                 shadow.get_submodule(owner)._buffers[leaf] = buffer
             for mine, theirs in zip(shadow.modules(), module.modules()):
                 mine.training = theirs.training
-            self._stale[which] = False
+            self._stale[name] = False
         return shadow
 
     @contextlib.contextmanager
-    def gathered(self, which: str):
-        """The full weights of a model, on every rank (a collective under ZeRO-3, once per step)."""
-        yield self.frozen(which)
+    def gathered(self, name: str):
+        """The full weights of a network, on every rank (a collective under ZeRO-3, once per step)."""
+        yield self.inference(name)
 
-    def plain_copy(self, which: str) -> torch.nn.Module:
-        """A full, unpartitioned copy of a model (every rank must call this)."""
-        with self.gathered(which) as module:
+    def plain_copy(self, name: str) -> torch.nn.Module:
+        """A full, unpartitioned copy of a network (every rank must call this)."""
+        with self.gathered(name) as module:
             state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        plain = copy.deepcopy(self._template[which])
+        plain = copy.deepcopy(self._template[name])
         plain.load_state_dict(state)
         return plain.to(self.device)
 
-    def remember_architecture(self, g, d):
-        """Unpartitioned templates of G and D (taken before ZeRO-3 partitions them), for plain_copy."""
-        self._template = {"g": copy.deepcopy(g).cpu(), "d": copy.deepcopy(d).cpu()}
+    def remember_architecture(self, networks: dict):
+        """Unpartitioned templates of the networks (taken before ZeRO-3 partitions them), for plain_copy."""
+        self._template = {name: copy.deepcopy(module).cpu() for name, module in networks.items()}
 
     def check_resumable_world(self, saved: int, now: int):
         """ZeRO checkpoints hold one partition of each optimizer (stage 3: of the weights too) per process."""
@@ -276,13 +288,13 @@ class DeepSpeedBackend:
                                        f"ds_to_universal.py, can re-partition it)")
 
     def save(self, directory: Path):
-        for which, engine in self.engines.items():
-            engine.save_checkpoint(str(directory), tag=which.upper(), save_latest=False)
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(str(directory), tag=name.upper(), save_latest=False)
 
     def load(self, directory: Path):
-        for which, engine in self.engines.items():
-            engine.load_checkpoint(str(directory), tag=which.upper())
-            self._stale[which] = True
+        for name, engine in self.engines.items():
+            engine.load_checkpoint(str(directory), tag=name.upper())
+            self._stale[name] = True
 
     def state_dict(self):
         return {k: s.state_dict() for k, s in self.scalers.items()}

@@ -64,6 +64,7 @@ class ShardSet:
     labels: list[str] | None = None       # class names, from a manifest
     resolution: int | None = None         # stored resolution, from a manifest
     paired: bool | None = None            # samples hold an input image too (src.*); None: no manifest says
+    shuffled: bool = False                # written in shuffled order (bigan-shards' manifest says so)
 
 
 def resolve_shards(spec: str | Path) -> ShardSet:
@@ -82,7 +83,7 @@ def resolve_shards(spec: str | Path) -> ShardSet:
     resolutions, paired = {s.resolution for s in sets}, {s.paired for s in sets}
     return ShardSet([u for s in sets for u in s.urls], counts, list(labels.pop()) if labels else None,
                     resolutions.pop() if len(resolutions) == 1 else None,
-                    False if False in paired else (True if paired == {True} else None))
+                    False if False in paired else (True if paired == {True} else None), all(s.shuffled for s in sets))
 
 
 def _resolve_one(spec: str) -> ShardSet:
@@ -102,7 +103,8 @@ def _resolve_one(spec: str) -> ShardSet:
                 f" ({len(skipped)} input{'s' if len(skipped) != 1 else ''} skipped, e.g. {skipped[0]['input']}: "
                 f"{skipped[0]['reason']}); write the shards again" if skipped else ""))
         return ShardSet([str(path.parent / s["name"]) for s in shards], [s["samples"] for s in shards],
-                        manifest.get("labels"), manifest.get("resolution"), bool(manifest.get("paired", False)))
+                        manifest.get("labels"), manifest.get("resolution"), bool(manifest.get("paired", False)),
+                        manifest.get("shuffle_seed") is not None)
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:
@@ -379,19 +381,50 @@ class ShardStream(torch.utils.data.IterableDataset):
                                 f"(shards unreadable: {self.spec.shards.urls[:3]}...)")
 
     def _round_shards(self, role, workers, round_) -> list:
-        """This reader's shards in an infinite-mode round, as whole-shard segments (see _interleave).
+        """This reader's part of an infinite-mode round, as segments (see _interleave).
 
-        Every round draws one permutation of all shards (seeded by seed and round, the same on
-        every reader) and gives reader k of R its k-th share of it, so that within a round the
-        readers together read every shard once; with fewer shards than readers they wrap around.
+        Every round draws one permutation of all shards (seeded by seed and round, the same on every
+        reader). Reader k of R takes its k-th share of the shards, so that within a round the readers
+        together read every shard once (with fewer shards than readers they wrap around). Where that
+        share is under data.shard_mix and the shards are not known to be shuffled (no shuffle_seed in
+        their manifest), a reader would see only a few of them, and from sorted shards its batches
+        would hold a few classes: each reader then takes a 1/R slice of every shard instead (which
+        slice turns with the round), and so mixes all of them, at the cost of reading through up to
+        every shard for its slice.
         """
         urls, counts = self.spec.shards.urls, self.spec.shards.counts
-        order = np.random.default_rng([self.spec.seed, round_, _SHARDS]).permutation(len(urls))
-        readers = self.spec.world_size * workers
+        order = [int(i) for i in np.random.default_rng([self.spec.seed, round_, _SHARDS]).permutation(len(urls))]
+        readers, reader = self.spec.world_size * workers, self.spec.rank * workers + role
         share = max(1, math.ceil(len(urls) / readers))
-        first = (self.spec.rank * workers + role) * share
-        picked = [int(order[(first + j) % len(urls)]) for j in range(share)]
+        if self.sliced(workers):
+            part = (reader + round_) % readers
+            slices = [(i, counts[i] * part // readers, counts[i] * (part + 1) // readers) for i in order]
+            return [(urls[i], lo, hi - lo, hi - lo) for i, lo, hi in slices if hi > lo]
+        first = reader * share
+        picked = [order[(first + j) % len(urls)] for j in range(share)]
         return [(urls[i], 0, None, counts[i] if counts else None) for i in picked]
+
+    def mixing_note(self, workers: int) -> str | None:
+        """A line for the user when readers read slices, or when few unshuffled shards per reader cannot
+        be mixed (epoch mode, or no manifest with sizes): rewriting them with bigan-shards helps either."""
+        readers, shards = self.spec.world_size * max(workers, 1), self.spec.shards
+        share = math.ceil(len(shards.urls) / readers)
+        if self.sliced(workers):
+            return (f"the {len(shards.urls)} shards are not known to be shuffled (no shuffle_seed in a bigan "
+                    f"manifest) and would give each of the {readers} data readers {share} per round: each reads a "
+                    f"slice of every shard instead, reading through more of them; bigan-shards writes shuffled ones")
+        if shards.shuffled or readers == 1 or share >= self.spec.shard_mix:
+            return None
+        return (f"warning: each of the {readers} data readers mixes only {share} of the {len(shards.urls)} shards "
+                f"per {'epoch' if self.spec.mode == 'epoch' else 'round'}: if they are sorted (by class, by folder), "
+                f"batches hold a few classes; write them again with bigan-shards, which shuffles")
+
+    def sliced(self, workers: int) -> bool:
+        """Whether infinite-mode readers each read slices of every shard (see _round_shards)."""
+        readers, shards = self.spec.world_size * max(workers, 1), self.spec.shards
+        share = math.ceil(len(shards.urls) / readers)
+        return (self.spec.mode == "infinite" and readers > 1 and share < self.spec.shard_mix
+                and not shards.shuffled and shards.counts is not None)
 
     def _per_rank_batches(self):
         return sum(self.spec.shards.counts) // (self.spec.world_size * self.spec.batch_size)

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigan import families
 from bigan.cli import Parser
 from bigan.metrics import metrics
 from bigan.metrics.features import Extractor, ExtractorError, FeatureStats, ModeClassifier, ModeCounts
 from bigan.tracking import to_uint8
 
-METRICS = ("fid", "kid", "is", "pr")
-PAIR_METRICS = ("l1", "psnr", "fid", "kid")  # an image-to-image generator, on held-out pairs
+METRICS = ("fid", "kid", "is", "pr")  # of images, whatever made them
 
 
 def _cache_file(shard_set, resolution, extractor, n) -> Path:
@@ -67,21 +67,25 @@ def _in_order(shard_set, resolution: int, accelerator, n: int, paired: bool = Fa
 
 def reference_stats(shards, resolution: int, extractor: Extractor, accelerator, n: int | None = None,
                     keep: int = 10_000, batch: int = 64) -> dict:
-    """mu, sigma and kept features of real images; computed on first use, then read from the cache."""
+    """mu, sigma and kept features of real images; computed on first use, then read from the cache. Rank 0
+    decides whether the cache holds them and reads it (others may not see its cache folder); every rank
+    gets the same statistics."""
+    from bigan.training.ranks import on_rank_zero
+
     shard_set = _counted(shards)
     world = accelerator.num_processes
     n = _usable(sum(shard_set.counts), n, world)
     cached = _cache_file(shard_set, resolution, extractor, n)
-    if cached.exists():
-        return dict(np.load(cached))
+    ref = on_rank_zero(accelerator, lambda: dict(np.load(cached)) if cached.exists() else None)
+    if ref is not None:
+        return ref
     per_rank = n // world
     # images are gathered into batches for the extractor
-    stats, seen, pending = None, 0, []
+    stats, seen, pending = FeatureStats(extractor.dim, keep), 0, []
 
     def add(images):
-        nonlocal stats, seen
+        nonlocal seen
         features, _ = extractor(to_uint8(torch.cat(images)))
-        stats = stats or FeatureStats(features.shape[1], keep)
         stats.update(features, torch.arange(len(features)) + accelerator.process_index * per_rank + seen)
         seen += len(features)
 
@@ -96,8 +100,8 @@ def reference_stats(shards, resolution: int, extractor: Extractor, accelerator, 
     refuse_nonfinite(extractor, stats.nonfinite, None, 0, stats.n)  # never into the cache
     if accelerator.is_main_process:
         stats.save(cached)
-    accelerator.wait_for_everyone()
-    return dict(np.load(cached))
+    mu, sigma = stats.mean_cov()  # the sums are reduced on every rank: no need to read the cache back
+    return {"mu": mu, "sigma": sigma, "n": stats.n, "kept": stats.kept_features()}
 
 
 def load_samples(path: Path) -> np.ndarray:
@@ -139,7 +143,7 @@ def held_out_pairs(shards, resolution: int, n: int, device="cpu") -> tuple:
 
 @torch.no_grad()
 def evaluate_pairs(g, shards, resolution: int, extractor: Extractor | None, accelerator, n: int,
-                   wanted=PAIR_METRICS, batch: int = 64, keep: int = 10_000) -> dict:
+                   wanted=("l1", "psnr", "fid", "kid"), batch: int = 64, keep: int = 10_000) -> dict:
     """An image-to-image generator on the first n held-out pairs of `shards`: l1 (mean |output - target|
     in [-1, 1] units, as the training term), psnr (dB, on 8-bit pixels, per image then averaged) and
     fid/kid of the outputs against the targets of the same pairs. The same dict on every rank."""
@@ -278,8 +282,8 @@ def main(argv=None):
     parser.add_argument("--extractor", default=None, help="'inception' (default) or a TorchScript/pickled module path")
     parser.add_argument("--inception", default=None, help="path of inception-2015-12-05.pkl (default: "
                         "$BIGAN_INCEPTION or $BIGAN_CACHE/inception-2015-12-05.pkl)")
-    parser.add_argument("--metrics", default=None, help=f"comma-separated subset of {','.join(METRICS)}; for "
-                        f"image-to-image generators of {','.join(PAIR_METRICS)}, with --data naming held-out "
+    parser.add_argument("--metrics", default=None, help=f"comma-separated subset of {','.join(METRICS)}, or of "
+                        f"what the generator's family measures (pix2pix: l1, psnr, fid, kid, with --data naming held-out "
                         "pairs (default: all of them with --data, none without)")
     parser.add_argument("--modes", default=None, metavar="CLASSIFIER",
                         help="mode coverage: a TorchScript/pickled classifier of uint8 NCHW images to K class "
@@ -294,10 +298,10 @@ def main(argv=None):
     if args.out is not None and not args.out.parent.is_dir():  # not after computing everything
         parser.error(f"--out: folder {args.out.parent} does not exist")
     wanted = [m.strip() for m in (args.metrics or "").split(",") if m.strip()]
-    unknown = sorted(set(wanted) - set(METRICS) - set(PAIR_METRICS))
+    known = families.known_metrics()
+    unknown = sorted(set(wanted) - set(known))
     if unknown:
-        parser.error(f"--metrics: unknown {', '.join(unknown)} (choose from {', '.join(METRICS)}; "
-                     f"image-to-image: {', '.join(PAIR_METRICS)})")
+        parser.error(f"--metrics: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
     if wanted and not args.data:
         parser.error(f"--data: reference shards are needed for --metrics {','.join(wanted)}")
     if not wanted and not args.modes and not args.data:
@@ -307,7 +311,7 @@ def main(argv=None):
     from accelerate import Accelerator
 
     from bigan.data.stream import DataError
-    from bigan.sample import SampleError, load_generator
+    from bigan.sample import SampleError, family_of, load_generator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:  # the networks' files, the generator or samples, then the networks tried at their resolution:
@@ -316,31 +320,25 @@ def main(argv=None):
         extractor = Extractor(args.extractor, accelerator.device, args.inception) if features else None
         classifier = ModeClassifier(args.modes, accelerator.device) if args.modes else None
         g, model = load_generator(args.checkpoint, ema=not args.no_ema) if args.checkpoint else (None, {})
+        family = family_of(model) if g is not None else None
         images = load_samples(args.samples)[:args.n] if args.samples is not None else None
         resolution = images.shape[1] if images is not None else model["resolution"]
-        paired = model.get("arch") == "pix2pix"
         for network in (extractor, classifier):
             if network is not None:
                 network.probe(resolution)
-        wanted = wanted or (list(PAIR_METRICS if paired else METRICS) if args.data else [])
-        wrong = sorted(set(wanted) - set(PAIR_METRICS if paired else METRICS))
-        if wrong or (paired and args.modes):
-            kind = "an image-to-image generator" if paired else "a noise-to-image generator"
-            raise ExtractorError(f"--metrics: {', '.join(wrong) or 'modes'} cannot score {kind} "
-                                 f"(it takes {', '.join(PAIR_METRICS if paired else METRICS)})")
-        if paired:
-            result = evaluate_pairs(g.to(accelerator.device), args.data, resolution, extractor, accelerator,
-                                    args.n or 10_000, wanted, args.batch)
-        elif images is not None:
-            n, blocks = len(images), array_images(images, accelerator, args.batch)
+        takes = family.metrics if family is not None else METRICS
+        wanted = wanted or (list(takes) if args.data else [])
+        wrong = sorted(set(wanted) - set(takes)) or (["modes"] if args.modes and family and not family.modes else [])
+        if wrong:
+            arch = f"model.arch={family.name}" if family is not None else "--samples"
+            raise ExtractorError(f"--metrics: {', '.join(wrong)} cannot score {arch} (it takes {', '.join(takes)}"
+                                 f"{', modes' if family is None or family.modes else ''})")
+        if images is not None:
+            result = evaluate(array_images(images, accelerator, args.batch), args.data, resolution, extractor,
+                              accelerator, len(images), wanted, args.batch, classifier=classifier)
         else:
-            g = g.to(accelerator.device)
-            n = args.n or 10_000
-            blocks = generated_images(g, model["z_dim"], model["num_classes"], accelerator, n, args.seed or 0,
-                                      args.batch)
-        if not paired:
-            result = evaluate(blocks, args.data, resolution, extractor, accelerator, n, wanted, args.batch,
-                              classifier=classifier)
+            result = family.evaluate(g.to(accelerator.device), args.data, extractor, classifier, accelerator,
+                                     args.n or 10_000, wanted, args.seed or 0, args.batch)
     except (ExtractorError, SampleError, DataError) as exc:
         print(f"bigan-eval: error: {exc}", file=sys.stderr)
         return 2

@@ -33,7 +33,12 @@ class StopAgreement:
         self.signalled = False     # a signal reached this rank
         self.agreed = False        # all ranks have agreed to stop
         self.waiting_for_data = False  # set around each wait for a batch, for the signal handler
-        self.next_check, self.last = 1, (time.perf_counter(), 0)
+        self.restart()
+
+    def restart(self):
+        """Agree at the next check, and measure the pace from there (at start, after a roll-back: the
+        time since start-up or the iteration number say nothing of how fast iterations go)."""
+        self.next_check, self.last = 0, None
 
     def check(self, iteration: int) -> bool:
         """True once the ranks have agreed to stop; cheap between agreements (no collective, no host read)."""
@@ -42,14 +47,16 @@ class StopAgreement:
         if iteration < self.next_check or self.agreed:
             return self.agreed
         now = time.perf_counter()
-        pace = (now - self.last[0]) / max(iteration - self.last[1], 1)  # seconds per iteration here
+        # seconds per iteration here; none yet at the first check, which then comes again at the next iteration
+        pace = (now - self.last[0]) / max(iteration - self.last[1], 1) if self.last else 0.0
         asked = self.signalled or (self.accelerator.is_main_process and (self.run_dir / STOP_FILE).exists())
         if self.accelerator.num_processes > 1:  # one all-reduce: anyone asked, and the slowest pace
             flags = torch.tensor([float(asked), pace], device=self.accelerator.device)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
             asked, pace = flags.tolist()
         self.agreed = bool(asked)
-        self.next_check = iteration + max(1, min(int(self.period_s / max(pace, 1e-9)), MAX_ITERATIONS))
+        ahead = int(self.period_s / pace) if pace > 0 else 1
+        self.next_check = iteration + max(1, min(ahead, MAX_ITERATIONS))
         self.last = (now, iteration)
         return self.agreed
 

@@ -19,10 +19,13 @@ from bigan.trainer import Trainer
 draws_dir, out, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 ranks = [torch.load(p, weights_only=False) for p in sorted(draws_dir.glob("draws_rank*.pt"))]
 trainer = Trainer(load_config(None, overrides), make_accelerator(load_config(None, overrides)))
-for module in trainer.backend.g_module.modules():
+for module in trainer.backend.module("g").modules():
     if isinstance(module, torch.nn.BatchNorm2d):  # and stays so (sample grids switch G to train() after)
         module.eval()
         module.train = lambda mode=True, m=module: m
+handed_in = []  # what the phases' next draws return
+trainer.family.draw = lambda n, device: handed_in.pop(0)
+d_phase, g_phase = trainer.family.phases
 
 
 def weights():
@@ -39,8 +42,8 @@ for steps in zip(*ranks):
     micro = range(len(steps[0]["reals"]))
     reals = [{"image": cat([s["reals"][i]["image"] for s in steps]), "label": cat([s["reals"][i]["label"] for s in steps]),
               "source": cat([s["reals"][i]["source"] for s in steps])} for i in micro]
-    pairs = {key: [tuple(cat([s[key][i][j] for s in steps]) for j in range(2)) for i in micro]
-             for key in ("d_latents", "g_latents")}
-    trainer.d_step(reals, pairs["d_latents"])
-    trainer.g_step(pairs["g_latents"])
+    for key in ("d_latents", "g_latents"):
+        handed_in += [tuple(cat([s[key][i][j] for s in steps]) for j in range(2)) for i in micro]
+    trainer.steps.run(d_phase, reals)
+    trainer.steps.run(g_phase, None)
 torch.save(weights(), out)

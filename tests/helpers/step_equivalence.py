@@ -47,7 +47,7 @@ original_d_loss = bigan.losses.d_loss
 
 def d_loss(*args, **kwargs):
     loss, stats = original_d_loss(*args, **kwargs)
-    return (loss * float("nan") if trainer.state.d_steps == nan_step else loss), stats
+    return (loss * float("nan") if trainer.state.phase_steps.get("D", 0) == nan_step else loss), stats
 
 
 bigan.losses.d_loss = d_loss
@@ -55,15 +55,15 @@ trainer = Trainer(config, accelerator)
 if world > 1:  # gradients are only averaged across ranks when DDP or DeepSpeed wraps the models
     from deepspeed import DeepSpeedEngine
 
-    for model in (trainer.backend.g, trainer.backend.d):
+    for model in (trainer.backend.trained("g"), trainer.backend.trained("d")):
         assert isinstance(model, (torch.nn.parallel.DistributedDataParallel, DeepSpeedEngine)), type(model)
-for module in trainer.backend.g_module.modules():
+for module in trainer.backend.module("g").modules():
     if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.Dropout)):  # (pix2pix's dropout draws per split)
         module.eval()
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # 3: mixed
 compute_dtypes = {"g": set(), "d": set()}
-for which, module in (("g", trainer.backend.g_module), ("d", trainer.backend.d_module)):
+for which, module in (("g", trainer.backend.module("g")), ("d", trainer.backend.module("d"))):
     for layer in module.modules():
         if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
             layer.register_forward_hook(lambda m, i, output, which=which: compute_dtypes[which].add(output.dtype))
@@ -76,6 +76,9 @@ def parameters():
 
 
 initial = parameters()
+handed_in = []  # the latents the next draws of the family's phases return, in the order they draw
+trainer.family.draw = lambda n, device: handed_in.pop(0)
+d_phase, g_phase = trainer.family.phases
 b, k, rank, res, zd = config.train.batch_size, config.train.grad_accum, accelerator.process_index, config.data.resolution, config.model.z_dim
 total = b * k * world
 data = torch.Generator().manual_seed(1234)
@@ -84,16 +87,17 @@ for step in range(3):
     z_d, z_g = torch.randn(total, zd, generator=data), torch.randn(total, zd, generator=data)
     # micro-batch i of rank r holds global samples [(i * world + r) * b, ... + b)
     parts = [slice((i * world + rank) * b, (i * world + rank + 1) * b) for i in range(k)]
-    if trainer.paired:  # pix2pix: inputs beside the reals, as G's input and D's condition
+    if trainer.family.paired:  # pix2pix: inputs beside the reals, as G's input and D's condition
         inputs = torch.rand(total, 3, res, res, generator=data) * 2 - 1
-        trainer.d_step([{"image": reals[p], "label": None, "source": inputs[p]} for p in parts],
-                       [(inputs[p], inputs[p]) for p in parts])
-        trainer.g_step([(inputs[p], inputs[p]) for p in parts], [reals[p] for p in parts])
+        pairs = [{"image": reals[p], "label": None, "source": inputs[p]} for p in parts]
+        trainer.steps.run(d_phase, pairs)
+        trainer.steps.run(g_phase, pairs)
         continue
-    trainer.d_step([{"image": reals[p], "label": None} for p in parts], [(z_d[p], None) for p in parts])
-    trainer.g_step([(z_g[p], None) for p in parts])
+    handed_in += [(z_d[p], None) for p in parts] + [(z_g[p], None) for p in parts]
+    trainer.steps.run(d_phase, [{"image": reals[p], "label": None} for p in parts])
+    trainer.steps.run(g_phase, None)
 final = parameters()  # every rank: a collective under ZeRO-3
-trainer.sync_counters()
+trainer.steps.sync_counters()
 final.update({f"scale.{k}": torch.tensor(float(s.get_scale())) for k, s in trainer.backend.scalers.items()},
              skipped=torch.tensor(trainer.state.skipped))
 final.update({f"compute_dtype.{k}": torch.tensor(DTYPE_CODES[next(iter(v))] if len(v) == 1 else 3)

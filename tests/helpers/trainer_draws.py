@@ -2,8 +2,8 @@
 
     accelerate launch ... trainer_draws.py OUT_DIR [train args]
 
-Each rank writes OUT_DIR/draws_rank{R}.pt: per step, the real micro-batches the D step got from the
-data stream and the (latent, class) pairs the trainer drew for the D and the G step. Rank 0 also
+Each rank writes OUT_DIR/draws_rank{R}.pt: per iteration, the real micro-batches the D phase got from
+the data stream and the (latent, class) pairs the family drew for the D and the G phase. Rank 0 also
 writes OUT_DIR/final.pt with G's and D's weights after the run (gathered on every rank). G's
 BatchNorm layers run in eval mode, so that G's output does not depend on how a batch is split
 over ranks (replay_draws.py compares the run with one process on the concatenated batch).
@@ -14,43 +14,53 @@ import sys
 import torch
 
 from bigan.train import main
-from bigan.trainer import Trainer
+from bigan.training.persistence import Persistence
+from bigan.training.steps import Steps
 
 out_dir, argv = sys.argv[1], sys.argv[2:]
-records, trainers = [], []
-original_init, original_d_step, original_g_step, original_export = (Trainer.__init__, Trainer.d_step,
-                                                                    Trainer.g_step, Trainer.export)
+records, ranks = [], []
+original_run, original_export, original_init = Steps.run, Persistence.export, Steps.__init__
 
 
-def init(self, *args, **kwargs):
-    original_init(self, *args, **kwargs)
-    for module in self.backend.g_module.modules():
+def clone(x):
+    return x.clone() if torch.is_tensor(x) else x
+
+
+def init(self, family, backend, *args, **kwargs):
+    original_init(self, family, backend, *args, **kwargs)
+    for module in backend.module("g").modules():
         if isinstance(module, torch.nn.BatchNorm2d):  # and stays so (sample grids switch G to train() after)
             module.eval()
             module.train = lambda mode=True, m=module: m
-    trainers.append(self)
+    draw = family.draw
+
+    def recorded_draw(n, device):
+        pair = draw(n, device)
+        records[-1][f"{self.current}_latents"].append(tuple(clone(x) for x in pair))
+        return pair
+
+    family.draw = recorded_draw
+    ranks.append(self)
 
 
-def d_step(self, reals, latents):
-    records.append({"reals": [{k: v.clone() if torch.is_tensor(v) else v for k, v in r.items()} for r in reals],
-                    "d_latents": [tuple(x.clone() if x is not None else None for x in pair) for pair in latents]})
-    return original_d_step(self, reals, latents)
-
-
-def g_step(self, latents, targets=None):
-    records[-1]["g_latents"] = [tuple(x.clone() if x is not None else None for x in pair) for pair in latents]
-    return original_g_step(self, latents, targets)
+def run(self, phase, reals):
+    if phase.name == "D":
+        records.append({"reals": [{k: clone(v) for k, v in r.items()} for r in reals], "d_latents": [],
+                        "g_latents": []})
+    self.current = phase.name.lower()
+    return original_run(self, phase, reals)
 
 
 def export(self):
-    g, d = self.backend.plain_copy("g"), self.backend.plain_copy("d")  # every rank: a collective under ZeRO-3
-    if self.accelerator.is_main_process:
+    g, d = self.t.backend.plain_copy("g"), self.t.backend.plain_copy("d")  # every rank: a collective under ZeRO-3
+    if self.t.accelerator.is_main_process:
         torch.save({**{f"G.{k}": v for k, v in g.state_dict().items()}, **{f"D.{k}": v for k, v in d.state_dict().items()}},
                    os.path.join(out_dir, "final.pt"))
     return original_export(self)
 
 
-Trainer.__init__, Trainer.d_step, Trainer.g_step, Trainer.export = init, d_step, g_step, export
+Steps.__init__, Steps.run, Persistence.export = init, run, export
 code = main(argv)
-torch.save(records, os.path.join(out_dir, f"draws_rank{trainers[0].accelerator.process_index}.pt"))
+rank = int(os.environ.get("RANK", "0"))
+torch.save(records, os.path.join(out_dir, f"draws_rank{rank}.pt"))
 sys.exit(code)
