@@ -79,7 +79,7 @@ def by_hand(urls, images):
 def bigan_stream(manifest, resolution, images):
     spec = StreamSpec(resolve_shards(manifest), BATCH, resolution, shuffle_buffer=1000, flip=True)
     done = 0
-    for (_, _, _, flips), _ in ShardStream(spec):  # the images stay in the stream's buffer
+    for (_, _, _, flips, _), _ in ShardStream(spec):  # the images stay in the stream's buffer
         done += len(flips)
         if done >= images:
             return done

@@ -49,6 +49,7 @@ def main(argv=None):
         print(config.to_yaml(), end="")
         return 0
     from bigan.data.stream import DataError, resolve_shards
+    from bigan.training.data import DEMO_SETS
 
     from bigan import families
 
@@ -56,7 +57,7 @@ def main(argv=None):
         check_files(config)
         family = families.build(config)
         for key, shards in (("data.shards", config.data.shards), ("eval.data", config.eval.data)):
-            if shards and shards != "demo":
+            if shards and shards not in DEMO_SETS:  # (the built-in sets are rendered on first use)
                 try:
                     shard_set = resolve_shards(shards)
                 except DataError as exc:

@@ -215,6 +215,22 @@ def test_resume_continues_the_uninterrupted_stream(uneven_shards, mode, workers)
         assert torch.equal(next(resumed)["image"], want)
 
 
+@pytest.mark.parametrize("stop", [9, 10])
+def test_resume_right_after_a_workers_last_batch_of_an_epoch(uneven_shards, stop):
+    """10 batches an epoch, 5 from each of 2 workers: after batch 9 one worker's epoch is over, after batch
+    10 both; a resumed worker used to yield one batch more of the finished epoch."""
+    kwargs = dict(batch=2, workers=2, mode="epoch", seed=11, flip=True, shuffle_buffer=5)
+    straight = _loader(uneven_shards, **kwargs)
+    iterator = iter(straight)
+    for _ in range(stop):
+        next(iterator)
+    state = straight.state_dict()
+    expected = [next(iterator)["image"] for _ in range(4)]
+    resumed = iter(_loader(uneven_shards, start=state, **kwargs))
+    for want in expected:
+        assert torch.equal(next(resumed)["image"], want)
+
+
 def test_stream_errors_name_the_problem(tmp_path, uneven_shards):
     with pytest.raises(DataError, match="shard not found: .*missing-00003.tar"):
         resolve_shards(str(tmp_path / "missing-{00003..00004}.tar"))

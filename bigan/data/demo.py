@@ -110,6 +110,13 @@ def _sun(rng, pal, img, yy, xx, horizon, layout):
     return _blend(img, pal[6], disc)
 
 
+def _moonlit(pal):
+    """The palette by night: colours darkened and shifted to blue, the disc the nocturne's pale moon."""
+    night = pal * np.array([0.35, 0.4, 0.55], np.float32)
+    night[6] = _PALETTE_RGB["nocturne"][6]
+    return night
+
+
 def _mountains(rng, pal, img, yy, xx, horizon, layout):
     h, w = yy.shape
     layers = rng.integers(2, 5)
@@ -126,7 +133,7 @@ def _mountains(rng, pal, img, yy, xx, horizon, layout):
         mask = _smoothstep((yy - top[None, :]) / 0.012)
         img = img + (color * shade * texture - img) * mask[..., None]
         layout.paint(color, mask)  # each ridge its own shade, hazier far away
-    return img
+    return img, int(layers)
 
 
 def _trees(rng, pal, img, yy, xx, ground, layout):
@@ -186,29 +193,49 @@ def render_landscape(seed: int, index: int, resolution: int = 64) -> np.ndarray:
     return render_scene(seed, index, resolution)[1]
 
 
-def render_scene(seed: int, index: int, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(layout, painting) of one scene, each uint8 (resolution, resolution, 3)."""
+def render_scene(seed: int, index: int, resolution: int = 64, with_attributes: bool = False,
+                 moonlit: bool = False, trees_on_ground: bool = True):
+    """(layout, painting) of one scene, each uint8 (resolution, resolution, 3).
+
+    with_attributes: (layout, painting, attributes), what the scene shows, read off the draws that
+    made it: {"style": palette name, "celestial": "sun" or "moon", "ridges": 2-4, "water": bool,
+    "trees": bool}; the same at every resolution. The defaults draw the demo set, where a moon
+    shows only in the nocturne palette and trees always stand on dry ground; the captioned
+    variant (bigan.data.captions) draws other palettes by night (moonlit) and bare ground
+    (trees_on_ground=False), with the same draws otherwise.
+    """
     rng = np.random.default_rng([seed, index])
-    pal = _PALETTE_RGB[_PALETTE_NAMES[rng.integers(len(_PALETTE_NAMES))]]
-    pal = np.clip(pal * rng.uniform(0.9, 1.1, size=(1, 3)).astype(np.float32), 0, 1)
+    style = _PALETTE_NAMES[rng.integers(len(_PALETTE_NAMES))]
+    pal = np.clip(_PALETTE_RGB[style] * rng.uniform(0.9, 1.1, size=(1, 3)).astype(np.float32), 0, 1)
+    moonlit = moonlit and style != "nocturne"  # a nocturne is moonlit already
+    if moonlit:
+        pal = _moonlit(pal)
     coords = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     horizon = rng.uniform(0.45, 0.7)
     layout = _Layout(yy.shape + (3,), pal)
     img = _sky(rng, pal, yy, xx, horizon)
     img = _sun(rng, pal, img, yy, xx, horizon, layout)
-    img = _mountains(rng, pal, img, yy, xx, horizon, layout)
+    img, ridges = _mountains(rng, pal, img, yy, xx, horizon, layout)
     shore = rng.uniform(horizon + 0.05, 0.85)
-    if rng.random() < 0.6:
+    water = bool(rng.random() < 0.6)
+    if water:
         img = _water(rng, pal, img, yy, xx, shore, layout)
-        if rng.random() < 0.5:
+        trees = bool(rng.random() < 0.5)
+        if trees:
             img = _trees(rng, pal, img, yy, xx, shore, layout)
     else:
         img = _ground(rng, pal, img, yy, xx, shore, layout)
-        img = _trees(rng, pal, img, yy, xx, shore + 0.04, layout)
+        trees = bool(trees_on_ground)
+        if trees:
+            img = _trees(rng, pal, img, yy, xx, shore + 0.04, layout)
     img = _brush(rng, img)
     to_uint8 = lambda x: (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
-    return to_uint8(layout.image), to_uint8(img)
+    if not with_attributes:
+        return to_uint8(layout.image), to_uint8(img)
+    attributes = {"style": style, "celestial": "moon" if moonlit or style == "nocturne" else "sun",
+                  "ridges": ridges, "water": water, "trees": trees}
+    return to_uint8(layout.image), to_uint8(img), attributes
 
 
 def cache_dir() -> Path:
@@ -221,33 +248,39 @@ HELD_OUT_SEED = 1_000_003  # the held-out pairs of the layout -> painting demo (
 def ensure_demo_shards(n: int = 10_000, resolution: int = 64, seed: int = 0, root: Path | None = None,
                        workers: int | None = None, progress: bool = True, paired: bool = False) -> Path:
     """Render the demo set into shards once and return its manifest path; paired: layout -> painting
-    pairs (the layout as each sample's input, src.png).
+    pairs (the layout as each sample's input, src.png)."""
+    root = Path(root) if root is not None else cache_dir()
+    final = root / f"{'layout2painting' if paired else 'landscapes'}-{resolution}px-n{n}-seed{seed}-{'v2' if paired else 'v1'}"
+    # pairs in PNG: a layout is flat colours, which JPEG would smear at their edges
+    return build_once(final, lambda: [(seed, i, resolution, paired) for i in range(n)], _load_demo_item,
+                      f"{n} {'layout/painting pairs' if paired else 'landscapes'} at {resolution} px", "demo set",
+                      resolution, "png" if paired else "jpg", workers, progress,
+                      source=f"bigan demo landscapes (seed {seed})", paired=paired)
+
+
+def build_once(final: Path, items, load, what: str, name: str, resolution: int, fmt: str, workers, progress,
+               **write_options) -> Path:
+    """Shards of items() (each turned into a sample by `load`) at `final`, once; its manifest path.
 
     The set is built in a temporary folder and renamed into place when complete, so a crash
     leaves nothing half-made and concurrent callers end up sharing one copy.
     """
     from bigan.data.shards import ShardOptions, write_shards
 
-    root = Path(root) if root is not None else cache_dir()
-    final = root / f"{'layout2painting' if paired else 'landscapes'}-{resolution}px-n{n}-seed{seed}-{'v2' if paired else 'v1'}"
     manifest = final / "manifest.json"
     if manifest.exists():
         return manifest
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
     try:
-        # pairs in PNG: a layout is flat colours, which JPEG would smear at their edges
-        options = ShardOptions(resolution=resolution, format="png" if paired else "jpg", quality=95, maxcount=2000,
+        options = ShardOptions(resolution=resolution, format=fmt, quality=95, maxcount=2000,
                                workers=workers or os.cpu_count() or 1, progress=progress)
-        items = [(seed, i, resolution, paired) for i in range(n)]
         if progress:  # a line even where the progress bar is not shown (output not a terminal)
-            print(f"bigan: rendering the demo set once: {n} {'layout/painting pairs' if paired else 'landscapes'} "
-                  f"at {resolution} px into {final} ({options.workers} processes)", flush=True)
+            print(f"bigan: rendering the {name} once: {what} into {final} ({options.workers} processes)", flush=True)
         start = time.time()
-        write_shards(items, _load_demo_item, tmp, options, source=f"bigan demo landscapes (seed {seed})",
-                     paired=paired)
+        write_shards(items(), load, tmp, options, **write_options)
         if progress:
-            print(f"bigan: demo set rendered in {time.time() - start:.0f} s", flush=True)
+            print(f"bigan: {name} rendered in {time.time() - start:.0f} s", flush=True)
         try:
             tmp.rename(final)
         except OSError:  # another process finished first: use its copy

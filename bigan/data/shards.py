@@ -4,16 +4,24 @@
     bigan-shards hf_saved_dataset/ shards/ --image-column image --label-column label
     bigan-shards paintings/ pairs/ --src-dir layouts/ --resolution 256     # pix2pix: input -> target pairs
     bigan-shards hf_saved_dataset/ pairs/ --image-column painting --src-column sketch
+    bigan-shards captioned/ shards/ --resolution 64           # captions from NAME.txt sidecars or metadata.jsonl
+    bigan-shards hf_saved_dataset/ shards/ --caption-column text
 
 The inputs are shuffled (`--seed`, recorded in the manifest), so that every shard holds a mix
 of classes and folders; then each of `--workers` processes writes its own range of them into its own shards
 (`data-WWW-NNNNNN.tar`, one sample per image: `KEY.jpg` and, with labels, `KEY.cls`; a pair
-adds its input image as `KEY.src.jpg`), and `manifest.json` lists them with their sample
-counts. Pairs are matched by path relative to each folder, without the extension. Inputs that cannot be read are skipped,
-counted and listed at the end; one bad file never stops the run.
+adds its input image as `KEY.src.jpg`; with captions, `KEY.txt`, UTF-8, as img2dataset and LAION
+write them), and `manifest.json` lists them with their sample counts (and, with captions, the
+most frequent caption words). Pairs are matched by path relative to each folder, without the
+extension. A folder's captions are read when it has any: `NAME.txt` beside `NAME.jpg`, or a
+Hugging Face ImageFolder `metadata.jsonl` (lines {"file_name": ..., "text": ...}; a sidecar wins);
+a dataset's with `--caption-column`; `--no-captions` ignores them. Inputs that cannot be read
+are skipped, counted and listed at the end, and so are the images of a captioned source
+without a caption (or with an empty one); one bad file never stops the run.
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import io
 import json
@@ -36,6 +44,9 @@ import bigan
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 MANIFEST = "manifest.json"
+CAPTION_SUFFIX = ".txt"     # NAME.txt beside NAME.jpg: the image's caption
+METADATA = "metadata.jsonl"  # Hugging Face ImageFolder: a line per image, {"file_name": ..., "text": ...}
+VOCABULARY_SIZE = 20_000    # most frequent caption words kept in the manifest
 
 
 class ShardError(Exception):
@@ -101,6 +112,90 @@ def paired_folder_items(root: Path, src_root: Path):
     return items, ambiguous + unmatched
 
 
+def _metadata_captions(root: Path, field: str) -> tuple[dict, list]:
+    """{image path: caption or None} from every metadata.jsonl under root (file_name is relative to the
+    file's folder), and (line, reason) for the lines that name no image."""
+    found, orphans = {}, []
+    for metadata in sorted(root.rglob(METADATA)):
+        for number, line in enumerate(metadata.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ShardError(f"{metadata}:{number}: not JSON ({exc.msg}); each line must be an object "
+                                 f"like {{\"file_name\": \"a.jpg\", \"{field}\": \"a caption\"}}") from None
+            if not isinstance(entry, dict) or "file_name" not in entry:
+                raise ShardError(f"{metadata}:{number}: no \"file_name\"; each line must be an object "
+                                 f"like {{\"file_name\": \"a.jpg\", \"{field}\": \"a caption\"}}")
+            path = metadata.parent / str(entry["file_name"])
+            if not path.is_file():
+                orphans.append((f"{metadata}:{number}", f"names {entry['file_name']}, which is not in {metadata.parent}"))
+            found[path] = entry.get(field)
+    return found, orphans
+
+
+def _caption_text(value, where: str) -> str:
+    """A caption as stored: the text without surrounding white space; raises ValueError (the reason an
+    image is skipped) when there is none."""
+    if value is None:
+        raise ValueError(f"no caption ({where})")
+    if not isinstance(value, str):
+        raise ValueError(f"caption is {type(value).__name__}, not text ({where})")
+    if not value.strip():
+        raise ValueError(f"empty caption ({where})")
+    return value.strip()
+
+
+def captioned_folder_items(root: Path, items, field: str = "text"):
+    """(path, label, caption) for the items of a folder with captions (sidecars, metadata.jsonl), a list
+    of (input, reason) for the images without one, and where the captions came from; (items, [], None)
+    for a folder without captions."""
+    from_metadata, orphans = _metadata_captions(root, field)
+    sidecars = {path: path.with_suffix(CAPTION_SUFFIX) for path, _ in items}
+    sidecars = {path: sidecar for path, sidecar in sidecars.items() if sidecar.is_file()}
+    if not from_metadata and not sidecars:
+        return items, [], None
+    if from_metadata and not any(value is not None for value in from_metadata.values()):
+        raise ShardError(f"no line of {root}'s {METADATA} has a {field!r} field; name the caption field "
+                         f"with --caption-column, or pass --no-captions")
+    captioned, skipped = [], list(orphans)
+    for path, label in items:
+        try:
+            if path in sidecars:
+                caption = _caption_text(sidecars[path].read_bytes().decode("utf-8-sig"), sidecars[path].name)
+            else:
+                where = (f"no {field!r} in its {METADATA} line" if path in from_metadata
+                         else f"no {path.stem}{CAPTION_SUFFIX}, no {METADATA} line")
+                caption = _caption_text(from_metadata.get(path), where)
+        except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+            skipped.append((str(path), str(exc)))
+            continue
+        captioned.append((path, label, caption))
+    if not captioned:
+        raise ShardError(_none_captioned(len(items), root, skipped))
+    kinds = [what for what, used in ((f"NAME{CAPTION_SUFFIX} sidecars", sidecars), (METADATA, from_metadata)) if used]
+    return captioned, skipped, " and ".join(kinds)
+
+
+def captioned_rows(rows: _HFRows, column: str):
+    """(rows, index, caption) for the rows with a caption in `column`, and (row, reason) for the others."""
+    captioned, skipped = [], []
+    for index, value in enumerate(rows.ds[column]):
+        try:
+            captioned.append((rows, index, _caption_text(value, f"column {column!r}")))
+        except ValueError as exc:
+            skipped.append((f"row {index}", str(exc)))
+    if not captioned:
+        raise ShardError(_none_captioned(len(rows), "the dataset", skipped))
+    return captioned, skipped
+
+
+def _none_captioned(n: int, where, skipped) -> str:
+    what, why = skipped[-1]  # (orphaned metadata lines come first)
+    return f"none of the {n} images in {where} has a caption; e.g. {what}: {why} (--no-captions ignores captions)"
+
+
 def open_hf_dataset(source: Path, split: str):
     """A `datasets.Dataset` from a save_to_disk folder or from local parquet/arrow files."""
     import datasets
@@ -119,10 +214,11 @@ def open_hf_dataset(source: Path, split: str):
     return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
 
 
-def hf_items(ds, source: Path, image_column: str, label_column: str | None, src_column: str | None = None):
+def hf_items(ds, source: Path, image_column: str, label_column: str | None, src_column: str | None = None,
+             caption_column: str | None = None):
     import datasets
 
-    for column in (image_column, label_column, src_column):
+    for column in (image_column, label_column, src_column, caption_column):
         if column is not None and column not in ds.column_names:
             raise ShardError(f"{source}: no column {column!r} (has {', '.join(ds.column_names)})")
     if len(ds) == 0:
@@ -133,7 +229,7 @@ def hf_items(ds, source: Path, image_column: str, label_column: str | None, src_
     names = None
     if label_column is not None and isinstance(ds.features[label_column], datasets.ClassLabel):
         names = list(ds.features[label_column].names)
-    columns = [image_column] + [c for c in (label_column, src_column) if c]
+    columns = [image_column] + [c for c in (label_column, src_column, caption_column) if c]
     return _HFRows(ds.select_columns(columns), image_column, label_column, src_column), names
 
 
@@ -162,17 +258,18 @@ def _hf_image(value):
 
 
 def load_item(item):
-    """(image, label, key, input image or None) for a folder path, a pair of paths or a dataset row;
-    raises on unreadable input."""
-    source, index = item
+    """(image, label, key, input image or None, caption or None) for a folder path, a pair of paths or a
+    dataset row, each with its caption where it has one; raises on unreadable input."""
+    source, index, *caption = item
+    caption = caption[0] if caption else None
     if isinstance(source, _HFRows):
         row = source.ds[index]
         label = row[source.label_column] if source.label_column else None
         src = _hf_image(row[source.src_column]) if source.src_column else None
-        return _hf_image(row[source.image_column]), label, f"{index:09d}", src
+        return _hf_image(row[source.image_column]), label, f"{index:09d}", src, caption
     if isinstance(index, Path):  # a pair: (target path, input path)
-        return Image.open(source), None, None, Image.open(index)
-    return Image.open(source), index, None, None
+        return Image.open(source), None, None, Image.open(index), None
+    return Image.open(source), index, None, None, caption
 
 
 def _fit(image: Image.Image, resolution: int | None) -> Image.Image:
@@ -201,18 +298,19 @@ def encode_image(image, options: ShardOptions) -> bytes:
 
 
 def _describe(item) -> str:
-    source, index = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
+    source, index = item[:2] if isinstance(item, tuple) and len(item) >= 2 else (item, None)
     return f"row {index}" if isinstance(source, _HFRows) else str(source)
 
 
 # ---------------------------------------------------------------- writing
 
 
-def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions, tick) -> tuple[dict, list]:
-    """Write items into out_dir/data-WORKER-NNNNNN.tar; return ({shard: count}, [(input, reason)])."""
+def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions, tick) -> tuple[dict, list, dict]:
+    """Write items into out_dir/data-WORKER-NNNNNN.tar; return ({shard: count}, [(input, reason)], {caption word:
+    count}). `load(item)` gives (image, label, key), optionally followed by an input image and a caption."""
     import webdataset as wds
 
-    counts, failures = {}, []
+    counts, failures, vocabulary = {}, [], collections.Counter()
     ext = options.format
     # An integer mtime keeps members plain ustar: a float one makes tarfile add a PAX header to
     # every member, which costs readers more than decoding a 64 px JPEG.
@@ -220,8 +318,8 @@ def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions,
                          maxsize=options.maxsize, verbose=0, mtime=int(time.time())) as sink:
         for n, item in enumerate(items):
             try:
-                image, label, key, *src = load(item)
-                src = src[0] if src else None
+                image, label, key, *more = load(item)
+                src, caption = (*more, None, None)[:2]
                 if src is not None:  # one size first, so that the crop to the resolution cuts both alike
                     image, src = align_pair(image, src)
                 data = encode_image(image, options)
@@ -235,10 +333,15 @@ def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions,
                 sample[f"src.{ext}"] = src_data
             if label is not None:
                 sample["cls"] = int(label)
+            if caption is not None:
+                from bigan.models.text import words
+
+                sample["txt"] = caption
+                vocabulary.update(words(caption))
             sink.write(sample)
             counts[Path(sink.fname).name] = sink.count
             tick(1)
-    return counts, failures
+    return counts, failures, dict(vocabulary)
 
 
 _counter = None
@@ -296,8 +399,13 @@ def prepare_output(out_dir: Path, overwrite: bool):
 
 
 def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str, label_names=None,
-                 paired: bool = False, skipped=(), shuffle_seed: int | None = None) -> dict:
+                 paired: bool = False, skipped=(), shuffle_seed: int | None = None,
+                 captions_from: str | None = None) -> dict:
     """Write all items as shards plus manifest.json into out_dir (which must exist); return the manifest.
+
+    captions_from: where the items' captions come from (every item has one, `load` gives it), recorded
+    in the manifest with the captions' most frequent words (`vocabulary`: [word, count], at most
+    VOCABULARY_SIZE, words as bigan.models.text.words splits them); None: no captions.
 
     With a shuffle_seed the items are shuffled first (seeded, recorded in the manifest): each worker
     writes a contiguous range into its shards, so inputs in sorted order (class folders, a sorted
@@ -309,10 +417,11 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
         items = [items[i] for i in np.random.default_rng(shuffle_seed).permutation(len(items))]
     with tqdm(total=len(items), unit="img", desc="shards", disable=None if options.progress else True) as bar:
         results = _run_workers(items, load, Path(out_dir), options, bar)
-    shards, failures = [], list(skipped)
-    for counts, failed in results:
+    shards, failures, vocabulary = [], list(skipped), collections.Counter()
+    for counts, failed, words in results:
         shards += [{"name": name, "samples": count} for name, count in counts.items()]
         failures += failed
+        vocabulary.update(words)
     if items and not any(s["samples"] for s in shards):  # no manifest of nothing: training would find no data
         for shard in Path(out_dir).glob("data-*.tar"):  # (the writers open their first shard before any sample)
             shard.unlink(missing_ok=True)
@@ -327,6 +436,10 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
         "image_format": options.format,
         "labels": label_names,
         "paired": paired,
+        "captions": captions_from is not None,
+        "caption_source": captions_from,
+        "vocabulary": ([[word, count] for word, count in sorted(vocabulary.items(), key=lambda wc: (-wc[1], wc[0]))
+                        [:VOCABULARY_SIZE]] if captions_from is not None else None),
         "shuffle_seed": shuffle_seed,
         "total": sum(s["samples"] for s in shards),
         "shards": sorted(shards, key=lambda s: s["name"]),
@@ -341,18 +454,28 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
 
 def make_shards(source: Path, out_dir: Path, options: ShardOptions, labels_from_dirs=False,
                 image_column=None, label_column=None, split=None, overwrite=False,
-                src_dir: Path | None = None, src_column: str | None = None, seed: int = 0) -> dict:
+                src_dir: Path | None = None, src_column: str | None = None, seed: int = 0,
+                caption_column: str | None = None, captions: bool = True) -> dict:
     """Everything bigan-shards does, callable from Python; `seed` shuffles the inputs before they are
-    split into shards."""
+    split into shards. A folder's captions are read where it has any (captions=False: never); a
+    dataset's from `caption_column`, which for a folder names the metadata.jsonl field (default text).
+    Pairs carry no captions."""
     source = Path(source)
     if not source.exists():
         raise ShardError(f"source not found: {source}")
     if (src_dir or src_column) and (labels_from_dirs or label_column):
         raise ShardError("pairs (--src-dir/--src-column) carry no class labels; drop --labels-from-dirs/--label-column")
+    if caption_column is not None and not captions:
+        raise ShardError("--caption-column names the captions and --no-captions ignores them: pass one of them")
+    if (src_dir or src_column) and caption_column:
+        raise ShardError("pairs (--src-dir/--src-column) carry no captions; drop --caption-column")
     is_folder = source.is_dir() and not (
         any((source / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
         or any(p.suffix in TABLE_SUFFIXES for p in source.iterdir()))
-    unmatched = []
+    unmatched, captions_from = [], None
+    if not captions and not is_folder:
+        raise ShardError(f"--no-captions is for folders (NAME.txt, {METADATA}); {source} is a dataset, whose "
+                         f"captions are read only with --caption-column")
     if src_column and is_folder:
         raise ShardError(f"--src-column is for datasets; {source} is a folder of images (pair it with --src-dir)")
     for flag, value in (("--image-column", image_column), ("--label-column", label_column), ("--split", split)):
@@ -369,18 +492,28 @@ def make_shards(source: Path, out_dir: Path, options: ShardOptions, labels_from_
         names = None
     elif is_folder:
         items, names = folder_items(source, labels_from_dirs)
+        if caption_column is not None and not any(source.rglob(METADATA)):
+            raise ShardError(f"--caption-column names a dataset column or a {METADATA} field; {source} is a "
+                             f"folder without {METADATA} (captions beside images, NAME.txt, are read anyway)")
+        if captions:
+            items, unmatched, captions_from = captioned_folder_items(source, items, caption_column or "text")
     elif source.is_file() and source.suffix not in TABLE_SUFFIXES:
         raise ShardError(f"source {source} is a file; give a folder of images, a save_to_disk folder, "
                          f"or {'/'.join(TABLE_SUFFIXES)} files")
     else:
         rows, names = hf_items(open_hf_dataset(source, split or "train"), source, image_column or "image",
-                               label_column, src_column)
-        items = rows[:]
+                               label_column, src_column, caption_column)
+        if caption_column is not None:
+            items, unmatched = captioned_rows(rows, caption_column)
+            captions_from = f"column {caption_column!r}"
+        else:
+            items = rows[:]
     created = not Path(out_dir).exists()
     prepare_output(Path(out_dir), overwrite)
     try:
         return write_shards(items, load_item, Path(out_dir), options, source=str(source), label_names=names,
-                            paired=bool(src_dir or src_column), skipped=unmatched, shuffle_seed=seed)
+                            paired=bool(src_dir or src_column), skipped=unmatched, shuffle_seed=seed,
+                            captions_from=captions_from)
     except ShardError:
         if created:  # a refused command leaves no trace
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -406,6 +539,10 @@ def main(argv=None):
     parser.add_argument("--src-dir", type=Path, default=None, help="pairs (pix2pix): folder of input images, "
                         "matched to SOURCE's target images by path without extension")
     parser.add_argument("--src-column", default=None, help="pairs (pix2pix), datasets: column with the input images")
+    parser.add_argument("--caption-column", default=None, help="datasets: column with the captions (folders: the "
+                        f"{METADATA} field, default text; NAME.txt beside NAME.jpg is read without this flag)")
+    parser.add_argument("--no-captions", action="store_true", help="ignore a folder's captions (NAME.txt, "
+                        f"{METADATA}): images only")
     parser.add_argument("--seed", type=int, default=0, help="inputs are shuffled with this seed before they are "
                         "split into shards, so that every shard holds a mix (recorded in manifest.json)")
     parser.add_argument("--no-progress", action="store_true")
@@ -425,16 +562,17 @@ def main(argv=None):
     try:
         manifest = make_shards(args.source, args.output_dir, options, args.labels_from_dirs,
                                args.image_column, args.label_column, args.split, args.overwrite,
-                               args.src_dir, args.src_column, args.seed)
+                               args.src_dir, args.src_column, args.seed, args.caption_column,
+                               captions=not args.no_captions)
     except ShardError as exc:
         print(f"bigan-shards: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {manifest['total']} {'pairs' if manifest['paired'] else 'images'} in {len(manifest['shards'])} "
-          f"shards to {args.output_dir} "
-          f"({manifest['seconds']:.1f} s)")
+    captioned = f" with captions from {manifest['caption_source']}" if manifest["captions"] else ""
+    print(f"wrote {manifest['total']} {'pairs' if manifest['paired'] else 'images'}{captioned} in "
+          f"{len(manifest['shards'])} shards to {args.output_dir} ({manifest['seconds']:.1f} s)")
     skipped = manifest["skipped"]
     if skipped:
-        print(f"skipped {len(skipped)} unreadable or unmatched input(s):", file=sys.stderr)
+        print(f"skipped {len(skipped)} unreadable, unmatched or uncaptioned input(s):", file=sys.stderr)
         for entry in skipped[:50]:
             print(f"  {entry['input']}: {entry['reason']}", file=sys.stderr)
         if len(skipped) > 50:

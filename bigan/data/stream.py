@@ -4,7 +4,13 @@ The pipeline, per DataLoader worker:
 
     shard list -> this round's shards (by rank, role, round) -> tar -> samples (raw bytes)
       -> shuffle buffer (raw) -> skip what a resumed run already consumed -> decode -> augment
-      -> batch (uint8 NHWC) -> main process: to device, float NCHW in [-1, 1]
+      -> batch (uint8 NHWC; labels, captions, flips as lists) -> main process: to device, float NCHW in [-1, 1]
+
+Captions (a sample's ``txt``, UTF-8, as img2dataset and bigan-shards write them) travel beside
+their images through every stage, as labels do. A horizontally flipped image gets its caption with
+``left`` and ``right`` swapped (case kept; leftmost, leftward(s) too), so that "the sun on the left"
+still says where the sun is in the image it describes. Nothing else is rewritten ("leftover"
+stays); text that a mirror makes wrong in other ways (writing in the picture) wants data.flip=false.
 
 Two modes:
 
@@ -33,6 +39,7 @@ import itertools
 import json
 import math
 import random
+import re
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +72,7 @@ class ShardSet:
     resolution: int | None = None         # stored resolution, from a manifest
     paired: bool | None = None            # samples hold an input image too (src.*); None: no manifest says
     shuffled: bool = False                # written in shuffled order (bigan-shards' manifest says so)
+    captions: bool | None = None          # samples carry a caption (txt); None: no manifest says
 
 
 def resolve_shards(spec: str | Path) -> ShardSet:
@@ -80,21 +88,34 @@ def resolve_shards(spec: str | Path) -> ShardSet:
     if len(labels) > 1:
         raise DataError(f"the sources joined by '::' in {str(spec)!r} name different classes; "
                         f"write them into one shard set with one label list")
-    resolutions, paired = {s.resolution for s in sets}, {s.paired for s in sets}
+    resolutions, paired, captions = {s.resolution for s in sets}, {s.paired for s in sets}, {s.captions for s in sets}
     return ShardSet([u for s in sets for u in s.urls], counts, list(labels.pop()) if labels else None,
-                    resolutions.pop() if len(resolutions) == 1 else None,
-                    False if False in paired else (True if paired == {True} else None), all(s.shuffled for s in sets))
+                    resolutions.pop() if len(resolutions) == 1 else None, _all_of(paired),
+                    all(s.shuffled for s in sets), _all_of(captions))
+
+
+def _all_of(flags: set) -> bool | None:
+    """Whether every part of a joined shard set has a property: False if one has not, None if one's unknown."""
+    return False if False in flags else (True if flags == {True} else None)
+
+
+def _manifest_path(spec: str) -> Path | None:
+    """The manifest a shard spec names (itself, or manifest.json in the folder it names); None if none."""
+    path = Path(spec)
+    if path.is_dir() and (path / "manifest.json").exists():
+        path = path / "manifest.json"
+    if path.suffix != ".json":
+        return None
+    if not path.exists():
+        raise DataError(f"shard manifest not found: {path}")
+    return path
 
 
 def _resolve_one(spec: str) -> ShardSet:
     import braceexpand
 
-    path = Path(spec)
-    if path.is_dir() and (path / "manifest.json").exists():
-        path = path / "manifest.json"
+    path = _manifest_path(spec) or Path(spec)
     if path.suffix == ".json":
-        if not path.exists():
-            raise DataError(f"shard manifest not found: {path}")
         manifest = json.loads(path.read_text())
         shards = [s for s in manifest["shards"] if s["samples"] > 0]
         if not shards:
@@ -104,7 +125,7 @@ def _resolve_one(spec: str) -> ShardSet:
                 f"{skipped[0]['reason']}); write the shards again" if skipped else ""))
         return ShardSet([str(path.parent / s["name"]) for s in shards], [s["samples"] for s in shards],
                         manifest.get("labels"), manifest.get("resolution"), bool(manifest.get("paired", False)),
-                        manifest.get("shuffle_seed") is not None)
+                        manifest.get("shuffle_seed") is not None, bool(manifest.get("captions", False)))
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:
@@ -118,6 +139,48 @@ def _resolve_one(spec: str) -> ShardSet:
     if directories:
         raise DataError(f"{directories[0]} is a folder without .tar shards or manifest.json")
     return ShardSet(urls)
+
+
+def caption_vocabulary(shards_spec: str, demo_images: int = 10_000, resolution: int = 64) -> list[str] | None:
+    """The caption words of a shard set (a data.shards value), most frequent first; None if it has no captions.
+
+    From the manifests' vocabularies (bigan-shards keeps the 20,000 most frequent words); the sources
+    of a "::" join are merged by summing their counts, and a source without a manifest is read through
+    for its captions. "demo_captions" is the captioned demo set of `demo_images` images, rendered at
+    `resolution` on first use (pass data.demo_images and data.resolution: the set training reads).
+    """
+    from collections import Counter
+
+    counts, captioned = Counter(), False
+    for part in (part for part in str(shards_spec).split("::") if part):
+        if part == "demo_captions":
+            from bigan.data.demo_captions import ensure_caption_shards
+
+            part = str(ensure_caption_shards(demo_images, resolution, progress=False))
+        manifest = _manifest_path(part)
+        if manifest is None:
+            captioned |= _count_caption_words(resolve_shards(part).urls, counts)
+            continue
+        vocabulary = json.loads(manifest.read_text()).get("vocabulary")
+        if vocabulary is not None:
+            captioned = True
+            counts.update({word: count for word, count in vocabulary})
+    if not captioned:
+        return None
+    return sorted(counts, key=lambda word: (-counts[word], word))
+
+
+def _count_caption_words(urls, counts) -> bool:
+    """Add the words of the captions in these shards to `counts`; whether any sample had a caption."""
+    from bigan.models.text import words
+
+    found = False
+    for url in urls:
+        for sample in _safe_read(url):
+            if sample.get("txt") is not None:
+                found = True
+                counts.update(words(sample["txt"].decode("utf-8", errors="replace")))
+    return found
 
 
 def read_shard(url: str):
@@ -213,6 +276,26 @@ def _label(sample: dict) -> int:
     return int(value) if value is not None else -1
 
 
+def _caption(sample: dict) -> str | None:
+    """A sample's caption (txt, UTF-8), or None; raises on text that is not UTF-8 (counted as corrupt)."""
+    value = sample.get("txt")
+    return value.decode("utf-8") if value is not None else None
+
+
+_SIDES = re.compile(r"\b(left|right)(most|wards?)?\b", re.IGNORECASE)
+
+
+def mirror_caption(text: str) -> str:
+    """The caption of the mirrored image: left and right (leftmost, rightwards, ...) swapped, in the case
+    they were written."""
+    def swap(match):
+        word = match.group(0)
+        other = ("right" if match.group(1).lower() == "left" else "left") + (match.group(2) or "").lower()
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return _SIDES.sub(swap, text)
+
+
 # ---------------------------------------------------------------- the per-worker stream
 
 
@@ -241,8 +324,8 @@ class _Batch:
     images, or 2 for pairs: targets, then inputs).
 
     Inside DataLoader workers the buffers live in shared memory and each is sent to the main
-    process once; after that a batch travels as its slot number (plus labels and flips as Python
-    lists, pickled inline: the DataLoader would turn numpy arrays into shared-memory tensors). A fresh shared-memory tensor per batch cost the main process
+    process once; after that a batch travels as its slot number (plus labels, flips and captions as
+    Python lists, pickled inline: the DataLoader would turn numpy arrays into shared-memory tensors). A fresh shared-memory tensor per batch cost the main process
     ~2 ms per batch to receive (a socket round trip for its file descriptor, then mmap), which a
     small model on a GPU pays in every iteration (bench/RESULTS.md). A slot is written again
     ``slots`` batches later; :class:`Loader` has copied it out long before (see ``RING``).
@@ -260,40 +343,43 @@ class _Batch:
 
     def _select(self, index):
         self.index, self.images = index, self.buffers[index]
-        self.array, self.n, self.labels, self.flips = self.images.numpy(), 0, [], []
+        self.array, self.n, self.labels, self.flips, self.captions = self.images.numpy(), 0, [], [], []
 
     def slot(self, plane: int = 0) -> np.ndarray:
         return self.array[plane, self.n]
 
-    def add(self, images: tuple, label: int, flip: bool):
+    def add(self, images: tuple, label: int, flip: bool, caption: str | None = None):
         for plane, image in enumerate(images):
             slot = self.array[plane, self.n]
             if image.ctypes.data != slot.ctypes.data:  # decoded elsewhere (resized, cropped, PIL): copy in
                 slot[...] = image
         self.labels.append(label)
         self.flips.append(flip)
+        self.captions.append(caption)
         self.n += 1
 
     def full(self) -> bool:
         return self.n == self.size
 
     def clear(self):
-        self.n, self.labels, self.flips = 0, [], []
+        self.n, self.labels, self.flips, self.captions = 0, [], [], []
 
     def take(self):
-        """(the images on their first trip, else None; slot; labels or None; which to flip), then the
-        next slot. Flipping is left to the device: a CPU copy of a mirrored 3-byte-pixel image costs
+        """(the images on their first trip, else None; slot; labels or None; which to flip; captions or
+        None, "" for a sample without one among samples with one), then the next slot. Flipping is left to the device: a CPU copy of a mirrored 3-byte-pixel image costs
         about as much as decoding it (bench/RESULTS.md)."""
         images = None if self.sent[self.index] else self.images
         self.sent[self.index] = True
-        out = (images, self.index, self.labels if any(label >= 0 for label in self.labels) else None, self.flips)
+        captions = [c or "" for c in self.captions] if any(c is not None for c in self.captions) else None
+        out = (images, self.index, self.labels if any(label >= 0 for label in self.labels) else None, self.flips,
+               captions)
         self._select((self.index + 1) % len(self.buffers))
         return out
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Yields ((uint8 images PxNxHxWx3 or None, slot, labels (list) or None, flips (list)), position) from
-    one worker; images is None when the slot's buffer was sent before (see _Batch)."""
+    """Yields ((uint8 images PxNxHxWx3 or None, slot, labels (list) or None, flips (list), captions (list) or
+    None), position) from one worker; images is None when the slot's buffer was sent before (see _Batch)."""
 
     def __init__(self, spec: StreamSpec, slots: int = 1):
         super().__init__()
@@ -320,19 +406,22 @@ class ShardStream(torch.utils.data.IterableDataset):
         while self.spec.epochs is None or round_ < self.spec.epochs:
             target = None if self.spec.mode == "infinite" else self._epoch_batches(role, workers, round_)
             good = 0
-            for position, raw, refill in self._raw_round(role, workers, round_, skip=pos) if target != 0 else ():
+            # done == target: resumed right after this role's last batch of the epoch, so on to the next
+            samples = self._raw_round(role, workers, round_, skip=pos) if target != 0 and done != target else ()
+            for position, raw, refill in samples:
                 if refill and good == 0 and done == 0:
                     raise DataError(f"no readable samples in rank {self.spec.rank}'s share of epoch {round_} "
                                     f"({corrupt} unreadable) of {', '.join(self.spec.shards.urls[:3])}"
                                     + (", ..." if len(self.spec.shards.urls) > 3 else ""))
                 try:
                     rng = random.Random(hash((self.spec.seed, self.spec.rank, role, round_, position)))
-                    images = self._decode(raw, batch, rng)
+                    images, caption = self._decode(raw, batch, rng), _caption(raw)
                 except Exception:
                     corrupt += 1
                     continue
                 good, empty_rounds = good + 1, -1
-                batch.add(images, _label(raw), flip=self.spec.flip and rng.random() < 0.5)
+                flip = self.spec.flip and rng.random() < 0.5
+                batch.add(images, _label(raw), flip, mirror_caption(caption) if flip and caption else caption)
                 if batch.full():
                     done += 1
                     yield batch.take(), {"role": role, "round": round_, "pos": position + 1,
@@ -509,7 +598,8 @@ def _safe_read(url):
 
 class Loader:
     """Batches for this rank: ``{"image": float NCHW in [-1, 1] on device, "label": int64 N or None,
-    "source": the inputs of pairs (as "image"), or None}``.
+    "source": the inputs of pairs (as "image"), or None, "caption": N str (mirrored with their flipped
+    images, see the module's docstring), or None}``.
 
     Not meant for ``accelerator.prepare`` (which would read on rank 0 and scatter): each rank
     reads its own share. ``state_dict()`` is the position after the last batch handed out;
@@ -559,7 +649,7 @@ class Loader:
             raise DataError(_worker_message(exc)) from None
 
     def _to_batch(self, item) -> dict:
-        (images, slot, labels, flips), position = item
+        (images, slot, labels, flips, captions), position = item
         self.batches += 1
         role = position["role"]
         self.roles[str(role)] = [position["round"], position["pos"], position["done"], position["corrupt"]]
@@ -576,7 +666,7 @@ class Loader:
         if labels is not None:
             labels = torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
         return {"image": planes[0], "label": labels, "source": planes[1] if len(planes) > 1 else None,
-                "round": position["round"]}
+                "caption": captions, "round": position["round"]}
 
     def close(self):
         """Stop the workers now. They ignore SIGTERM (``_worker_init``), so the terminate() that

@@ -4,20 +4,27 @@ from __future__ import annotations
 from bigan.data.stream import DataError, Loader, StreamSpec, resolve_shards
 
 
+DEMO_SETS = ("demo", "demo_captions")  # data.shards values that name a built-in set, not files
+
+
 def data_source(family, held_out: bool = False, accelerator=None) -> str:
     """data.shards (held_out: eval.data, else data.shards); 'demo' is the family's demo set
-    (family.demo), rendered on first use by rank 0 while the other ranks wait, then found."""
+    (family.demo), 'demo_captions' the captioned demo set (data.demo_images of them), each rendered
+    on first use by rank 0 while the other ranks wait, then found."""
     config = family.config
     shards = (config.eval.data or config.data.shards) if held_out else config.data.shards
-    if shards != "demo":
+    if shards not in DEMO_SETS:
         return shards
     from contextlib import nullcontext
 
     from bigan.data.demo import ensure_demo_shards
+    from bigan.data.demo_captions import ensure_caption_shards
 
     first = accelerator.main_process_first() if accelerator is not None else nullcontext()
     with first:
         main = accelerator is None or accelerator.is_main_process
+        if shards == "demo_captions":
+            return str(ensure_caption_shards(config.data.demo_images, config.data.resolution, progress=main))
         return str(ensure_demo_shards(resolution=config.data.resolution, progress=main, **family.demo(held_out)))
 
 
