@@ -16,7 +16,10 @@
 #   checks  DeepSpeed ZeRO-2 bf16, ZeRO-3 fp16 and pix2pix ZeRO-3 bf16 from shards, as users launch them
 #   speed   (~6 min; stops where the call's limit cuts it, each figure already written) where an
 #           iteration's time goes, ZeRO beside the yardstick, the step alone
-#   all     checks, then speed (what the next session should run first: speed is still unmeasured)
+#   sg2     (~4 min) StyleGAN2 (issue 26): bench/stylegan2_speed.py (img/s, s/kimg, peak memory at 64, 128, 256 px,
+#           bf16, with and without compile: the 'paper' case is the issue's FFHQ-U 256 reference, goal >= 170 img/s),
+#           then StyleGAN2 with ADA on DeepSpeed ZeRO-2 bf16 from shards as users launch it
+#   all     checks, then speed, then sg2 (what the next session should run first: speed is still unmeasured)
 # Results land in $OUT (machine.txt, *.json, *.jsonl, *.log; at most 8 files come back per call):
 # copy the figures into bench/RESULTS.md. DEVICE=cpu PYTHON=.venv/bin/python rehearses on a CPU.
 set -uo pipefail
@@ -89,6 +92,15 @@ speed() {
     --out "$OUT/end_to_end.json"
   step train_step 40 "$PYTHON" bench/train_step.py --device "$DEVICE" --out "$OUT/train_step.json"
 }
+sg2() {
+  step stylegan2_speed 170 "$PYTHON" bench/stylegan2_speed.py --device "$DEVICE" --iterations "${SG2_ITERATIONS:-32}" \
+    ${SG2_TINY:+--tiny} --out "$OUT/stylegan2_speed.jsonl"
+  step stylegan2_zero2_bf16 80 "$PYTHON" -m accelerate.commands.launch \
+    --config_file launch_configs/accelerate/deepspeed_zero2.yaml --num_processes 1 bigan/train.py \
+    --config launch_configs/experiments/stylegan2-auto.yaml --data.shards=demo --data.demo_images=2000 \
+    --data.resolution=64 --train.kimg="${DS_KIMG:-6}" --data.workers=4 ${SG2_TINY:+--stylegan2.channel_base=256 --stylegan2.channel_max=16 --train.batch_size=8} \
+    --run.dir=/tmp/sg2-run --run.progress=false --run.log_every=10
+}
 case "${1:-all}" in
   first)
     modes & pid=$!
@@ -98,6 +110,7 @@ case "${1:-all}" in
   modes) modes; cat "$OUT/modes.jsonl" 2>/dev/null; grep -v "^{" "$OUT/modes.log" | tail -5;;
   checks) checks;;
   speed) speed;;
-  all) checks; speed;;
-  *) echo "unknown part '$1' (first, modes, checks, speed, all)"; exit 2;;
+  sg2) sg2;;
+  all) checks; speed; sg2;;
+  *) echo "unknown part '$1' (first, modes, checks, speed, sg2, all)"; exit 2;;
 esac

@@ -25,8 +25,8 @@ def _f(default, doc, choices=None):
 
 @dataclass
 class DataConfig:
-    shards: str = _f("demo", "manifest, shard dir, brace pattern or pipe: URLs; 'demo' = built-in landscapes")
-    resolution: int = _f(64, "training resolution in pixels (32-256, a power of two)")
+    shards: str = _f("demo", "manifest, shard dir, brace pattern or pipe: URLs; 'demo' = built-in landscapes, 'demo_captions' = captioned ones")
+    resolution: int = _f(64, "training resolution in pixels (32-256, a power of two; stylegan2 up to 1024)")
     mode: str = _f("infinite", "'infinite' (resampled shards) or 'epoch' (equal batches per rank)",
                    ("infinite", "epoch"))
     workers: int = _f(2, "DataLoader worker processes per rank")
@@ -42,7 +42,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = _f("dcgan", "the GAN family (bigan.families): 'dcgan' (conv + BatchNorm), 'resnet' (residual, "
                             "spectral norm), 'pix2pix' (paired image-to-image: U-Net G, PatchGAN D; needs paired "
-                            "shards), or package.module:Class for a family of your own")
+                            "shards), 'dfgan' (text-to-image: DF-GAN; needs captioned shards, dfgan.* its own keys), "
+                            "or package.module:Class for a family of your own")
     z_dim: int = _f(128, "latent dimension")
     g_channels: int = _f(32, "generator base width (64 = classic DCGAN; 32 keeps the CPU demo quick)")
     d_channels: int = _f(32, "discriminator base width")
@@ -63,7 +64,8 @@ class LossConfig:
     r: float = _f(0.5, "balance of real vs fake D terms: 2*(r*real + (1-r)*fake); 0.5 = plain sum")
     gp: float = _f(10.0, "WGAN-GP weight (used with loss.name=wgan; 0 = off)")
     r1: float = _f(0.2, "R1 gamma on reals; 0 = off")
-    r1_interval: int = _f(16, "apply R1 every N D steps (lazy regularization, Adam betas adjusted)")
+    r1_interval: int = _f(16, "apply R1 every N iterations (lazy regularization: its own step, scaled by N x "
+                                  "loss.d_steps, Adam lr and betas adjusted)")
     d_steps: int = _f(1, "D steps per G step")
     pack: int = _f(0, "PacGAN: D judges this many samples at once, stacked on channels (1 = off; 0 = auto: "
                       "4 for unconditional noise models, else 1; fewer where train.batch_size does not divide by 4)")
@@ -108,6 +110,18 @@ class RunConfig:
 
 
 @dataclass
+class AugmentConfig:
+    kind: str = _f("none", "augmentation of what D sees, reals and fakes alike, differentiable (R1 through it): "
+                           "'none', 'diffaugment' (DiffAugment) or 'ada' (adaptive, the 'bgc' pipeline)",
+                   ("none", "diffaugment", "ada"))
+    policy: str = _f("color,translation,cutout", "diffaugment: its ops, comma-separated (color, translation, cutout)")
+    p: float = _f(0.0, "ada: the probability of each transform to start from (fixed if augment.target is 0)")
+    target: float = _f(0.6, "ada: the E[sign(D(real))] p steers to; 0 = keep p fixed")
+    kimg: float = _f(500.0, "ada: thousands of images for p to move from 0 to 1 at most")
+    interval: int = _f(4, "ada: D steps between moves of p")
+
+
+@dataclass
 class EvalConfig:
     every_kimg: float = _f(0.0, "evaluate EMA-G every N kimg during training; 0 = off")
     n: int = _f(5000, "generated samples per evaluation")
@@ -128,10 +142,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
         self.family_options = None     # the options dataclass of model.arch's family, if it has one
         self.deepspeed_networks = {}   # train.deepspeed_<name> for a family's networks other than g and d
+        self.given = frozenset()       # the keys a file or the command line set (rules such as stylegan2.auto keep them)
 
     def sections(self) -> dict:
         """Section name -> its dataclass instance: the fixed ones, then the family's own (if any)."""
@@ -213,11 +229,12 @@ _PATH = _f("", "")
 def _validate(c: Config):
     from bigan import families
 
-    d, m, loss, t, r, e = c.data, c.model, c.loss, c.train, c.run, c.eval
+    d, m, loss, t, r, e, a = c.data, c.model, c.loss, c.train, c.run, c.eval, c.augment
     family = families.get(m.arch)
     metrics = {x.strip() for x in e.metrics.split(",") if x.strip()}
     checks = [
-        ("data.resolution", d.resolution in (32, 64, 128, 256), "must be 32, 64, 128 or 256"),
+        ("data.resolution", d.resolution in family.resolutions,
+         f"must be one of {', '.join(map(str, family.resolutions))} for model.arch={m.arch}"),
         ("data.workers", d.workers >= 0, "must be >= 0"),
         ("data.shuffle_buffer", d.shuffle_buffer >= 1, "must be >= 1"),
         ("data.shard_mix", d.shard_mix >= 1, "must be >= 1"),
@@ -262,6 +279,13 @@ def _validate(c: Config):
         ("eval.n", e.n >= 1, "must be >= 1"),
         ("eval.metrics", metrics <= set(family.metrics),
          f"model.arch={m.arch} is evaluated with {', '.join(family.metrics)}"),
+        ("augment.policy", {x.strip() for x in a.policy.split(",") if x.strip()} <= {"color", "translation", "cutout"}
+         and a.policy.strip(", "), "must name some of color, translation, cutout"),
+        ("augment.p", 0 <= a.p <= 1, "must be in [0, 1]"),
+        ("augment.p", a.p == 0 or a.kind == "ada", f"is ADA's starting probability; augment.kind={a.kind} has none"),
+        ("augment.target", 0 <= a.target <= 1, "must be in [0, 1] (0 = p fixed)"),
+        ("augment.kimg", a.kimg > 0, "must be positive"),
+        ("augment.interval", a.interval >= 1, "must be >= 1"),
         ("eval.metrics", e.every_kimg == 0 or e.metrics.strip(",").strip() or e.modes,
          "is empty and so is eval.modes: evaluation every eval.every_kimg would compute nothing"),
     ]
@@ -289,7 +313,7 @@ def check_files(c: Config):
             raise ConfigError(f"{key}: file not found: {value}")
     if c.eval.extractor != "inception" and not Path(c.eval.extractor).is_file():
         raise ConfigError(f"eval.extractor: 'inception' or a TorchScript/module file, and {c.eval.extractor} is no file")
-    features = {m.strip() for m in c.eval.metrics.split(",") if m.strip()} - {"l1", "psnr"}
+    features = {m.strip() for m in c.eval.metrics.split(",") if m.strip()} & {"fid", "kid", "is", "pr"}
     if c.eval.every_kimg > 0 and features and c.eval.extractor == "inception":  # before the demo set renders
         from bigan.metrics.features import inception_path, missing_inception
 
@@ -361,6 +385,7 @@ def _apply(settings) -> Config:
     for key, value in settings:
         if key.partition(".")[0] not in fixed:
             _set(config, key, value)
+    config.given = frozenset(key for key, _ in settings)
     return config
 
 
@@ -369,8 +394,10 @@ def resolve_auto(config: Config) -> Config:
     records what was used, so a resume or a sampler reads the value and not the rule."""
     from bigan import families
 
+    family = families.get(config.model.arch)
+    family.resolve(config, int(os.environ.get("WORLD_SIZE", "1")))
     if config.loss.pack == 0:
-        config.loss.pack = families.get(config.model.arch).auto_pack(config)
+        config.loss.pack = family.auto_pack(config)
     return config
 
 

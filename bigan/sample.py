@@ -5,6 +5,10 @@
     bigan-sample --checkpoint runs/demo/export/generator_ema.safetensors --n 1000 --out fakes.npz
     bigan-sample --checkpoint runs/demo --interpolate 8 --out walk.png  # latent interpolation rows
     bigan-sample --checkpoint runs/layout2painting --input layouts/ --out paintings/   # pix2pix: translate
+    bigan-sample --checkpoint runs/text2image --prompt "a red sun over still water" --n 16 --out sun.png
+    bigan-sample --checkpoint runs/text2image --prompts prompts.txt --n 4 --out pictures/   # one PNG each
+    bigan-sample --checkpoint runs/text2image --prompt "a red sun" --prompt-to "a white moon" --interpolate 8 \
+        --out walk.png                                                  # text-to-image: rows walking between prompts
 
 CHECKPOINT is a run dir (its exported generator, else its latest complete checkpoint), a
 checkpoint dir (plain or DeepSpeed: ZeRO partitions are merged on the CPU, no GPU needed), or an
@@ -161,15 +165,15 @@ def slerp(a, b, t):
 
 
 @torch.no_grad()
-def generate(g, num_classes: int, z: torch.Tensor, labels=None, batch: int = 256, device="cpu") -> torch.Tensor:
-    """G on latents z in batches (classes 0, 1, ... in turn when it is class-conditional)."""
+def generate(g, num_classes: int, z: torch.Tensor, labels=None, batch: int = 256, device="cpu", **kwargs) -> torch.Tensor:
+    """G(z, y, **kwargs) on latents z in batches (classes 0, 1, ... in turn when it is class-conditional)."""
     g = g.to(device)
     if num_classes and labels is None:
         labels = torch.arange(len(z)) % num_classes
     out = []
     for i in range(0, len(z), batch):
         y = labels[i:i + batch].to(device) if labels is not None else None
-        out.append(g(z[i:i + batch].to(device), y).float().cpu())
+        out.append(g(z[i:i + batch].to(device), y, **kwargs).float().cpu())
     return torch.cat(out)
 
 
@@ -276,7 +280,8 @@ def _parse(argv):
     parser = Parser(prog="bigan-sample", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or exported .safetensors")
     parser.add_argument("--n", type=int, default=None, help="number of images (default 64; with --interpolate 8 "
-                        "rows of STEPS, a multiple of STEPS; with --input: at most this many inputs)")
+                        "rows of STEPS, a multiple of STEPS; with --input: at most this many inputs; with "
+                        "--prompt/--prompts: of each prompt)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the latents (default 0)")
     parser.add_argument("--truncation", type=float, default=None,
                         help="latents from the standard normal truncated to [-T, T]")
@@ -285,6 +290,12 @@ def _parse(argv):
                         help="rows of STEPS (>= 2) images walking between random latents (slerp)")
     parser.add_argument("--input", type=Path, default=None, metavar="DIR",
                         help="image-to-image (pix2pix) generators: translate every image in DIR (--n: at most)")
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="text-to-image (dfgan) generators: what to draw (--n images of it)")
+    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                        help="text-to-image: one prompt per line, --n images of each (a grid: one row each)")
+    parser.add_argument("--prompt-to", default=None, metavar="TEXT",
+                        help="text-to-image, with --prompt and --interpolate STEPS: rows walking from --prompt to this")
     parser.add_argument("--no-ema", action="store_true", help="the raw generator instead of its EMA")
     parser.add_argument("--overwrite", action="store_true", help="replace files that --out already holds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -297,12 +308,17 @@ def _parse(argv):
         parser.error(f"--interpolate must be 0 (off) or at least 2 steps (a walk has two ends), got {args.interpolate}")
     if args.interpolate and args.n is not None and args.n % args.interpolate:
         parser.error(f"--n {args.n} must be a multiple of --interpolate {args.interpolate} (rows of that many steps)")
+    if args.prompt is not None and args.prompts is not None:
+        parser.error("--prompt and --prompts: give one of them")
+    if args.prompt_to is not None and (args.prompt is None or not args.interpolate):
+        parser.error("--prompt-to walks from --prompt to it: give --prompt TEXT and --interpolate STEPS too")
     if not (is_folder(args.out) or Path(args.out).suffix.lower() in (".npz", *GRID_SUFFIXES)):
         parser.error(f"--out: {args.out} must end in .png/.jpg (grid), .npz (array) or / (one PNG each)")
     return args
 
 
-FAMILY_FLAGS = {"seed": "--seed", "truncation": "--truncation", "interpolate": "--interpolate", "input": "--input"}
+FAMILY_FLAGS = {"seed": "--seed", "truncation": "--truncation", "interpolate": "--interpolate", "input": "--input",
+                "prompt": "--prompt", "prompts": "--prompts", "prompt_to": "--prompt-to"}
 
 
 def _refuse_flags_for(family, args):
@@ -310,6 +326,8 @@ def _refuse_flags_for(family, args):
     arch = family.name
     if "input" in family.sample_flags and args.input is None:
         raise SampleError(f"--input: this generator translates images (model.arch={arch}); give --input DIR")
+    if "prompt" in family.sample_flags and args.prompt is None and args.prompts is None:
+        raise SampleError(f"--prompt TEXT or --prompts FILE: this generator draws what a prompt says (model.arch={arch})")
     for key, flag in FAMILY_FLAGS.items():
         if key in family.sample_flags or getattr(args, key) in (None, 0):
             continue
@@ -343,5 +361,7 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m bigan.sample: the imported module's main, so that a family raises
+    from bigan.sample import main  # the SampleError it catches (this file runs as __main__ too)
+
     sys.exit(main())

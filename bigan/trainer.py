@@ -61,7 +61,7 @@ class Trainer:
         self.family = family or families.build(config)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.networks = self.family.networks()
-        self.backend = make_backend(config, accelerator, list(self.networks))
+        self.backend = make_backend(config, accelerator, list(self.networks), self.family.phases)
         adam = functools.partial(torch.optim.Adam, fused=self.backend.fused_adam or None)
         optimizers = {name: adam(net.param_groups(), betas=tuple(net.betas), eps=net.eps)
                       for name, net in self.networks.items()}
@@ -72,6 +72,7 @@ class Trainer:
         self.backend.remember_architecture({name: net.module for name, net in self.networks.items()})
         self.backend.wrap({name: (net.module, optimizers[name]) for name, net in self.networks.items()})
         seeding.seed_rank(t.seed, accelerator.process_index, seeding.FRESH)  # weights agree; from here, draws differ
+        self.family.to(accelerator.device)
         for ema in self.emas.values():
             ema.model.to(accelerator.device)
         self.state = TrainState(t.seed)

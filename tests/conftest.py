@@ -142,3 +142,24 @@ def small_extractor(tmp_path_factory):
     path = tmp_path_factory.mktemp("extractor") / "small.pt"
     torch.jit.script(SmallExtractor()).save(str(path))
     return path
+
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+@pytest.fixture
+def count_host_reads(monkeypatch):
+    """Counts every read of a tensor's value on the host while `counting[0]` is True."""
+    import torch
+
+    counting, reads = [False], []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, _original=original, _name=name, **kwargs):
+            if counting[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return counting, reads

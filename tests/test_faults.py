@@ -205,6 +205,8 @@ BAD_VALUES = {  # every config key, with a value it must refuse (the key is name
     "run.ckpt_every_kimg": "-1", "run.ckpt_limit": "0", "run.grid_size": "0", "run.progress": "sometimes",
     "eval.every_kimg": "-1", "eval.n": "0", "eval.extractor": "/nowhere/net.pt", "eval.inception": "/nowhere/inception.pkl",
     "eval.metrics": "fid,lpips", "eval.data": "/nowhere/ref-{0..3}.tar", "eval.modes": "/nowhere/classifier.pt",
+    "augment.kind": "mixup", "augment.policy": "color,blur", "augment.p": "1.5", "augment.target": "-0.1",
+    "augment.kimg": "0", "augment.interval": "0",
 }
 
 
@@ -348,6 +350,10 @@ CLI_BAD_FLAGS = [  # (module, argv, the flag the one line must name)
     ("bigan.data.shards", ["/nowhere/images", "OUT"], "/nowhere/images"),
     ("bigan.data.demo", ["--n", "0"], "--n"),
     ("bigan.data.demo", ["--workers", "0"], "--workers"),
+    ("bigan.data.shards", ["SRC", "OUT", "--caption-column", "text", "--no-captions"], "--no-captions"),
+    ("bigan.data.demo_captions", ["--captions", "--n", "0"], "--n"),
+    ("bigan.data.demo_captions", ["--captions", "--resolution", "-1"], "--resolution"),
+    ("bigan.data.demo_captions", ["--captions", "--held-out-prompts", "OUT"], "--held-out-prompts"),
 ]
 
 
@@ -521,6 +527,20 @@ BAD_INPUTS = [  # (id, module, argv with {root}, the one line contains)
     ("demo:root-with-grid", "bigan.data.demo", ["--grid", "{root}/grid.png", "--root", "{root}/cache"], "--root"),
     ("demo:workers-with-folders", "bigan.data.demo", ["--pairs", "--folders", "{root}/f", "--workers", "2"],
      "--workers"),
+    ("shards:caption-column-not-in-dataset", "bigan.data.shards", ["{root}/dataset", "{root}/new", "--caption-column",
+                                                                   "text"], "no column 'text'"),
+    ("shards:caption-column-without-metadata", "bigan.data.shards", ["{root}/layouts", "{root}/new", "--caption-column",
+                                                                     "text"], "without metadata.jsonl"),
+    ("shards:no-captions-with-dataset", "bigan.data.shards", ["{root}/dataset", "{root}/new", "--no-captions"],
+     "--no-captions is for folders"),
+    ("shards:caption-column-with-pairs", "bigan.data.shards", ["{root}/wide/targets", "{root}/new", "--src-dir",
+                                                               "{root}/wide/inputs", "--caption-column", "t"],
+     "carry no captions"),
+    ("demo:captions-root-with-folders", "bigan.data.demo_captions", ["--captions", "--folders", "{root}/f", "--root",
+                                                                     "{root}/cache"], "--root"),
+    ("demo:prompts-resolution", "bigan.data.demo_captions", ["--held-out-prompts", "{root}/p.txt", "--resolution",
+                                                             "32"], "--resolution"),
+    ("demo:prompts-into-a-folder", "bigan.data.demo_captions", ["--held-out-prompts", "{root}/layouts"], "is a folder"),
 ]
 
 

@@ -16,25 +16,6 @@ from bigan.config import load_config
 from bigan.trainer import Trainer
 from conftest import HELPERS, run, tiny_args
 
-HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
-
-
-@pytest.fixture
-def count_host_reads(monkeypatch):
-    """Counts every read of a tensor's value on the host while `counting[0]` is True."""
-    counting, reads = [False], []
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def read(self, *args, _original=original, _name=name, **kwargs):
-            if counting[0]:
-                reads.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, read)
-    return counting, reads
-
-
 @pytest.mark.parametrize("extra", [
     {"train.precision": "no"},
     {"train.precision": "bf16", "loss.r1": 1.0, "loss.r1_interval": 2, "loss.name": "bce"},

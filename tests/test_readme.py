@@ -37,6 +37,8 @@ NOT_HERE = {  # command prefix -> why it does not run here
 TINY_TRAIN = ["--train.kimg=0.016", "--data.demo_images=32", "--model.g_channels=4", "--model.d_channels=4",
               "--model.z_dim=8", "--train.batch_size=4", "--data.workers=1", "--data.shuffle_buffer=8",
               "--run.progress=false", "--run.image_every_kimg=0.008", "--run.grid_size=4", "--eval.n=16"]
+TINY_STYLEGAN2 = ["--stylegan2.w_dim=8", "--stylegan2.mapping_layers=1", "--stylegan2.channel_base=1024",
+                  "--stylegan2.channel_max=4"]  # (its presets' 16384 base channels at 256 px are ~30 M weights)
 
 
 def readme_commands() -> list[str]:
@@ -69,7 +71,8 @@ def _small(command: str, extractor: Path) -> list[str]:
     argv = shlex.split(command)
     if "bigan/train.py" in argv or argv[1:3] == ["-m", "bigan.train"]:
         return TINY_TRAIN + ([f"--eval.extractor={extractor}", "--eval.metrics=fid", "--eval.every_kimg=0.008"]
-                             if any(a.startswith("--eval.every_kimg") for a in argv) else [])
+                             if any(a.startswith("--eval.every_kimg") for a in argv) else []) + \
+            (TINY_STYLEGAN2 if "stylegan2" in command else [])
     if "bigan.metrics.evaluate" in argv or argv[0].endswith("bigan-eval"):
         return ["--n", "16", "--batch", "8"] + (["--extractor", str(extractor), "--metrics", "fid"]
                                                 if "--data" in argv else [])

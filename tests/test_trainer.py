@@ -77,6 +77,8 @@ def test_resume_continues_bitwise(arch, tiny_shards, tiny_pairs, tmp_path, env):
         left, right = (torch.load(p / name, weights_only=False) for p in (a, b))
         assert _equal(left, right), name
     assert (a / "data_rank_0.json").read_text() == (b / "data_rank_0.json").read_text()
+    # lazy R1 (bigan's default loss.r1, every 16) is its own Dreg step in every family, pix2pix's too
+    assert torch.load(a / "custom_checkpoint_0.pkl", weights_only=False)["phase_steps"]["Dreg"] == 1
 
 
 def _equal(x, y):
@@ -93,16 +95,40 @@ def _params(path):
     return torch.load(path, weights_only=True)
 
 
-def _assert_close(reference, other, initial, rtol=1e-5, update_rtol=1e-3):
-    """Parameters within rtol, and the updates themselves (after - before) within update_rtol of each other."""
+def _assert_close(reference, other, initial, rtol=1e-5, update_rtol=1e-3, per_network=False):
+    """Parameters within rtol, and the updates themselves (after - before) within update_rtol of each other:
+    of each tensor's own largest update, or (per_network) of the largest update in its network, where a
+    family's double backward (StyleGAN2's path length) sums in another order on each split and tensors
+    whose gradient nearly cancels (a noise strength) then differ by float noise alone."""
+    largest = {}
+    for key in initial:
+        if reference[key].is_floating_point():
+            net = key.split(".")[0]
+            largest[net] = max(largest.get(net, 0.0), (reference[key] - initial[key]).abs().max().item())
     for key, want in reference.items():
-        if key not in initial:  # counters and loss scales (step_equivalence.py): exactly equal
-            assert torch.equal(other[key], want), (key, other[key], want)
+        if key not in initial:  # counters and loss scales (step_equivalence.py): exactly equal; a family's
+            if key.startswith("path_length."):  # running means within rtol (of a noisy statistic: 1e-2)
+                assert torch.allclose(other[key], want, rtol=rtol, atol=0), (key, other[key], want)
+            else:
+                assert torch.equal(other[key], want), (key, other[key], want)
         elif want.is_floating_point():
-            assert ((other[key] - want).abs().max() / want.abs().max().clamp_min(1e-12)) <= rtol, key
+            if not per_network:  # (per network, the updates' check below is the check: after = before + update)
+                assert ((other[key] - want).abs().max() / want.abs().max().clamp_min(1e-12)) <= rtol, key
             update, other_update = want - initial[key], other[key] - initial[key]
-            if update.abs().max() > 0:
-                assert ((other_update - update).abs().max() / update.abs().max()) <= update_rtol, key
+            scale = largest[key.split(".")[0]] if per_network else update.abs().max()
+            if scale > 0:  # (+ 2 ulps of the weights: after - before is rounded to the weights' own precision)
+                ulps = 2 * torch.finfo(want.dtype).eps * want.abs().max()
+                assert (other_update - update).abs().max() <= update_rtol * scale + ulps, key
+
+
+# StyleGAN2 small, with what depends on the split held still: one-image minibatch-std groups, no style
+# mixing, constant noise inputs (step_equivalence.py); ADA on with a p that moves by 1e-9 per step (it
+# then stays an identity, and its all-reduced sign counts are checked exactly)
+STYLEGAN2 = {"model.arch": "stylegan2", "model.z_dim": 8, "stylegan2.w_dim": 16, "stylegan2.mapping_layers": 2,
+             "stylegan2.channel_base": 128, "stylegan2.channel_max": 8, "stylegan2.mbstd_group": 1,
+             "stylegan2.style_mixing": 0, "stylegan2.pl_interval": 1, "stylegan2.pl_weight": 0.2, "loss.name": "bce",
+             "loss.r1": 1.0,
+             "loss.r1_interval": 2, "loss.pack": 1, "augment.kind": "ada", "augment.kimg": 1e6, "augment.interval": 1}
 
 
 @pytest.mark.parametrize("loss", [
@@ -110,7 +136,8 @@ def _assert_close(reference, other, initial, rtol=1e-5, update_rtol=1e-3):
     {"loss.name": "bce", "loss.r1": 1.0, "loss.r1_interval": 1},
     {"loss.name": "wgan", "loss.gp": 10.0, "loss.r1": 0, "loss.pack": 2},  # PacGAN: packs never straddle a split
     {**PIX2PIX, "loss.name": "lsgan", "loss.l1": 100.0},  # U-Net and PatchGAN with instance norm, GAN + L1
-])
+    STYLEGAN2,  # four phases: Gmain, Greg (path length) and D every step, Dreg (R1) every 2; ADA's p, w_avg
+], ids=["hinge", "bce-r1", "wgan-gp-packed", "pix2pix", "stylegan2"])
 def test_grad_accum_and_ddp_equal_one_big_batch(loss, tmp_path, env):
     """k x b accumulated, and 2 DDP ranks x b, match one step at the whole batch (resnet: D has no batch statistics).
 
@@ -129,8 +156,11 @@ def test_grad_accum_and_ddp_equal_one_big_batch(loss, tmp_path, env):
     reference, initial = _params(tmp_path / "big.pt"), _params(tmp_path / "initial.pt")
     moved = [k for k in initial if not torch.equal(reference[k], initial[k])]
     assert any(k.startswith("D.") for k in moved) and any(k.startswith("G.") for k in moved)
-    _assert_close(reference, _params(tmp_path / "accum.pt"), initial)
-    _assert_close(reference, _params(tmp_path / "ddp.pt"), initial)
+    # StyleGAN2: float noise of the path length's double backward, summed in another order per split,
+    # reaches 6e-3 of G's largest update in 3 steps at pl_weight 2 (without it 3e-6), 2e-4 at 0.2 (measured)
+    tolerance = {"rtol": 1e-2, "update_rtol": 2e-3, "per_network": True} if loss is STYLEGAN2 else {}
+    _assert_close(reference, _params(tmp_path / "accum.pt"), initial, **tolerance)
+    _assert_close(reference, _params(tmp_path / "ddp.pt"), initial, **tolerance)
 
 
 @pytest.mark.parametrize("precision, arch", [("bf16", "resnet"), ("fp16", "resnet"), ("bf16", "pix2pix"),
@@ -205,7 +235,7 @@ def test_roll_backs_are_bounded_then_one_line_and_exit_2(tiny_shards, tmp_path, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model.arch=stylegan"], "model.arch: must be one of dcgan, resnet, pix2pix, got 'stylegan'"),
+    (["--model.arch=stylegan"], "model.arch: must be one of dcgan, resnet, pix2pix, stylegan2"),
     (["--train.batchsize=4"], "unknown config key 'train.batchsize'"),
     (["--train.kimg=-1"], "train.kimg: must be positive"),
     (["--data.shards=/nowhere/data-{0..3}.tar", "--train.kimg=0.01"], "shard not found: /nowhere/data-0.tar"),
@@ -522,7 +552,8 @@ def test_a_family_of_ones_own_trains_resumes_bitwise_and_runs_on_ddp(tiny_shards
         left, right = (torch.load(p / name, weights_only=False) for p in (a, b))
         assert _equal(left, right), name
     train_state = torch.load(a / states["train"], weights_only=False)
-    assert train_state["phase_steps"] == {"D": 6, "G": 6, "Q": 2}, "Q steps at iterations 0 and 3"
+    assert train_state["phase_steps"] == {"D": 6, "Dreg": 1, "G": 6, "Q": 2}, \
+        "Q steps at iterations 0 and 3 (Dreg: bigan's lazy R1, every 16)"
     assert torch.load(a / states["family.q_counter"], weights_only=False) == {"images": 2 * 8}
     assert json.loads((a / "architecture.json").read_text())["odd.q_every"] == 3
     assert "Loss/Q" in _events(tmp_path / "straight").Tags()["scalars"]

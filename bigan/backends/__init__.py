@@ -13,9 +13,10 @@ import os
 from bigan.backends.plain import PlainBackend
 
 
-def make_backend(config, accelerator, names: list):
+def make_backend(config, accelerator, names: list, phases: list = ()):
     """DeepSpeed when train.deepspeed(_<name>) names a config or Accelerate was launched with DeepSpeed;
-    else plain. `names` are the family's networks."""
+    else plain. `names` are the family's networks; a phase that says it cannot step a ZeRO-3 engine
+    (Phase.zero3) is refused, naming it, before any engine is built."""
     t = config.train
     per_network = {"g": t.deepspeed_g, "d": t.deepspeed_d, **config.deepspeed_networks}
     unknown = sorted(n for n, path in per_network.items() if path and n not in names)
@@ -30,7 +31,7 @@ def make_backend(config, accelerator, names: list):
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if not any(paths.values()) and not launched:
         return PlainBackend(accelerator, t.precision, t.grad_clip, t.channels_last, config.model.sync_batchnorm, t.compile)
-    from bigan.backends.deepspeed import DeepSpeedBackend, DeepSpeedConfigError, load_ds_config
+    from bigan.backends.deepspeed import DeepSpeedBackend, DeepSpeedConfigError, load_ds_config, zero_stage
 
     def ds_config(name):
         source = paths[name] or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
@@ -39,7 +40,11 @@ def make_backend(config, accelerator, names: list):
                                        "Accelerate config; name one there or set train.deepspeed")
         return load_ds_config(source, t.batch_size, t.grad_accum, t.grad_clip, accelerator.num_processes)
 
-    return DeepSpeedBackend(accelerator, t.precision, {n: ds_config(n) for n in names}, t.channels_last, t.compile)
+    configs = {n: ds_config(n) for n in names}
+    for phase in phases:
+        if phase.zero3 and zero_stage(configs[phase.trains]) == 3:
+            raise DeepSpeedConfigError(f"{phase.name}: {phase.zero3}")
+    return DeepSpeedBackend(accelerator, t.precision, configs, t.channels_last, t.compile)
 
 
 __all__ = ["PlainBackend", "make_backend"]

@@ -186,6 +186,15 @@ class DeepSpeedBackend:
     def optimizer(self, name: str):
         return self.engines[name].optimizer
 
+    def penalty_anchor(self, name: str, *inputs, **kwargs):
+        """0 x a forward through the ZeRO-3 engine, for a phase whose loss is a penalty alone (R1, path
+        length through the inner module): ZeRO-3 releases a module's weights after its forward and gathers
+        them again only in the backward of an engine forward, and the penalty's second-order gradients
+        reach the weights on another path; without this forward they meet released (empty) weights."""
+        if zero_stage(self.configs[name]) != 3:
+            return 0.0
+        return 0 * self.engines[name](*inputs, **kwargs).float().mean()
+
     def autocast(self):
         return autocast(self.device, self.dtype)
 

@@ -63,6 +63,10 @@ class PlainBackend:
     def optimizer(self, name: str):
         return self.optimizers[name]
 
+    def penalty_anchor(self, name: str, *inputs, **kwargs):
+        """What a penalty-only phase adds to its loss so that the backend steps it correctly: nothing here."""
+        return 0.0
+
     @contextlib.contextmanager
     def gathered(self, name: str):
         yield self.bare[name]

@@ -11,6 +11,7 @@ FAMILIES = {  # name -> "module:Class", imported on first use
     "dcgan": "bigan.families.dcgan:DCGAN",
     "resnet": "bigan.families.resnet:ResNet",
     "pix2pix": "bigan.families.pix2pix:Pix2Pix",
+    "stylegan2": "bigan.families.stylegan2:StyleGAN2",
 }
 
 
@@ -39,6 +40,11 @@ def get(arch: str):
 def build(config):
     """The family instance for a config."""
     return get(config.model.arch)(config)
+
+
+def data_free_metrics() -> set:
+    """Metrics some registered family measures without reference shards (bigan-eval --data)."""
+    return {m for name in FAMILIES for m in get(name).data_free_metrics}
 
 
 def known_metrics() -> list:

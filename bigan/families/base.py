@@ -70,6 +70,8 @@ class Phase:
     repeat: int = 1       # optimizer steps when due (e.g. loss.d_steps)
     reals: str | None = "new"  # "new": fresh real micro-batches (counted as images seen), "last": the
                                # previous ones again, None: none (the loss draws what it needs)
+    after: Callable | None = None  # after(step), once the optimizer step is taken (e.g. a running mean)
+    zero3: str = ""       # why this phase cannot step a network in a ZeRO-3 engine ("" = it can)
 
 
 class Family:
@@ -81,8 +83,10 @@ class Family:
     options = None         # a dataclass of the family's own config keys (config section `name`), or None
     paired = False         # its samples hold an input image beside the target (src.*)
     metrics = ("fid", "kid", "is", "pr")  # what eval.metrics and bigan-eval --metrics may name
+    data_free_metrics = ()  # those of them it measures without reference shards
     sample_flags = ()      # bigan-sample flags that apply to it, beyond --n, --out, --no-ema, --overwrite
     modes = False          # mode coverage (eval.modes, bigan-eval --modes) applies to its samples
+    resolutions = (32, 64, 128, 256)  # what data.resolution may be
 
     def __init__(self, config):
         self.config = config
@@ -97,6 +101,13 @@ class Family:
     def state(self) -> dict:
         """Objects with state_dict()/load_state_dict() kept in checkpoints, by name."""
         return {}
+
+    def to(self, device):
+        """Move the family's own state to the device it trains on (before a checkpoint is loaded into it)."""
+
+    @classmethod
+    def resolve(cls, config, world_size: int):
+        """Settings this family derives from others (auto rules), fixed when the config is loaded."""
 
     def architecture(self) -> dict:
         """What the weights' shapes depend on (model.*, data.resolution, loss.pack, the family's section)."""

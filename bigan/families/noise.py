@@ -1,18 +1,23 @@
 """Noise-to-image GANs (DCGAN, SNGAN/ResNet): G(latent, class) against D(image, class).
 
-Two phases per iteration, as bigan has always stepped them:
+Phases per iteration:
 
-    D  (loss.d_steps times)  reals and G's fakes (G run under no_grad); lazy R1 on the reals every
-                             loss.r1_interval D steps, folded into this step; WGAN-GP; PacGAN packs
-    G                        fresh latents through D, D frozen (gradients through it, none into it)
+    D     (loss.d_steps times)  reals and G's fakes (G run under no_grad); WGAN-GP; PacGAN packs;
+                                R1 on the reals too when loss.r1_interval is 1
+    Dreg  (every loss.r1_interval iterations, when it is more than 1)  R1 on the reals D just saw,
+                                an optimizer step of its own, as StyleGAN2 regularizes lazily; D's
+                                Adam takes lr x c and betas ** c, c = interval / (interval + 1)
+    G                           fresh latents through D, D frozen (gradients through it, none into it)
 
-A subclass says which networks (build_pair); everything else is here.
+D sees reals and fakes through augment.* (DiffAugment or ADA, differentiable, so R1 goes through
+it), for any family built on this one. A subclass says which networks (build_pair); the rest is here.
 """
 from __future__ import annotations
 
 import torch
 
 from bigan import losses
+from bigan.augment import AdaController, AdaptiveAugment, DiffAugment
 from bigan.families.base import Family, Network, Phase, Samples
 from bigan.models import init_weights
 
@@ -20,10 +25,49 @@ AUTO_PACK = 4  # bench/modes.py on an H200 (bench/RESULTS.md): 1000 of 1000 mode
                # unpacked and packs of 2 collapsed (19 and 8 modes) in the same run
 
 
+def lazy_r1_interval(loss) -> int:
+    """D steps per Dreg step: Dreg runs every loss.r1_interval iterations, each of loss.d_steps D steps; R1's gain
+    and the Adam correction take this, so that gamma is per D step whatever loss.d_steps is."""
+    return loss.r1_interval * loss.d_steps if loss.r1_interval > 1 else 1
+
+
 class NoiseFamily(Family):
     sample_flags = ("seed", "truncation", "interpolate")
     modes = True
     dcgan_init = False  # DCGAN's N(0, 0.02) initialisation
+
+    def __init__(self, config):
+        super().__init__(config)
+        a = config.augment
+        self.pipe = {"none": None, "diffaugment": lambda: DiffAugment(a.policy), "ada": AdaptiveAugment}[a.kind]
+        self.pipe = self.pipe() if self.pipe is not None else None
+        self.ada = AdaController(a.target or 0.6, a.interval, a.kimg, a.p) if a.kind == "ada" else None
+
+    def state(self) -> dict:
+        return {"ada": self.ada} if self.ada is not None else {}
+
+    def to(self, device):
+        if self.ada is not None:  # (load_state_dict puts the state where p is)
+            state, self.ada.p = self.ada.state_dict(), self.ada.p.to(device)
+            self.ada.load_state_dict(state)
+
+    def augment(self, images):
+        """What D sees of a batch of images (reals or fakes): augment.* of it, drawn anew for each call."""
+        if self.pipe is None:
+            return images
+        return self.pipe(images, self.ada.p) if self.ada is not None else self.pipe(images)
+
+    def observe_reals(self, real_logits):
+        """ADA reads D's logits on reals (no host read)."""
+        if self.ada is not None:
+            self.ada.accumulate(real_logits)
+
+    def update_augment(self, step):
+        """After a D step: ADA moves p every augment.interval steps from the ranks' sign(D(real))."""
+        if self.ada is not None and self.config.augment.target > 0:
+            c = self.config
+            self.ada.update(c.train.batch_size * c.train.grad_accum * step.accelerator.num_processes,
+                            step.sum_over_ranks)
 
     def build_pair(self) -> tuple:
         """(G, D) for this config."""
@@ -34,15 +78,19 @@ class NoiseFamily(Family):
         g, d = self.build_pair()
         if self.dcgan_init:
             g.apply(init_weights), d.apply(init_weights)
-        # lazy R1 folded into the D step: Adam's lr and betas as StyleGAN2 adjusts them for the interval
-        d_lr, d_betas = losses.lazy_adam(t.d_lr, t.d_betas, loss.r1_interval if loss.r1 > 0 else 1)
+        # lazy R1 (its own Dreg step every loss.r1_interval): D's Adam lr x c, betas ** c, c = interval / (interval + 1),
+        # as StyleGAN2 corrects for the extra optimizer step
+        d_lr, d_betas = losses.lazy_adam(t.d_lr, t.d_betas, lazy_r1_interval(loss) if loss.r1 > 0 else 1)
         return {"g": Network(g, t.g_lr, tuple(t.g_betas), t.adam_eps, keys="train.g_lr, train.g_betas"),
                 "d": Network(d, d_lr, d_betas, t.adam_eps, keys="train.d_lr, train.d_betas, loss.r1_interval")}
 
     @property
     def phases(self) -> list[Phase]:
-        return [Phase("D", trains="d", loss=self.d_loss, repeat=self.config.loss.d_steps),
-                Phase("G", trains="g", frozen=("d",), loss=self.g_loss, reals=None)]
+        loss = self.config.loss
+        phases = [Phase("D", trains="d", loss=self.d_loss, repeat=loss.d_steps, after=self.update_augment)]
+        if loss.r1 > 0 and loss.r1_interval > 1:  # lazy R1: a step of its own on the reals D just saw
+            phases.append(Phase("Dreg", trains="d", loss=self.d_reg, every=loss.r1_interval, reals="last"))
+        return phases + [Phase("G", trains="g", frozen=("d",), loss=self.g_loss, reals=None)]
 
     @classmethod
     def checks(cls, config) -> list[tuple]:
@@ -68,35 +116,56 @@ class NoiseFamily(Family):
         z, y = self.draw(len(real["image"]), real["image"].device)
         return (z, y), y
 
+    def fakes(self, step, g_input):
+        """G's images for the D step: its current weights, no gradient, no DDP sync."""
+        with torch.no_grad():
+            return step.fixed("g")(*g_input)
+
     def condition(self, real: dict):
         return real["label"]
 
     # -- the phases' losses
     def d_loss(self, step, real: dict):
-        """D on reals and G's fakes; R1 on the reals every loss.r1_interval D steps (folded in, scaled by
-        the interval); WGAN-GP at interpolates."""
+        """D on (augmented) reals and G's fakes; with loss.r1_interval 1, R1 on the reals in the same step;
+        WGAN-GP at interpolates."""
         c = self.config.loss
-        regularize = c.r1 > 0 and step.count % c.r1_interval == 0
+        regularize = c.r1 > 0 and c.r1_interval == 1
         g_input, fake_condition = self.fake_inputs(real)
-        with torch.no_grad():
-            fake = step.fixed("g")(*g_input)  # G's current weights, no gradient, no DDP sync
+        fake = self.fakes(step, g_input)
         image = real["image"].detach().requires_grad_(True) if regularize else real["image"]
         condition = self.condition(real)
-        real_logits = (step.penalty("d") if regularize else step.train("d"))(image, condition)
-        fake_logits = step.train("d")(fake, fake_condition)
+        real_logits = (step.penalty("d") if regularize else step.train("d"))(self.augment(image), condition)
+        fake_logits = step.train("d")(self.augment(fake), fake_condition)
+        self.observe_reals(real_logits)
         loss, stats = losses.d_loss(c.name, real_logits, fake_logits, c.r)
         if regularize:
             r1, r1_stats = losses.r1_penalty(image, real_logits, c.pack)
-            loss, stats = loss + (c.r1 / 2 * c.r1_interval) * r1, {**stats, **r1_stats}
+            loss, stats = loss + (c.r1 / 2) * r1, {**stats, **r1_stats}
         if c.name == "wgan" and c.gp > 0:
-            gp, gp_stats = losses.gradient_penalty(step.penalty("d"), image, fake, condition, pack=c.pack)
+            critic = lambda x, y: step.penalty("d")(self.augment(x), y)  # noqa: E731
+            gp, gp_stats = losses.gradient_penalty(critic, image, fake, condition, pack=c.pack)
             loss, stats = loss + c.gp * gp, {**stats, **gp_stats}
+        if self.ada is not None:
+            stats = {**stats, "Augment/p": self.ada.p, "Augment/rt": self.ada.rt}
         return loss, stats
+
+    def d_reg(self, step, real: dict):
+        """Lazy R1 (Mescheder et al. 2018): gamma / 2 x E||grad_x D(augment(x))||^2 on reals, scaled by the
+        interval it runs at; differentiated through the augmentation back to the reals."""
+        c = self.config.loss
+        image, condition = real["image"].detach().requires_grad_(True), self.condition(real)
+        real_logits = step.penalty("d")(self.augment(image), condition)
+        r1, stats = losses.r1_penalty(image, real_logits, c.pack)
+        # (+ 0 x the logits: D's last bias then takes part in this backward too, which DDP needs of every
+        # parameter, as stylegan2-ada-pytorch adds real_logits * 0; and the backend's anchor, un-augmented: it only
+        # needs a forward, whose value it zeroes)
+        anchor = step.anchor("d", image.detach(), condition)
+        return (c.r1 / 2 * lazy_r1_interval(c)) * r1 + 0 * real_logits.float().mean() + anchor, stats
 
     def g_loss(self, step, real=None):
         """Fresh latents through D (frozen: gradients through it, none into it)."""
         z, y = self.draw(self.config.train.batch_size, step.device)
-        return losses.g_loss(self.config.loss.name, step.frozen("d")(step.train("g")(z, y), y))
+        return losses.g_loss(self.config.loss.name, step.frozen("d")(self.augment(step.train("g")(z, y)), y))
 
     # -- grids, evaluation, sampling
     def grid_inputs(self, device):

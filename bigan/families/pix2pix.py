@@ -31,8 +31,8 @@ class Pix2Pix(NoiseFamily):
 
     @property
     def phases(self) -> list[Phase]:
-        return [Phase("D", trains="d", loss=self.d_loss, repeat=self.config.loss.d_steps),
-                Phase("G", trains="g", frozen=("d",), loss=self.g_loss, reals="last")]  # the pairs D just saw
+        d_phases = [p for p in super().phases if p.trains == "d"]  # D, and lazy R1's own Dreg step
+        return d_phases + [Phase("G", trains="g", frozen=("d",), loss=self.g_loss, reals="last")]  # the pairs D saw
 
     @classmethod
     def auto_pack(cls, config) -> int:
@@ -46,7 +46,9 @@ class Pix2Pix(NoiseFamily):
                 ("loss.pack", config.loss.pack == 1, "packing is for unconditional models; model.arch=pix2pix "
                  "needs loss.pack=1"),
                 ("eval.metrics", not wanted & {"is", "pr"}, "model.arch=pix2pix is evaluated with l1, psnr, fid and kid"),
-                ("eval.modes", not config.eval.modes, "mode coverage is for noise-to-image models, not model.arch=pix2pix")]
+                ("eval.modes", not config.eval.modes, "mode coverage is for noise-to-image models, not model.arch=pix2pix"),
+                ("augment.kind", config.augment.kind == "none", "pix2pix's D judges an image beside its input, which "
+                 "an augmentation of the image alone would misalign; set augment.kind=none")]
 
     def demo(self, held_out: bool) -> dict:
         from bigan.data.demo import HELD_OUT_SEED

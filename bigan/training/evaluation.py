@@ -18,7 +18,7 @@ class Evaluation:
         self.wanted = [m.strip() for m in e.metrics.split(",") if m.strip()]
         self.extractor = self.classifier = None
         if e.every_kimg > 0:
-            if set(self.wanted) - {"l1", "psnr"}:
+            if set(self.wanted) & {"fid", "kid", "is", "pr"}:  # (the metrics an extractor serves)
                 self.extractor = Extractor(e.extractor, accelerator.device, e.inception or None, res)
             if e.modes:
                 self.classifier = ModeClassifier(e.modes, accelerator.device, res)

@@ -22,8 +22,16 @@ from bigan.step_stats import NonFiniteSteps, StepStats
 class StepContext:
     """What a phase's loss runs its networks through, and how many times the phase has stepped."""
 
-    def __init__(self, backend, phase, count: int, device):
-        self.backend, self.phase, self.count, self.device = backend, phase, count, device
+    def __init__(self, backend, phase, count: int, accelerator):
+        self.backend, self.phase, self.count = backend, phase, count
+        self.accelerator, self.device = accelerator, accelerator.device
+
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a device tensor over all ranks (a collective: every rank's phase calls it alike)."""
+        return self.accelerator.reduce(value, "mean") if self.accelerator.num_processes > 1 else value
+
+    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(value, "sum") if self.accelerator.num_processes > 1 else value
 
     def train(self, name: str):
         """The network this phase trains, as its backend wraps it (DDP, a ZeRO engine)."""
@@ -41,12 +49,17 @@ class StepContext:
         """The trained network as gradient penalties (double backward) differentiate through it."""
         return self.backend.penalty(name)
 
+    def anchor(self, name: str, *inputs, **kwargs):
+        """To add to the loss of a phase that is a penalty alone: what its backend needs (ZeRO-3: 0 x a
+        forward through the engine on these inputs; elsewhere 0)."""
+        return self.backend.penalty_anchor(name, *inputs, **kwargs)
+
 
 class Steps:
     def __init__(self, family, backend, state, emas: dict, accelerator):
         self.family, self.backend, self.state, self.emas = family, backend, state, emas
         self.phases = family.phases
-        self.device = accelerator.device
+        self.accelerator, self.device = accelerator, accelerator.device
         self.grad_accum = family.config.train.grad_accum
         self.micro_batch_images = family.config.train.batch_size * accelerator.num_processes
         self.stats = StepStats()
@@ -80,7 +93,7 @@ class Steps:
         """One optimizer step of phase.trains over its micro-batches (gradients averaged)."""
         b = self.backend
         count = self.state.phase_steps.get(phase.name, 0)
-        step = StepContext(b, phase, count, self.device)
+        step = StepContext(b, phase, count, self.accelerator)
         update_spectral_norms(b.module(phase.trains))  # one power iteration per optimizer step
         for name in phase.frozen:
             b.module(name).requires_grad_(False)
@@ -98,6 +111,8 @@ class Steps:
         self.stats.add({f"GradNorm/{phase.trains.upper()}": grad_norm})
         self.nonfinite.step(grad_norm, b.settling(phase.trains))
         self.state.phase_steps[phase.name] = count + 1
+        if phase.after is not None:
+            phase.after(step)
 
     def _update_emas(self, batch_images: int):
         for name, ema in self.emas.items():

@@ -1,10 +1,10 @@
-"""Run bigan's D and G steps on a fixed global batch and save the resulting parameters.
+"""Run a family's phases (bigan's own iteration) on a fixed global batch and save the resulting parameters.
 
     python step_equivalence.py OUT.pt [--section.key=value ...]             # one process
     torchrun --nproc_per_node 2 step_equivalence.py OUT.pt [...]           # DDP: each rank its slice
 
 Every run sees the same global batch of reals and latents, or for pix2pix of targets and
-inputs (train.batch_size per rank per
+inputs, and captions for text-to-image (train.batch_size per rank per
 micro-batch, train.grad_accum micro-batches, WORLD_SIZE ranks), so the parameters after the
 steps must agree whatever the split. G's BatchNorm layers are put in eval mode so that G's
 output does not depend on the split either (BatchNorm over micro-batches is another function).
@@ -60,6 +60,10 @@ if world > 1:  # gradients are only averaged across ranks when DDP or DeepSpeed 
 for module in trainer.backend.module("g").modules():
     if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.Dropout)):  # (pix2pix's dropout draws per split)
         module.eval()
+import bigan.models.stylegan2  # noqa: E402
+
+noisy = bigan.models.stylegan2.SynthesisLayer.forward  # StyleGAN2's noise inputs: the same whatever the split
+bigan.models.stylegan2.SynthesisLayer.forward = lambda self, x, w, noise_mode="random": noisy(self, x, w, "const")
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # 3: mixed
 compute_dtypes = {"g": set(), "d": set()}
@@ -76,28 +80,49 @@ def parameters():
 
 
 initial = parameters()
-handed_in = []  # the latents the next draws of the family's phases return, in the order they draw
-trainer.family.draw = lambda n, device: handed_in.pop(0)
-d_phase, g_phase = trainer.family.phases
 b, k, rank, res, zd = config.train.batch_size, config.train.grad_accum, accelerator.process_index, config.data.resolution, config.model.z_dim
 total = b * k * world
 data = torch.Generator().manual_seed(1234)
+# Latents: each phase step's draws come from one global tensor per (iteration, phase), micro-batch i of
+# rank r taking samples [(i * world + r) * n, ... + n), as the reals: every split draws the same.
+current = {"iteration": 0, "phase": "", "micro": 0}
+original_run = trainer.steps.run
+
+
+def run(phase, reals):
+    current.update(phase=phase.name, micro=0)
+    return original_run(phase, reals)
+
+
+def draw(n, device):
+    i = current["micro"]
+    current["micro"] += 1
+    seed = 7919 * current["iteration"] + sum(map(ord, current["phase"]))
+    z = torch.randn(n * world * k, zd, generator=torch.Generator().manual_seed(seed))
+    return z[(i * world + rank) * n:(i * world + rank + 1) * n].to(device), None
+
+
+trainer.steps.run, trainer.family.draw = run, draw
+if hasattr(trainer.family, "path_noise"):  # StyleGAN2's path-length noise: from each image's own pixels
+    trainer.family.path_noise = lambda images: torch.sin(images.detach() * 1000) / images.shape[-1]
+# text-to-image: captions repeating every 4 samples (a divisor of each rank's micro-batch), so that the batch's
+# captions rolled by one (the mismatched pairs) are the same whatever the split
+CAPTIONS = ["a red sun over still water", "three ridges under a white moon", "a meadow at dusk, no trees",
+            "a golden sun above two ridges, woods"]
 for step in range(3):
+    current["iteration"] = step
     reals = torch.rand(total, 3, res, res, generator=data) * 2 - 1
-    z_d, z_g = torch.randn(total, zd, generator=data), torch.randn(total, zd, generator=data)
+    inputs = torch.rand(total, 3, res, res, generator=data) * 2 - 1  # pix2pix: its input beside each real
     # micro-batch i of rank r holds global samples [(i * world + r) * b, ... + b)
     parts = [slice((i * world + rank) * b, (i * world + rank + 1) * b) for i in range(k)]
-    if trainer.family.paired:  # pix2pix: inputs beside the reals, as G's input and D's condition
-        inputs = torch.rand(total, 3, res, res, generator=data) * 2 - 1
-        pairs = [{"image": reals[p], "label": None, "source": inputs[p]} for p in parts]
-        trainer.steps.run(d_phase, pairs)
-        trainer.steps.run(g_phase, pairs)
-        continue
-    handed_in += [(z_d[p], None) for p in parts] + [(z_g[p], None) for p in parts]
-    trainer.steps.run(d_phase, [{"image": reals[p], "label": None} for p in parts])
-    trainer.steps.run(g_phase, None)
+    batches = [{"image": reals[p], "label": None, "source": inputs[p] if trainer.family.paired else None,
+                "caption": [CAPTIONS[j % len(CAPTIONS)] for j in range(p.start, p.stop)]} for p in parts]
+    trainer.steps.iteration(iter(batches))
 final = parameters()  # every rank: a collective under ZeRO-3
 trainer.steps.sync_counters()
+for name, state in trainer.family.state().items():  # (ADA's p, the path-length mean: equal on every split)
+    final.update({f"{name}.{key}": torch.as_tensor(value).cpu() for key, value in state.state_dict().items()
+                  if torch.is_tensor(value)})
 final.update({f"scale.{k}": torch.tensor(float(s.get_scale())) for k, s in trainer.backend.scalers.items()},
              skipped=torch.tensor(trainer.state.skipped))
 final.update({f"compute_dtype.{k}": torch.tensor(DTYPE_CODES[next(iter(v))] if len(v) == 1 else 3)

@@ -1,0 +1,238 @@
+"""StyleGAN2 (Karras et al. 2020), with ADA or DiffAugment for little data, as one family.
+
+Four phases, as stylegan2-ada-pytorch steps them (each its own optimizer step):
+
+    Gmain                non-saturating logistic loss of D on G's images (style mixing 0.9); then
+                         w_avg tracks the batch's mean w (over all ranks)
+    Greg  (every 4)      path-length regularization on a batch shrunk 2x, weight pl_weight x interval
+    D                    D on augmented reals and fakes (Dmain); ADA reads sign(D(real)) and moves p
+    Dreg  (every 16)     R1 (gamma / 2 x interval) on the augmented reals, differentiated through the
+                         augmentation back to the reals (the noise family's D and Dreg phases)
+
+Lazy regularization as StyleGAN2 corrects it: each network's Adam takes lr x c and betas ** c, with
+c = interval / (interval + 1), because its regularization phase is an optimizer step of its own.
+The path-length mean and ADA's p are this family's state (checkpointed); w_avg is a buffer of G.
+Pure PyTorch (bigan.models.stylegan2): no custom CUDA op is built at run time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from bigan import losses
+from bigan.families.base import Network, Phase, Samples
+from bigan.families.noise import NoiseFamily, lazy_r1_interval
+from bigan.models import stylegan2
+
+RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
+# measured with DeepSpeed 0.19.8 (bench/RESULTS.md): ZeRO-3 empties a module's weights after its forward
+# and gathers them again in the backward of an engine forward; the path length's second-order gradients
+# reach G's weights on another path and met them empty (R1 in D's own phase works, with an anchor forward)
+ZERO3_PATH_LENGTH = ("the path-length penalty (Greg) fails inside a ZeRO-3 engine; put G on ZeRO-1 or 2 "
+                     "(train.deepspeed_g=launch_configs/deepspeed/zero2.json) or set stylegan2.pl_weight=0")
+
+
+def _f(default, doc):
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class StyleGAN2Options:
+    w_dim: int = _f(512, "dimension of the intermediate latent w")
+    mapping_layers: int = _f(8, "layers of the mapping network (2 in the official cifar and auto configs)")
+    mapping_lr: float = _f(0.01, "learning-rate multiplier of the mapping network")
+    channel_base: int = _f(32768, "channels at resolution r are min(channel_base / r, channel_max) (16384: 'paper256')")
+    channel_max: int = _f(512, "channels at most, in G and D")
+    conv_clamp: float = _f(256.0, "clamp of conv outputs, as the official fp16 layers (0 = off)")
+    mbstd_group: int = _f(4, "minibatch-standard-deviation group in D (at most the per-rank batch)")
+    style_mixing: float = _f(0.9, "probability of mixing two latents' styles in a training batch")
+    pl_weight: float = _f(2.0, "path-length regularization weight (0 = off)")
+    pl_interval: int = _f(4, "Greg every N iterations (lazy regularization)")
+    pl_batch_shrink: int = _f(2, "Greg runs on batch / N images")
+    pl_decay: float = _f(0.01, "decay of the path-length running mean")
+    auto: bool = _f(False, "the official 'auto' rule, for what is not set: per-rank batch from resolution and "
+                           "ranks, R1 gamma 0.0002 res^2 / batch, EMA half-life batch x 10 / 32 kimg, ramp-up "
+                           "0.05, channel_base 16384 (32768 from 512 px), lr 0.0025 (0.002 at 1024 px)")
+
+
+class PathLength:
+    """The running mean of path lengths, and this step's lengths until the step ends (checkpointed)."""
+
+    def __init__(self):
+        self.mean = torch.zeros(())
+        self.pending = []
+
+    def state_dict(self):
+        return {"mean": self.mean.detach().cpu()}
+
+    def load_state_dict(self, state):
+        self.mean = state["mean"].to(self.mean.device)
+
+
+class StyleGAN2(NoiseFamily):
+    name = "stylegan2"
+    options = StyleGAN2Options
+    resolutions = RESOLUTIONS
+    dcgan_init = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.path_length = PathLength()
+        self.w_means = []  # this G step's batch means of w, for w_avg
+
+    @classmethod
+    def checks(cls, config) -> list[tuple]:
+        o, batch = config.family_options, config.train.batch_size
+        return [*super().checks(config),
+                ("loss.pack", config.loss.pack == 1, "StyleGAN2's D has minibatch statistics instead; set loss.pack=1"),
+                ("loss.name", config.loss.name == "bce",
+                 "model.arch=stylegan2 trains with the non-saturating logistic loss; set loss.name=bce"),
+                ("stylegan2.mbstd_group", batch % min(o.mbstd_group, batch) == 0,
+                 f"must divide train.batch_size ({batch}) (D's minibatch-std groups)"),
+                ("stylegan2.w_dim", o.w_dim >= 1, "must be >= 1"),
+                ("stylegan2.mapping_layers", o.mapping_layers >= 1, "must be >= 1"),
+                ("stylegan2.mapping_lr", o.mapping_lr > 0, "must be positive"),
+                ("stylegan2.channel_base", o.channel_base >= config.data.resolution,
+                 f"must be >= data.resolution ({config.data.resolution}): channels at r px are channel_base / r"),
+                ("stylegan2.channel_max", o.channel_max >= 1, "must be >= 1"),
+                ("stylegan2.conv_clamp", o.conv_clamp >= 0, "must be >= 0 (0 = off)"),
+                ("stylegan2.mbstd_group", o.mbstd_group >= 1, "must be >= 1"),
+                ("stylegan2.style_mixing", 0 <= o.style_mixing <= 1, "must be in [0, 1]"),
+                ("stylegan2.pl_weight", o.pl_weight >= 0, "must be >= 0 (0 = off)"),
+                ("stylegan2.pl_interval", o.pl_interval >= 1, "must be >= 1"),
+                ("stylegan2.pl_batch_shrink", o.pl_batch_shrink >= 1 and batch // o.pl_batch_shrink >= 1,
+                 f"must be >= 1 and leave at least one image of train.batch_size ({batch})"),
+                ("stylegan2.pl_decay", 0 < o.pl_decay <= 1, "must be in (0, 1]")]
+
+    @classmethod
+    def auto_pack(cls, config) -> int:
+        return 1
+
+    @classmethod
+    def resolve(cls, config, world_size: int):
+        """stylegan2.auto: the official 'auto' config (stylegan2-ada-pytorch's train.py), for this many ranks."""
+        if not config.family_options.auto:
+            return
+        res, t, given = config.data.resolution, config.train, config.given  # what was set stays, as --batch etc.
+        if "train.batch_size" not in given:                                 # override the official --cfg=auto
+            t.batch_size = max(max(min(world_size * min(4096 // res, 32), 64), world_size) // world_size, 1)
+        total = t.batch_size * world_size
+        if "loss.r1" not in given:
+            config.loss.r1 = 0.0002 * res ** 2 / total
+        if "train.ema_kimg" not in given:
+            t.ema_kimg = total * 10 / 32
+        if "train.ema_rampup" not in given:
+            t.ema_rampup = 0.05
+        if "stylegan2.mbstd_group" not in given:  # (the largest group of at most 4 that divides the batch)
+            config.family_options.mbstd_group = max(g for g in range(1, min(t.batch_size, 4) + 1) if t.batch_size % g == 0)
+        if "stylegan2.channel_base" not in given:  # fmaps 1 at 512 px and up, else 0.5
+            config.family_options.channel_base = 32768 if res >= 512 else 16384
+        if "train.g_lr" not in given and "train.d_lr" not in given:
+            t.g_lr = t.d_lr = 0.002 if res >= 1024 else 0.0025
+        config.family_options.auto = False  # config.yaml records the values, not the rule
+
+    SHAPES = ("w_dim", "mapping_layers", "mapping_lr", "channel_base", "channel_max", "conv_clamp")
+
+    def architecture(self) -> dict:
+        """The keys G's and D's weights and G's outputs depend on: a resume may change the rest (pl_weight,
+        style_mixing, mbstd_group, ...)."""
+        return {k: v for k, v in super().architecture().items()
+                if not k.startswith("stylegan2.") or k.split(".", 1)[1] in self.SHAPES}
+
+    # -- networks and phases
+    def build_pair(self):
+        m, o, res = self.config.model, self.config.family_options, self.config.data.resolution
+        clamp = o.conv_clamp or None
+        g = stylegan2.Generator(m.z_dim, m.num_classes, res, o.w_dim, o.mapping_layers, o.channel_base,
+                                o.channel_max, clamp, o.mapping_lr)
+        d = stylegan2.Discriminator(res, m.num_classes, o.channel_base, o.channel_max,
+                                    min(o.mbstd_group, self.config.train.batch_size), 1, clamp)
+        return g, d
+
+    def networks(self) -> dict[str, Network]:
+        t, loss, o = self.config.train, self.config.loss, self.config.family_options
+        g, d = self.build_pair()
+        g_lr, g_betas = losses.lazy_adam(t.g_lr, t.g_betas, o.pl_interval if o.pl_weight > 0 else 1)
+        d_lr, d_betas = losses.lazy_adam(t.d_lr, t.d_betas, lazy_r1_interval(loss) if loss.r1 > 0 else 1)
+        return {"g": Network(g, g_lr, g_betas, t.adam_eps, keys="train.g_lr, train.g_betas, stylegan2.pl_interval"),
+                "d": Network(d, d_lr, d_betas, t.adam_eps, keys="train.d_lr, train.d_betas, loss.r1_interval")}
+
+    @property
+    def phases(self) -> list[Phase]:
+        """Gmain, Greg (every pl_interval), then the noise family's D, Dreg (every r1_interval) phases."""
+        o = self.config.family_options
+        g_phases = [Phase("Gmain", trains="g", frozen=("d",), loss=self.g_main, reals=None, after=self.track_w_avg)]
+        if o.pl_weight > 0:
+            g_phases.append(Phase("Greg", trains="g", loss=self.g_reg, every=o.pl_interval, reals=None,
+                                  after=self.update_pl_mean, zero3=ZERO3_PATH_LENGTH))
+        return g_phases + [p for p in super().phases if p.trains == "d"]
+
+    def state(self) -> dict:
+        return {**super().state(), "path_length": self.path_length}
+
+    def to(self, device):
+        super().to(device)
+        self.path_length.mean = self.path_length.mean.to(device)
+
+    # -- the losses
+    def g_main(self, step, real=None):
+        z, y = self.draw(self.config.train.batch_size, step.device)
+        images, ws = step.train("g")(z, y, style_mixing=self.config.family_options.style_mixing, return_ws=True)
+        self.w_means.append(ws[:, 0].detach().float().mean(0))  # (before mixing: the first ws are z's own)
+        return losses.g_loss("bce", step.frozen("d")(self.augment(images), y))
+
+    def track_w_avg(self, step):
+        """After Gmain: w_avg moves towards the mean w of the step's batch over all ranks (the official code
+        leaves each rank its own, and DDP then broadcasts rank 0's)."""
+        mean = step.mean_over_ranks(torch.stack(self.w_means).mean(0))
+        self.w_means = []
+        step.frozen("g").mapping.track_w_avg(mean)
+
+    def g_reg(self, step, real=None):
+        """Path-length penalty (|J_w^T y| - its running mean)^2, on a batch shrunk pl_batch_shrink times; the
+        running mean moves once per step, by the lengths of all its micro-batches and ranks."""
+        o = self.config.family_options
+        z, y = self.draw(max(self.config.train.batch_size // o.pl_batch_shrink, 1), step.device)
+        images, lengths = step.penalty("g")(z, y, style_mixing=o.style_mixing, path_noise=self.path_noise)
+        self.path_length.pending.append(lengths.detach().mean())
+        # against the running mean as it stood before this step (the official code moves it by each
+        # micro-batch first): so a step does not depend on how its batch is split
+        penalty = (lengths - self.path_length.mean).square().mean()
+        # (+ 0 x a pixel: the toRGB biases take part in this backward too, as DDP needs of every parameter)
+        loss = penalty * (o.pl_weight * o.pl_interval) + 0 * images[:, 0, 0, 0].float().mean() + step.anchor("g", z, y)
+        return loss, {"Penalty/PL": penalty.detach(), "PL/length": lengths.detach().mean()}
+
+    @staticmethod
+    def path_noise(images):
+        """y ~ N(0, I) / sqrt(H W): the random image direction the path length is measured along."""
+        return torch.randn(images.shape, device=images.device) / math.sqrt(images.shape[2] * images.shape[3])
+
+    def update_pl_mean(self, step):
+        o, pending = self.config.family_options, self.path_length.pending
+        mean = step.mean_over_ranks(torch.stack(pending).mean())
+        self.path_length.mean = self.path_length.mean.lerp(mean, o.pl_decay)
+        self.path_length.pending = []
+
+    def fakes(self, step, g_input):
+        with torch.no_grad():
+            return step.fixed("g")(*g_input, style_mixing=self.config.family_options.style_mixing)
+
+    # -- sampling: truncation is psi towards w_avg
+    def grid(self, g, inputs) -> tuple:
+        return g(*inputs, noise_mode="const"), None
+
+    def sample(self, g, args, device) -> Samples:
+        """--truncation psi pulls w towards w_avg (1: none); noise inputs fixed, as StyleGAN2's own sampling."""
+        from bigan.sample import generate, latents, slerp
+
+        options = {"psi": 1.0 if args.truncation is None else args.truncation, "noise_mode": "const"}
+        z_dim, seed, classes = self.config.model.z_dim, args.seed or 0, self.config.model.num_classes
+        if args.interpolate:
+            rows = args.n // args.interpolate
+            ends = latents(2 * rows, z_dim, seed, None).view(rows, 2, -1)
+            t = torch.linspace(0, 1, args.interpolate)[None, :, None]
+            z = slerp(ends[:, :1], ends[:, 1:], t).reshape(-1, z_dim)
+            return Samples(generate(g, classes, z, device=device, **options), columns=args.interpolate)
+        return Samples(generate(g, classes, latents(args.n, z_dim, seed, None), device=device, **options))

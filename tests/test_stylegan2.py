@@ -1,0 +1,124 @@
+"""The StyleGAN2 family through bigan's own entry points: its four phases, ADA, exact resume, sampling with
+truncation, evaluation, precision, its config. (Its networks: test_stylegan2_models.py; augmentation:
+test_augment.py; DDP and ZeRO against one process: test_trainer.py and test_deepspeed.py.)"""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bigan import checkpoint
+from bigan.config import ConfigError, load_config
+from conftest import run, tiny_args, train
+from test_trainer import _equal, _events
+
+SMALL = {"model.arch": "stylegan2", "model.z_dim": 16, "stylegan2.w_dim": 32, "stylegan2.mapping_layers": 2,
+         "stylegan2.channel_base": 256, "stylegan2.channel_max": 16, "stylegan2.mbstd_group": 4,
+         "train.batch_size": 4, "loss.pack": 1, "loss.r1": 1.0, "loss.r1_interval": 2, "stylegan2.pl_interval": 2,
+         "augment.kind": "ada", "augment.p": 0.5, "augment.kimg": 2, "augment.interval": 1, "train.ema_kimg": 0.01,
+         "data.workers": 1}
+
+
+def test_trains_all_four_phases_with_ada_and_resumes_bit_for_bit(tiny_shards, tmp_path, env):
+    """Gmain, Greg (path length), D and Dreg (R1) stepped on their intervals; ADA's p moves and is logged;
+    2N iterations straight == N, resume, N: weights, optimizers, EMA (with w_avg), the path-length mean,
+    ADA's p and sign counts, RNG and stream."""
+    common = {**SMALL, "train.kimg": 0.032}
+    train(tiny_args(tiny_shards, tmp_path / "straight", **common), env)
+    train(tiny_args(tiny_shards, tmp_path / "split", **{**common, "train.kimg": 0.016}), env)
+    resumed = train(tiny_args(tiny_shards, tmp_path / "split", **common, **{"run.resume": "latest"}), env)
+    assert "resuming from" in resumed.stdout
+    a, b = (checkpoint.checkpoints(tmp_path / name)[-1] for name in ("straight", "split"))
+    assert a.name == b.name == "ckpt-000000008"
+    for name in ("model.safetensors", "model_1.safetensors"):
+        left, right = load_file(str(a / name)), load_file(str(b / name))
+        assert all(torch.equal(left[k], right[k]) for k in left), name
+    states = checkpoint.states(a)
+    assert set(states) == {"train", "backend", "ema", "family.ada", "family.path_length"}
+    for name in ("optimizer.bin", "optimizer_1.bin", *states.values()):
+        left, right = (torch.load(p / name, weights_only=False) for p in (a, b))
+        assert _equal(left, right), name
+    train_state = torch.load(a / states["train"], weights_only=False)
+    assert train_state["phase_steps"] == {"Gmain": 8, "Greg": 4, "D": 8, "Dreg": 4}
+    ada = torch.load(a / states["family.ada"], weights_only=False)
+    assert 0 <= float(ada["p"]) <= 1 and float(ada["p"]) != 0.5, "p started at 0.5 and moved"
+    ema = torch.load(a / states["ema"], weights_only=False)
+    assert ema["mapping.w_avg"].abs().sum() > 0, "w_avg tracked (and kept in the EMA generator)"
+    assert float(torch.load(a / states["family.path_length"], weights_only=False)["mean"]) > 0
+    events = _events(tmp_path / "straight")
+    p_logged = [e.value for e in events.Scalars("Augment/p")]
+    assert len(set(p_logged)) > 1 and all(0 <= p <= 1 for p in p_logged)
+    for tag in ("Augment/rt", "Penalty/PL", "Penalty/R1", "Loss/G", "Loss/D"):
+        assert tag in events.Tags()["scalars"], tag
+
+
+def test_samples_truncate_towards_w_avg_and_evaluates(tiny_shards, small_extractor, tmp_path, env):
+    run_dir = tmp_path / "run"
+    train(tiny_args(tiny_shards, run_dir, **{**SMALL, "train.kimg": 0.016}), env)
+    outputs = {}
+    for psi in ("0.001", "0.5", "1"):
+        out = tmp_path / f"psi{psi}.npz"
+        run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir), "--n", "4", "--truncation", psi,
+             "--out", str(out)], env)
+        outputs[psi] = np.load(out)["images"].astype(np.int64)
+    spread = {psi: outputs[psi].std(axis=0).mean() for psi in outputs}
+    assert spread["0.001"] < 0.5 and spread["0.001"] < spread["0.5"] < spread["1"], spread  # psi -> 0: w_avg's image
+    walk = tmp_path / "walk.png"
+    run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(run_dir), "--interpolate", "4", "--out", str(walk)], env)
+    result = run([sys.executable, "-m", "bigan.metrics.evaluate", "--checkpoint", str(run_dir), "--data",
+                  str(tiny_shards), "--n", "32", "--extractor", str(small_extractor), "--metrics", "fid"], env)
+    assert json.loads(result.stdout.strip().splitlines()[-1])["fid"] > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_finite(precision, tiny_shards, tmp_path, env):
+    run_dir = tmp_path / "run"
+    train(tiny_args(tiny_shards, run_dir, **{**SMALL, "train.kimg": 0.016, "train.precision": precision}), env)
+    state = load_file(str(checkpoint.checkpoints(run_dir)[-1] / "model.safetensors"))
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+def test_the_auto_rule_follows_the_official_config(monkeypatch):
+    """stylegan2-ada-pytorch's --cfg=auto at 256 px on 8 GPUs: batch 64 (8 per GPU), gamma 0.0002 * 256^2 / 64
+    = 0.2048, EMA half-life 20 kimg with ramp-up 0.05, minibatch-std groups of 4; on one GPU at 32 px:
+    batch 32, gamma 0.0064. config.yaml records the values, not the rule."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    c = load_config(None, ["--model.arch=stylegan2", "--data.resolution=256", "--stylegan2.auto=true"])
+    assert (c.train.batch_size, c.loss.r1, c.train.ema_kimg, c.train.ema_rampup, c.family_options.mbstd_group) == \
+        (8, pytest.approx(0.2048), 20.0, 0.05, 4)
+    assert c.to_dict()["stylegan2"]["auto"] is False and c.to_dict()["train"]["batch_size"] == 8
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    c = load_config(None, ["--model.arch=stylegan2", "--data.resolution=32", "--stylegan2.auto=true"])
+    assert (c.train.batch_size, c.loss.r1) == (32, pytest.approx(0.0064))
+    # what is set stays set, as the official --batch and --gamma override --cfg=auto; the rest follows it
+    c = load_config(None, ["--model.arch=stylegan2", "--data.resolution=256", "--stylegan2.auto=true",
+                           "--train.batch_size=4", "--train.ema_kimg=3"])
+    assert (c.train.batch_size, c.loss.r1, c.train.ema_kimg, c.family_options.mbstd_group) == \
+        (4, pytest.approx(0.0002 * 256 ** 2 / 4), 3.0, 4)
+    c = load_config(None, ["--model.arch=stylegan2", "--data.resolution=1024", "--stylegan2.auto=true"])
+    assert c.data.resolution == 1024 and c.train.batch_size == 4, "32 to 1024 px"
+    with pytest.raises(ConfigError, match="data.resolution.*model.arch=dcgan"):
+        load_config(None, ["--data.resolution=512"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--data.resolution=48", "data.resolution"), ("--loss.pack=2", "loss.pack"),
+    ("--stylegan2.mbstd_group=3", "stylegan2.mbstd_group"), ("--stylegan2.style_mixing=2", "stylegan2.style_mixing"),
+    ("--stylegan2.pl_batch_shrink=0", "stylegan2.pl_batch_shrink"), ("--stylegan2.w_dim=0", "stylegan2.w_dim"),
+    ("--stylegan2.channel_base=32", "stylegan2.channel_base"),  # (0 channels at 64 px)
+])
+def test_settings_it_cannot_train_with_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, ["--model.arch=stylegan2", override])
+
+
+def test_augmentation_serves_every_noise_family(tiny_shards, tmp_path, env):
+    """DiffAugment in front of DCGAN's D, with lazy R1 through it (its own Dreg step)."""
+    run_dir = tmp_path / "run"
+    train(tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.032, "augment.kind": "diffaugment", "loss.r1": 1.0,
+                                             "loss.r1_interval": 2}), env)
+    state = torch.load(checkpoint.checkpoints(run_dir)[-1] / "custom_checkpoint_0.pkl", weights_only=False)
+    assert state["phase_steps"] == {"D": 4, "Dreg": 2, "G": 4}
+    assert "Penalty/R1" in _events(run_dir).Tags()["scalars"]
