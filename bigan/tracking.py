@@ -45,6 +45,8 @@ class Tracker:
         self.accelerator.log(values, step=images_seen)
 
     def images(self, name: str, images: torch.Tensor, images_seen: int, columns: int | None = None):
+        """A grid of images; what its rows show (a text-to-image family's prompts), if the family's grid names
+        it as images.texts, goes beside it: TensorBoard text NAME/prompts and a .txt by the PNG."""
         if not self.accelerator.is_main_process:
             return
         grid = image_grid(images, columns)
@@ -53,6 +55,10 @@ class Tracker:
         out = self.run_dir / "samples" / f"{name.replace('/', '_')}_{images_seen / 1000:08.1f}kimg.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(out)
+        texts = getattr(images, "texts", None)
+        if texts:
+            writer.add_text(f"{name}/prompts", "  \n".join(texts), global_step=images_seen)  # (markdown line breaks)
+            out.with_suffix(".txt").write_text("\n".join(texts) + "\n")
 
     def close(self):
         self.accelerator.end_training()

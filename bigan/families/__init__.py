@@ -12,6 +12,7 @@ FAMILIES = {  # name -> "module:Class", imported on first use
     "resnet": "bigan.families.resnet:ResNet",
     "pix2pix": "bigan.families.pix2pix:Pix2Pix",
     "stylegan2": "bigan.families.stylegan2:StyleGAN2",
+    "dfgan": "bigan.families.text2image:DFGAN",
 }
 
 

@@ -259,7 +259,7 @@ def evaluate(blocks, data, resolution: int, extractor: Extractor | None, acceler
 
 def _refuse_idle_flags(parser, args, wanted):
     """Flags that would do nothing with the others given are refused (exit 2), not silently ignored."""
-    scores_features = bool(set(wanted) - {"l1", "psnr"}) if wanted else bool(args.data)
+    scores_features = bool(set(wanted) & set(METRICS)) if wanted else bool(args.data)
     idle = [("--seed", args.seed is not None and args.samples is not None, "--samples are scored as they are"),
             ("--no-ema", args.no_ema and args.samples is not None, "--samples are scored as they are"),
             ("--extractor", args.extractor is not None and not scores_features, "no fid, kid, is or pr is computed"),
@@ -302,7 +302,7 @@ def main(argv=None):
     unknown = sorted(set(wanted) - set(known))
     if unknown:
         parser.error(f"--metrics: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
-    if wanted and not args.data:
+    if set(wanted) - families.data_free_metrics() and not args.data:
         parser.error(f"--data: reference shards are needed for --metrics {','.join(wanted)}")
     if not wanted and not args.modes and not args.data:
         parser.error("nothing to compute: give --data (fid, kid, is, pr) and/or --modes CLASSIFIER")
@@ -316,7 +316,7 @@ def main(argv=None):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:  # the networks' files, the generator or samples, then the networks tried at their resolution:
         # a missing or broken file fails before anything is generated
-        features = set(wanted) - {"l1", "psnr"} if wanted else args.data  # (fid is in both default sets)
+        features = set(wanted) & set(METRICS) if wanted else args.data  # (fid is in every default set)
         extractor = Extractor(args.extractor, accelerator.device, args.inception) if features else None
         classifier = ModeClassifier(args.modes, accelerator.device) if args.modes else None
         g, model = load_generator(args.checkpoint, ema=not args.no_ema) if args.checkpoint else (None, {})

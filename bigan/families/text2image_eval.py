@@ -1,0 +1,124 @@
+"""What model.arch=dfgan is evaluated with: attribute accuracy on the captioned demo's prompts (attr), and
+fid/kid of images drawn from the reference set's own captions.
+
+attr: for each of two groups of prompts, captions of unseen demo scenes (attribute combinations seen
+in training) and of held-out scenes (combinations never trained on, bigan.data.captions.HELD_OUT),
+n / 2 images are drawn (prompt i % EVAL_PROMPTS, latents seeded per block, so the samples do not
+depend on the ranks) and an attribute classifier reads what they show. An image is scored on the
+attributes its prompt names (style, sun or moon, ridges, water, trees; bigan.data.captions.mentioned):
+
+    attr_acc, attr_acc_held_out            share of named attributes the images show
+    attr_all, attr_all_held_out            share of images showing every attribute their prompt names
+    attr_acc_real, attr_acc_real_held_out  the same of the real renders of those prompts: the ceiling
+                                           (the classifier's own errors: ridges are hard at 32 px)
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from bigan.tracking import to_uint8
+
+EVAL_PROMPTS = 32  # distinct prompts per group
+CLASSIFIER = {"n": 1024, "resolution": 32, "steps": 300}  # bigan.data.captions.train_attribute_classifier's
+
+
+@functools.cache
+def prompt_groups() -> dict:
+    """{group: [(scene index, caption)]} of the evaluation prompts (renders of HELD_OUT_SEED's scenes)."""
+    from bigan.data.captions import HELD_OUT_SEED, held_out_items, training_items
+
+    return {"": [(i, text) for i, _, text in training_items(EVAL_PROMPTS, seed=HELD_OUT_SEED)],
+            "_held_out": [(i, text) for i, _, text in held_out_items(EVAL_PROMPTS)]}
+
+
+def attribute_classifier(path: str, accelerator):
+    """The TorchScript classifier at `path`, or ('') one trained on first use and cached (by the main process
+    first; the other processes then read it)."""
+    from bigan.data.captions import train_attribute_classifier
+    from bigan.data.demo import cache_dir
+
+    if path:
+        return torch.jit.load(path, map_location=accelerator.device).eval()
+    cached = cache_dir() / "attributes" / "classifier-{n}-{resolution}px-{steps}.pt".format(**CLASSIFIER)
+    with accelerator.main_process_first():
+        if not cached.exists():
+            if accelerator.is_main_process:
+                print(f"bigan: training the attribute classifier of the attr metric once, into {cached}", flush=True)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.name}.{accelerator.process_index}")
+            train_attribute_classifier(**CLASSIFIER).save(str(tmp))
+            tmp.rename(cached)
+    return torch.jit.load(str(cached), map_location=accelerator.device).eval()
+
+
+def _score(classifier, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """(named attributes right, named attributes, images with all right) of uint8 images against prompts."""
+    from bigan.data.captions import HEADS, mentioned
+
+    with torch.no_grad():
+        logits = classifier(images)
+    picks = {name: logits[name].argmax(1).tolist() for name in HEADS}
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i, prompt in enumerate(prompts):
+        named = {k: v for k, v in mentioned(prompt).items() if k in HEADS}
+        right = sum(HEADS[k][picks[k][i]] == v for k, v in named.items())
+        sums += torch.tensor([right, len(named), float(right == len(named))], dtype=torch.float64)
+    return sums
+
+
+@torch.no_grad()
+def attribute_scores(family, g, accelerator, n: int, seed: int, batch: int) -> dict:
+    from bigan.data.captions import HELD_OUT_SEED, render_captioned_batch
+
+    classifier = attribute_classifier(family.config.family_options.attributes, accelerator)
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    z_dim, res = family.config.model.z_dim, family.config.data.resolution
+    sums = {}
+    for group, items in prompt_groups().items():
+        per_group = max(n // 2, 1)
+        generated, real = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        sentences = g.encode([text for _, text in items])
+        for block in range(rank, (per_group + batch - 1) // batch, world):
+            which = torch.arange(block * batch, min(per_group, (block + 1) * batch)) % len(items)
+            z = torch.randn(len(which), z_dim, generator=torch.Generator().manual_seed(seed * 1_000_003 + block))
+            images = to_uint8(g(z.to(device), sentences[which.to(device)]))
+            generated += _score(classifier, images, [items[i][1] for i in which.tolist()])
+        if rank == 0:  # the ceiling: the prompts' own scenes, rendered
+            renders, _ = render_captioned_batch(HELD_OUT_SEED, [i for i, _ in items], res)
+            real += _score(classifier, renders.to(device), [text for _, text in items])
+        sums[group] = torch.stack([generated, real])
+    stacked = torch.stack(list(sums.values())).to(device)
+    total = accelerator.reduce(stacked, "sum").cpu() if world > 1 else stacked.cpu()
+    result = {}
+    for (group, _), (generated, real) in zip(sums.items(), total):
+        result[f"attr_acc{group}"] = float(generated[0] / generated[1])
+        result[f"attr_all{group}"] = float(generated[2] / max(n // 2, 1))
+        result[f"attr_acc_real{group}"] = float(real[0] / real[1])
+    return result
+
+
+@torch.no_grad()
+def caption_fid(family, g, data, extractor, accelerator, n: int, wanted: list, seed: int, batch: int) -> dict:
+    """fid/kid of images drawn from the first n captions of `data` against the images of `data`."""
+    from bigan.metrics.evaluate import _counted, _in_order, _usable, evaluate
+
+    shard_set = _counted(data)
+    n = _usable(sum(shard_set.counts), n, accelerator.num_processes)
+    z_dim, device = family.config.model.z_dim, accelerator.device
+
+    def blocks():
+        first = accelerator.process_index * (n // accelerator.num_processes)
+        pending = []
+        for i, sample in _in_order(shard_set, family.config.data.resolution, accelerator, n):
+            pending += sample["caption"]
+            if len(pending) == batch or i == n // accelerator.num_processes - 1:
+                indices = torch.arange(first, first + len(pending))
+                z = torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(j)))
+                                 for j in indices])
+                yield indices, to_uint8(g(z.to(device), g.encode(pending)))
+                first, pending = first + len(pending), []
+
+    result = evaluate(blocks(), data, family.config.data.resolution, extractor, accelerator, n, wanted, batch)
+    return {k: v for k, v in result.items() if k != "n"}
