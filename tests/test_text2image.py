@@ -14,7 +14,7 @@ from bigan.data import captions as C
 from bigan.models import dfgan
 from bigan.models.text import words
 from conftest import HELPERS, free_port, run, tiny_args
-from test_trainer import _assert_close, _equal, _events
+from test_trainer import _assert_close, _events, assert_same_checkpoint
 
 TINY = {"model.arch": "dfgan", "data.shards": "demo_captions", "data.demo_images": 96, "data.workers": 1,
         "dfgan.cond_dim": 16, "dfgan.text_width": 16, "dfgan.text_heads": 2, "dfgan.text_depth": 1,
@@ -49,14 +49,7 @@ def test_trains_on_captions_evaluates_and_resumes_bit_for_bit(runs):
     phases' terms and the evaluation logged, with the held-out prompts beside the grids."""
     a, b = (checkpoint.checkpoints(runs / name)[-1] for name in ("straight", "split"))
     assert a.name == b.name == "ckpt-000000006"
-    for name in ("model.safetensors", "model_1.safetensors"):
-        left, right = load_file(str(a / name)), load_file(str(b / name))
-        assert all(torch.equal(left[k], right[k]) for k in left), name
-    states = checkpoint.states(a)
-    for name in ("optimizer.bin", "optimizer_1.bin", *states.values()):
-        left, right = (torch.load(p / name, weights_only=False) for p in (a, b))
-        assert _equal(left, right), name
-    assert (a / "data_rank_0.json").read_text() == (b / "data_rank_0.json").read_text()
+    assert_same_checkpoint(a, b, checkpoint.states(a).values())
     g, d = load_file(str(a / "model.safetensors")), load_file(str(a / "model_1.safetensors"))
     encoder = {k: v for k, v in d.items() if k.startswith("text.")}
     assert encoder and all(torch.equal(g[k], v) for k, v in encoder.items()), "G holds D's text encoder as trained"

@@ -70,13 +70,7 @@ def test_resume_continues_bitwise(arch, tiny_shards, tiny_pairs, tmp_path, env):
 
     a, b = (checkpoint.checkpoints(tmp_path / name)[-1] for name in ("straight", "split"))
     assert a.name == b.name == "ckpt-000000006"
-    for name in ("model.safetensors", "model_1.safetensors"):
-        left, right = load_file(str(a / name)), load_file(str(b / name))
-        assert all(torch.equal(left[k], right[k]) for k in left), name
-    for name in ("optimizer.bin", "optimizer_1.bin", "custom_checkpoint_0.pkl", "custom_checkpoint_2.pkl"):
-        left, right = (torch.load(p / name, weights_only=False) for p in (a, b))
-        assert _equal(left, right), name
-    assert (a / "data_rank_0.json").read_text() == (b / "data_rank_0.json").read_text()
+    assert_same_checkpoint(a, b)
     # lazy R1 (bigan's default loss.r1, every 16) is its own Dreg step in every family, pix2pix's too
     assert torch.load(a / "custom_checkpoint_0.pkl", weights_only=False)["phase_steps"]["Dreg"] == 1
 
@@ -89,6 +83,17 @@ def _equal(x, y):
     if isinstance(x, torch.Tensor):
         return torch.equal(x, y)
     return x == y
+
+
+def assert_same_checkpoint(a, b, states=("custom_checkpoint_0.pkl", "custom_checkpoint_2.pkl")):
+    """Two checkpoint dirs hold the same weights (bitwise), optimizers, the given custom states and stream position."""
+    for name in ("model.safetensors", "model_1.safetensors"):
+        left, right = load_file(str(a / name)), load_file(str(b / name))
+        assert all(torch.equal(left[k], right[k]) for k in left), name
+    for name in ("optimizer.bin", "optimizer_1.bin", *states):
+        left, right = (torch.load(p / name, weights_only=False) for p in (a, b))
+        assert _equal(left, right), name
+    assert (a / "data_rank_0.json").read_text() == (b / "data_rank_0.json").read_text()
 
 
 def _params(path):
