@@ -103,6 +103,8 @@ def test_the_auto_rule_follows_the_official_config(monkeypatch):
     ("--stylegan2.mbstd_group=3", "stylegan2.mbstd_group"), ("--stylegan2.style_mixing=2", "stylegan2.style_mixing"),
     ("--stylegan2.pl_batch_shrink=0", "stylegan2.pl_batch_shrink"), ("--stylegan2.w_dim=0", "stylegan2.w_dim"),
     ("--stylegan2.channel_base=32", "stylegan2.channel_base"),  # (0 channels at 64 px)
+    ("--loss.name=hinge", "loss.name"),  # (G's loss is the logistic one)
+    ("--augment.p=0.5", "augment.p"),    # (ADA's starting p, and augment.kind is none)
 ])
 def test_settings_it_cannot_train_with_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
@@ -117,3 +119,11 @@ def test_augmentation_serves_every_noise_family(tiny_shards, tmp_path, env):
     state = torch.load(checkpoint.checkpoints(run_dir)[-1] / "custom_checkpoint_0.pkl", weights_only=False)
     assert state["phase_steps"] == {"D": 4, "Dreg": 2, "G": 4}
     assert "Penalty/R1" in _events(run_dir).Tags()["scalars"]
+
+
+def test_architecture_records_what_shapes_the_networks_so_a_resume_may_change_the_rest():
+    from bigan import families
+
+    arch = families.build(load_config(None, ["--model.arch=stylegan2"])).architecture()
+    assert {"stylegan2.channel_base", "stylegan2.w_dim", "stylegan2.mapping_lr", "stylegan2.conv_clamp"} <= set(arch)
+    assert not {"stylegan2.pl_weight", "stylegan2.style_mixing", "stylegan2.mbstd_group"} & set(arch)
