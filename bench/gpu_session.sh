@@ -16,7 +16,7 @@
 #   checks  DeepSpeed ZeRO-2 bf16, ZeRO-3 fp16 and pix2pix ZeRO-3 bf16 from shards, as users launch them
 #   speed   (~6 min; stops where the call's limit cuts it, each figure already written) where an
 #           iteration's time goes, ZeRO beside the yardstick, the step alone
-#   sg2     (~4 min) StyleGAN2 (issue 26): bench/stylegan2_speed.py (img/s, s/kimg, peak memory at 64, 128, 256 px,
+#   sg2     (~6 min) StyleGAN2 (issue 26): bench/stylegan2_speed.py (img/s, s/kimg, peak memory at 64, 128, 256 px,
 #           bf16, with and without compile: the 'paper' case is the issue's FFHQ-U 256 reference, goal >= 170 img/s),
 #           then StyleGAN2 with ADA on DeepSpeed ZeRO-2 bf16 from shards as users launch it
 #   all     checks, then speed, then sg2 (what the next session should run first: speed is still unmeasured)
@@ -93,8 +93,9 @@ speed() {
   step train_step 40 "$PYTHON" bench/train_step.py --device "$DEVICE" --out "$OUT/train_step.json"
 }
 sg2() {
-  step stylegan2_speed 170 "$PYTHON" bench/stylegan2_speed.py --device "$DEVICE" --iterations "${SG2_ITERATIONS:-32}" \
-    ${SG2_TINY:+--tiny} --out "$OUT/stylegan2_speed.jsonl"
+  # the 'paper' case (FFHQ-U 256's channels and batch) at 64/128/256 px, uncompiled then compiled
+  step stylegan2_speed 300 "$PYTHON" bench/stylegan2_speed.py --device "$DEVICE" --iterations "${SG2_ITERATIONS:-32}" \
+    --case paper ${SG2_TINY:+--tiny} --out "$OUT/stylegan2_speed.jsonl"
   step stylegan2_zero2_bf16 80 "$PYTHON" -m accelerate.commands.launch \
     --config_file launch_configs/accelerate/deepspeed_zero2.yaml --num_processes 1 bigan/train.py \
     --config launch_configs/experiments/stylegan2-auto.yaml --data.shards=demo --data.demo_images=2000 \

@@ -84,9 +84,9 @@ def main():
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bigan-sg2-speed-"))
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
-    for res in args.res or [64, 128, 256]:
-        for case in args.case or ["paper", "auto"]:
-            for compiled in compiles:
+    for compiled in compiles:  # (uncompiled first: each figure is written as soon as it exists)
+        for res in args.res or [64, 128, 256]:
+            for case in args.case or ["paper", "auto"]:
                 overrides = [*CASES[case], *(TINY if args.tiny else []), f"--data.resolution={res}",
                              f"--train.precision={args.precision}", f"--train.compile={str(compiled).lower()}"]
                 row = {"case": case, "resolution": res, "precision": args.precision, "compile": compiled,
