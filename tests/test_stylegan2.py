@@ -119,6 +119,14 @@ def test_augmentation_serves_every_noise_family(tiny_shards, tmp_path, env):
     state = torch.load(checkpoint.checkpoints(run_dir)[-1] / "custom_checkpoint_0.pkl", weights_only=False)
     assert state["phase_steps"] == {"D": 4, "Dreg": 2, "G": 4}
     assert "Penalty/R1" in _events(run_dir).Tags()["scalars"]
+    from bigan import families
+
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    for arch in ("dcgan", "resnet", "stylegan2"):  # each noise family puts what D sees through it
+        family = families.build(load_config(None, [f"--model.arch={arch}", "--data.resolution=32", "--loss.pack=1",
+                                                   "--augment.kind=diffaugment"]))
+        assert family.pipe is not None and not torch.equal(family.augment(images), images), arch
+    assert families.build(load_config(None, ["--model.arch=dcgan"])).augment(images) is images  # kind=none
 
 
 def test_architecture_records_what_shapes_the_networks_so_a_resume_may_change_the_rest():

@@ -228,13 +228,16 @@ def test_lr_multiplier_slows_the_effective_weights_under_adam():
     torch.testing.assert_close(steps[1.0] / steps[0.01], torch.full((4, 16), 100.0, dtype=torch.float64))
 
 
-def test_w_avg_tracks_only_with_update_emas_and_truncation_pulls_to_it():
+def test_w_avg_tracks_only_when_told_and_truncation_pulls_to_it():
     g = small_g()
     z = torch.randn(6, 16)
-    g(z)
-    assert g.mapping.w_avg.abs().sum() == 0
-    ws = g.mapping(z, update_emas=True)
+    ws = g.mapping(z)
+    g(z, style_mixing=0.9)
+    assert g.mapping.w_avg.abs().sum() == 0, "a forward leaves w_avg alone (the family moves it, over all ranks)"
+    g.mapping.track_w_avg(ws[:, 0].mean(0))
     torch.testing.assert_close(g.mapping.w_avg, (1 - 0.995) * ws[:, 0].mean(0))  # lerp from w_avg = 0
+    g.mapping.track_w_avg(ws[:, 0].mean(0))
+    torch.testing.assert_close(g.mapping.w_avg, (1 - 0.995 ** 2) * ws[:, 0].mean(0))
     g.mapping.w_avg.normal_()
     assert torch.equal(g.mapping(z, psi=0.0), g.mapping.w_avg.expand(6, g.num_ws, -1))
     cut = g.mapping(z, psi=0.0, truncation_cutoff=3)

@@ -75,7 +75,6 @@ class StyleGAN2(NoiseFamily):
     name = "stylegan2"
     options = StyleGAN2Options
     resolutions = RESOLUTIONS
-    dcgan_init = False
 
     def __init__(self, config):
         super().__init__(config)
@@ -200,8 +199,9 @@ class StyleGAN2(NoiseFamily):
         # against the running mean as it stood before this step (the official code moves it by each
         # micro-batch first): so a step does not depend on how its batch is split
         penalty = (lengths - self.path_length.mean).square().mean()
-        # (+ 0 x a pixel: the toRGB biases take part in this backward too, as DDP needs of every parameter)
-        loss = penalty * (o.pl_weight * o.pl_interval) + 0 * images[:, 0, 0, 0].float().mean() + step.anchor("g", z, y)
+        # (+ 0 x a pixel: the toRGB biases take part in this backward too, as DDP needs of every parameter; no
+        # ZeRO-3 anchor: Greg is refused on a ZeRO-3 G, Phase.zero3)
+        loss = penalty * (o.pl_weight * o.pl_interval) + 0 * images[:, 0, 0, 0].float().mean()
         return loss, {"Penalty/PL": penalty.detach(), "PL/length": lengths.detach().mean()}
 
     @staticmethod

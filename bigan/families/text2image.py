@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bigan import losses
 from bigan.families.base import Family, Network, Phase, Samples
 from bigan.models import dfgan
 from bigan.models.text import UNK, Tokenizer, TextEncoder, words
@@ -184,10 +185,6 @@ class DFGAN(Family):
                 ("eval.metrics", "attr" not in wanted or "demo_captions" in config.data.shards.split("::"),
                  "attr scores prompts of the captioned demo: it needs data.shards=demo_captions")]
 
-    @classmethod
-    def auto_pack(cls, config) -> int:
-        return 1
-
     def check_data(self, shard_set, key: str, source: str) -> str | None:
         if shard_set.captions is False:
             return (f"{key}: model.arch=dfgan trains on captioned images, and {source} holds none (write shards with "
@@ -195,12 +192,9 @@ class DFGAN(Family):
         return None
 
     def architecture(self) -> dict:
-        self.vocabulary()
-        settings = self.config.to_dict()
-        arch = {f"model.{k}": v for k, v in settings["model"].items() if k != "sync_batchnorm"}
-        arch.update({"data.resolution": self.config.data.resolution, "loss.pack": self.config.loss.pack})
-        arch.update({f"dfgan.{k}": settings["dfgan"][k] for k in ARCHITECTURE_KEYS})
-        return arch
+        self.vocabulary()  # (filled in first, so that architecture.json records it)
+        return {k: v for k, v in super().architecture().items()
+                if not k.startswith("dfgan.") or k.split(".", 1)[1] in ARCHITECTURE_KEYS}
 
     def vocabulary(self) -> list[str]:
         """dfgan.vocabulary's words; when it is empty, the shards' most frequent caption words, written into it
@@ -294,7 +288,7 @@ class DFGAN(Family):
         with torch.no_grad():
             sentences = d(ids=ids, mask=mask)
         z, _ = self.draw(len(ids), step.device)
-        return dfgan.g_loss(d(step.train("g")(z, sentences), sentences))
+        return losses.g_loss("hinge", d(step.train("g")(z, sentences), sentences))
 
     # -- grids: fixed held-out prompts, one row each, their texts beside the grid
     def grid_inputs(self, device):
@@ -364,7 +358,7 @@ class DFGAN(Family):
         """--n images per prompt (rows of a grid); --interpolate STEPS: rows walking from --prompt to
         --prompt-to (the sentence embeddings, linearly; one latent per row), or between two latents for
         each prompt; unknown words are named in a warning."""
-        from bigan.sample import latents, slerp
+        from bigan.sample import generate, latents, slerp
 
         prompts = [args.prompt, args.prompt_to] if args.prompt_to is not None else self.prompts(args)
         self.warn_unknown(prompts)
@@ -387,9 +381,7 @@ class DFGAN(Family):
             z = latents(args.n * len(prompts), z_dim, seed, args.truncation)
             s = sentences.repeat_interleave(args.n, 0)
             note = f"{args.n} images of each of {len(prompts)} prompt{'s' if len(prompts) > 1 else ''}"
-        with torch.no_grad():
-            images = torch.cat([g(z[i:i + 256].to(device), s[i:i + 256].to(device)).float().cpu()
-                                for i in range(0, len(z), 256)])
+        images = generate(g, 0, z, labels=s, device=device)  # (G's second input: the sentences)
         columns = steps or (args.n if len(prompts) > 1 else None)  # a row per prompt; one prompt: a square grid
         return Samples(images, names=self.planned_names(args), columns=columns, note=note)
 

@@ -187,12 +187,6 @@ def d_loss(real_logits, fake_logits, mismatched_logits):
                   "D/mismatched": mismatched_logits.detach().float().mean()}
 
 
-def g_loss(fake_logits):
-    """-D(fake, s): the generator raises D's verdict on its images with their sentences."""
-    loss = -fake_logits.float().mean()
-    return loss, {"Loss/G": loss.detach(), "D/fake_for_G": fake_logits.detach().float().mean()}
-
-
 def ma_gp(real_images, sentences, real_logits, weight: float = 2.0, power: float = 6.0):
     """Matching-aware zero-centred gradient penalty on real pairs (DF-GAN's MA-GP):
 

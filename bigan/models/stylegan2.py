@@ -321,7 +321,7 @@ class MappingNetwork(nn.Module):
         if num_ws is not None:
             self.register_buffer("w_avg", torch.zeros(w_dim))
 
-    def forward(self, z, y=None, psi=1.0, truncation_cutoff=None, update_emas=False):
+    def forward(self, z, y=None, psi=1.0, truncation_cutoff=None):
         # in fp32: the network is tiny next to the convs, and w_avg and truncation move w by small steps
         with _fp32(self.fc0.weight):
             x = self._input(z, y)
@@ -329,8 +329,6 @@ class MappingNetwork(nn.Module):
                 x = getattr(self, f"fc{i}")(x)
             if self.num_ws is None:
                 return x
-            if update_emas:
-                self._track_w_avg(x)
             ws = x[:, None].repeat(1, self.num_ws, 1)
             return ws if psi == 1 else self._truncate(ws, psi, truncation_cutoff)
 
@@ -343,10 +341,6 @@ class MappingNetwork(nn.Module):
             c = y.float() if y.is_floating_point() else F.one_hot(y.long(), self.c_dim).float()
             parts.append(normalize_2nd_moment(self.embed(c)))
         return torch.cat(parts, 1)
-
-    @torch.no_grad()
-    def _track_w_avg(self, x):
-        self.track_w_avg(x.detach().float().mean(0))
 
     @torch.no_grad()
     def track_w_avg(self, w_mean):
@@ -371,25 +365,25 @@ class Generator(nn.Module):
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim, num_classes, w_dim, self.num_ws, mapping_layers, mapping_lr)
 
-    def forward(self, z, y=None, psi=1.0, truncation_cutoff=None, noise_mode="random", update_emas=False,
+    def forward(self, z, y=None, psi=1.0, truncation_cutoff=None, noise_mode="random",
                 style_mixing=0.0, return_ws=False, path_noise=None):
-        """psi, truncation_cutoff: truncation towards w_avg; update_emas: track w_avg on this batch;
+        """psi, truncation_cutoff: truncation towards w_avg (which the family moves: MappingNetwork.track_w_avg);
         style_mixing: the probability of mixing in a second latent's styles (training, mix_styles);
         return_ws: (images, ws); path_noise: a function of the images giving the noise y of path_lengths,
         then (images, path lengths). The lengths are taken here, inside the forward: a ZeRO-3 engine hands
         a module's outputs back through hooks of its own, and images out of it no longer depend on ws out
         of it; and DDP and engines see one forward per call."""
         if style_mixing > 0:
-            ws = mix_styles(self, z, y, style_mixing, update_emas=update_emas)
+            ws = mix_styles(self, z, y, style_mixing)
         else:
-            ws = self.mapping(z, y, psi, truncation_cutoff, update_emas)
+            ws = self.mapping(z, y, psi, truncation_cutoff)
         images = self.synthesis(ws, noise_mode)
         if path_noise is not None:
             return images, path_lengths(images, ws, path_noise(images))
         return (images, ws) if return_ws else images
 
 
-def mix_styles(G, z, y=None, prob=0.9, generator=None, update_emas=False):
+def mix_styles(G, z, y=None, prob=0.9, generator=None):
     """ws for a training batch with style mixing (mixing regularization), as the official loss draws them:
 
     with probability `prob`, cutoff ~ U{1, ..., num_ws - 1} and ws[:, cutoff:] come from a second latent z2;
@@ -397,7 +391,7 @@ def mix_styles(G, z, y=None, prob=0.9, generator=None, update_emas=False):
     prob > 0, so the random stream does not depend on the draw, and never updates w_avg. Draws from torch's
     default RNG on z's device unless `generator` (on that device) is given. G: an unwrapped Generator.
     Returns (N, num_ws, w_dim) for G.synthesis; the draw stays on the device (no host sync)."""
-    ws = G.mapping(z, y, update_emas=update_emas)
+    ws = G.mapping(z, y)
     if prob <= 0:
         return ws
     num_ws = ws.shape[1]
