@@ -20,6 +20,13 @@ from conftest import HELPERS, run, tiny_args
     {"train.precision": "no"},
     {"train.precision": "bf16", "loss.r1": 1.0, "loss.r1_interval": 2, "loss.name": "bce"},
     {"train.precision": "fp16", "train.grad_clip": 1.0, "model.arch": "resnet", "train.grad_accum": 2},
+    # StyleGAN2 with ADA: all four phases within the 3 steps (Greg and Dreg every 2), p's update after each D step
+    {"train.precision": "bf16", "model.arch": "stylegan2", "loss.pack": 1, "stylegan2.channel_base": 128,
+     "stylegan2.channel_max": 8, "stylegan2.w_dim": 16, "stylegan2.mbstd_group": 2, "stylegan2.pl_interval": 2,
+     "loss.r1_interval": 2, "augment.kind": "ada", "augment.interval": 1},
+    # DF-GAN: tokenized captions, the text encoder, MA-GP, G's encoder copy after each D step
+    {"train.precision": "no", "model.arch": "dfgan", "dfgan.vocabulary": "a red sun over still water",
+     "dfgan.cond_dim": 16, "dfgan.text_width": 16, "dfgan.text_heads": 2},
 ])
 def test_train_step_never_waits_for_the_device(extra, count_host_reads, monkeypatch, tmp_path):
     counting, reads = count_host_reads
@@ -29,7 +36,8 @@ def test_train_step_never_waits_for_the_device(extra, count_host_reads, monkeypa
     overrides = {"data.resolution": 32, "model.g_channels": 4, "model.d_channels": 4, "model.z_dim": 8,
                  "train.batch_size": 2, "run.dir": str(tmp_path), **extra}
     trainer = Trainer(load_config(None, [f"--{k}={v}" for k, v in overrides.items()]), Accelerator(cpu=True))
-    reals = [{"image": torch.rand(2, 3, 32, 32) * 2 - 1, "label": None}] * 4
+    reals = [{"image": torch.rand(2, 3, 32, 32) * 2 - 1, "label": None,
+              "caption": ["a red sun", "still water"]}] * 4
 
     def batches():
         while True:
