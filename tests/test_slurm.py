@@ -27,11 +27,15 @@ def slurm(tmp_path_factory, env):  # module fixture would then stop and start th
             pytest.fail(message)
         pytest.skip(message)
     state = tmp_path_factory.mktemp("slurm")
+    # ports of this pytest worker's own: should xdist ever start a second cluster (seen once in a clean-clone
+    # run: one Slurm test on another worker, "Address already in use"), the two must not collide
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    ports = {**os.environ, "SLURM_TEST_PORT": str(16817 + 10 * int(worker or 0))}
     start = subprocess.run(["bash", "tests/slurm_cluster.sh", "start", str(state)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, env=ports)
     assert start.returncode == 0, start.stdout + start.stderr
     yield {**env, "SLURM_CONF": str(state / "slurm.conf")}
-    subprocess.run(["bash", "tests/slurm_cluster.sh", "stop", str(state)], cwd=ROOT, timeout=60)
+    subprocess.run(["bash", "tests/slurm_cluster.sh", "stop", str(state)], cwd=ROOT, timeout=60, env=ports)
 
 
 SUBMITTED: list = []  # job ids, cancelled after each test whatever its outcome
