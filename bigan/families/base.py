@@ -158,6 +158,10 @@ class Family:
         """Metrics of generator g (every rank calls this; each computes its share)."""
         raise NotImplementedError
 
+    def prepare_metrics(self, wanted, accelerator):
+        """Load what the family's own metrics among `wanted` need, at start-up (before anything is written), so
+        that a missing or broken file fails then, not at the first evaluation."""
+
     def planned_names(self, args) -> list:
         """The file names bigan-sample would write into an output folder (checked before it generates)."""
         return [f"{i:06d}.png" for i in range(args.n)]

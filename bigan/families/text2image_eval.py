@@ -1,16 +1,19 @@
-"""What model.arch=dfgan is evaluated with: attribute accuracy on the captioned demo's prompts (attr), and
-fid/kid of images drawn from the reference set's own captions.
+"""What model.arch=dfgan is evaluated with: attribute accuracy (attr), R-precision (rprec) and CLIP score (clip)
+on the captioned demo's prompts, and fid/kid of images drawn from the reference set's own captions.
 
-attr: for each of two groups of prompts, captions of unseen demo scenes (attribute combinations seen
-in training) and of held-out scenes (combinations never trained on, bigan.data.captions.HELD_OUT),
-n / 2 images are drawn (prompt i % EVAL_PROMPTS, latents seeded per block, so the samples do not
-depend on the ranks) and an attribute classifier reads what they show. An image is scored on the
-attributes its prompt names (style, sun or moon, ridges, water, trees; bigan.data.captions.mentioned):
+attr, rprec, clip: for each of two groups of prompts, captions of unseen demo scenes (attribute combinations
+seen in training) and of held-out scenes (combinations never trained on, bigan.data.captions.HELD_OUT),
+n / 2 images are drawn once (prompt i % EVAL_PROMPTS, latents seeded per block, so the samples do not
+depend on the ranks) and every wanted scorer reads them; the real renders of the same prompts give each
+metric's ceiling. An attribute classifier scores an image on the attributes its prompt names (style, sun or
+moon, ridges, water, trees; bigan.data.captions.mentioned):
 
     attr_acc, attr_acc_held_out            share of named attributes the images show
     attr_all, attr_all_held_out            share of images showing every attribute their prompt names
     attr_acc_real, attr_acc_real_held_out  the same of the real renders of those prompts: the ceiling
                                            (the classifier's own errors: ridges are hard at 32 px)
+
+rprec and clip (rprec_held_out, rprec_real, rprec_real_held_out; clip_...): bigan.families.text2image_metrics.
 """
 from __future__ import annotations
 
@@ -53,49 +56,80 @@ def attribute_classifier(path: str, accelerator):
     return torch.jit.load(str(cached), map_location=accelerator.device).eval()
 
 
-def _score(classifier, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """(named attributes right, named attributes, images with all right) of uint8 images against prompts."""
-    from bigan.data.captions import HEADS, mentioned
+class AttributeAccuracy:
+    """attr_acc{group}, attr_all{group}, attr_acc_real{group}, from the attribute classifier's readings."""
 
-    with torch.no_grad():
-        logits = classifier(images)
-    picks = {name: logits[name].argmax(1).tolist() for name in HEADS}
-    sums = torch.zeros(3, dtype=torch.float64)
-    for i, prompt in enumerate(prompts):
-        named = {k: v for k, v in mentioned(prompt).items() if k in HEADS}
-        right = sum(HEADS[k][picks[k][i]] == v for k, v in named.items())
-        sums += torch.tensor([right, len(named), float(right == len(named))], dtype=torch.float64)
-    return sums
+    width = 4  # sums per group
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def sums(self, images: torch.Tensor, texts: list[str], which: torch.Tensor) -> torch.Tensor:
+        """(named attributes right, named attributes, images with all right, images) of uint8 images drawn
+        from texts[which]."""
+        from bigan.data.captions import HEADS, mentioned
+
+        logits = self.classifier(images)
+        picks = {name: logits[name].argmax(1).tolist() for name in HEADS}
+        sums = torch.zeros(4, dtype=torch.float64)
+        for i, prompt in enumerate(texts[j] for j in which.tolist()):
+            named = {k: v for k, v in mentioned(prompt).items() if k in HEADS}
+            right = sum(HEADS[k][picks[k][i]] == v for k, v in named.items())
+            sums += torch.tensor([right, len(named), float(right == len(named)), 1], dtype=torch.float64)
+        return sums
+
+    def results(self, group: str, generated: torch.Tensor, real: torch.Tensor) -> dict:
+        return {f"attr_acc{group}": float(generated[0] / generated[1]),
+                f"attr_all{group}": float(generated[2] / generated[3]),
+                f"attr_acc_real{group}": float(real[0] / real[1])}
+
+
+def scorers(family, accelerator, wanted) -> list:
+    """The scorers of the wanted prompt metrics (attr, rprec, clip), their networks loaded or trained."""
+    from bigan.families.text2image_metrics import ClipScore, RPrecision
+
+    o = family.config.family_options
+    found = []
+    if "attr" in wanted:
+        found.append(AttributeAccuracy(attribute_classifier(o.attributes, accelerator)))
+    if "rprec" in wanted:
+        found.append(RPrecision(accelerator))
+    if "clip" in wanted:
+        found.append(ClipScore(o.clip, accelerator.device))
+    return found
 
 
 @torch.no_grad()
-def attribute_scores(family, g, accelerator, n: int, seed: int, batch: int) -> dict:
+def prompted_scores(family, g, accelerator, n: int, seed: int, batch: int, wanted) -> dict:
+    """The prompt metrics of n images (n / 2 per group) and of the prompts' real renders; this rank draws
+    blocks rank, rank + world, ... and the sums over the ranks are the results (the same on every rank)."""
     from bigan.data.captions import HELD_OUT_SEED, render_captioned_batch
 
-    classifier = attribute_classifier(family.config.family_options.attributes, accelerator)
+    found = scorers(family, accelerator, wanted)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    z_dim, res = family.config.model.z_dim, family.config.data.resolution
-    sums = {}
-    for group, items in prompt_groups().items():
-        per_group = max(n // 2, 1)
-        generated, real = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-        sentences = g.encode([text for _, text in items])
+    z_dim, res, per_group = family.config.model.z_dim, family.config.data.resolution, max(n // 2, 1)
+    sums = []
+    for items in prompt_groups().values():
+        texts = [text for _, text in items]
+        generated = [torch.zeros(s.width, dtype=torch.float64) for s in found]
+        real = [torch.zeros(s.width, dtype=torch.float64) for s in found]
+        sentences = g.encode(texts)
         for block in range(rank, (per_group + batch - 1) // batch, world):
             which = torch.arange(block * batch, min(per_group, (block + 1) * batch)) % len(items)
             z = torch.randn(len(which), z_dim, generator=torch.Generator().manual_seed(seed * 1_000_003 + block))
             images = to_uint8(g(z.to(device), sentences[which.to(device)]))
-            generated += _score(classifier, images, [items[i][1] for i in which.tolist()])
+            generated = [total + s.sums(images, texts, which) for total, s in zip(generated, found)]
         if rank == 0:  # the ceiling: the prompts' own scenes, rendered
             renders, _ = render_captioned_batch(HELD_OUT_SEED, [i for i, _ in items], res)
-            real += _score(classifier, renders.to(device), [text for _, text in items])
-        sums[group] = torch.stack([generated, real])
-    stacked = torch.stack(list(sums.values())).to(device)
+            real = [s.sums(renders.to(device), texts, torch.arange(len(items))) for s in found]
+        sums.append(torch.cat(generated + real))
+    stacked = torch.stack(sums).to(device)
     total = accelerator.reduce(stacked, "sum").cpu() if world > 1 else stacked.cpu()
     result = {}
-    for (group, _), (generated, real) in zip(sums.items(), total):
-        result[f"attr_acc{group}"] = float(generated[0] / generated[1])
-        result[f"attr_all{group}"] = float(generated[2] / max(n // 2, 1))
-        result[f"attr_acc_real{group}"] = float(real[0] / real[1])
+    for group, row in zip(prompt_groups(), total):
+        parts = row.split([s.width for s in found] * 2)
+        for s, generated, real in zip(found, parts[:len(found)], parts[len(found):]):
+            result.update(s.results(group, generated, real))
     return result
 
 

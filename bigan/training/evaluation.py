@@ -22,6 +22,7 @@ class Evaluation:
                 self.extractor = Extractor(e.extractor, accelerator.device, e.inception or None, res)
             if e.modes:
                 self.classifier = ModeClassifier(e.modes, accelerator.device, res)
+            family.prepare_metrics(self.wanted, accelerator)
 
     def run(self, g) -> dict:
         """Metrics of generator g against eval.data (every rank generates its share). In fp32 (no
