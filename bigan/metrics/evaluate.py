@@ -265,7 +265,8 @@ def _refuse_idle_flags(parser, args, wanted):
             ("--extractor", args.extractor is not None and not scores_features, "no fid, kid, is or pr is computed"),
             ("--inception", args.inception is not None and args.extractor not in (None, "inception"),
              f"--extractor {args.extractor} is not Inception"),
-            ("--inception", args.inception is not None and not scores_features, "no fid, kid, is or pr is computed")]
+            ("--inception", args.inception is not None and not scores_features, "no fid, kid, is or pr is computed"),
+            ("--clip", args.clip is not None and "clip" not in wanted, "--metrics names no clip")]
     for flag, given, why in idle:
         if given:
             parser.error(f"{flag} would do nothing: {why}")
@@ -288,6 +289,8 @@ def main(argv=None):
     parser.add_argument("--modes", default=None, metavar="CLASSIFIER",
                         help="mode coverage: a TorchScript/pickled classifier of uint8 NCHW images to K class "
                              "logits; reports modes reached of K and KL(samples || uniform)")
+    parser.add_argument("--clip", default=None, metavar="FOLDER", help="a local CLIP model folder (save_pretrained "
+                        "of CLIPModel and CLIPProcessor) for --metrics clip (model.arch=dfgan)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=None, help="seed of the generated samples' latents (default 0)")
     parser.add_argument("--no-ema", action="store_true", help="the raw generator instead of its EMA")
@@ -306,6 +309,8 @@ def main(argv=None):
         parser.error(f"--data: reference shards are needed for --metrics {','.join(wanted)}")
     if not wanted and not args.modes and not args.data:
         parser.error("nothing to compute: give --data (fid, kid, is, pr) and/or --modes CLASSIFIER")
+    if "clip" in wanted and args.clip is None:
+        parser.error("--clip: --metrics clip needs a local CLIP model folder (--clip FOLDER)")
     _refuse_idle_flags(parser, args, wanted)
     args.extractor = args.extractor or "inception"
     from accelerate import Accelerator
@@ -327,12 +332,17 @@ def main(argv=None):
             if network is not None:
                 network.probe(resolution)
         takes = family.metrics if family is not None else METRICS
-        wanted = wanted or (list(takes) if args.data else [])
+        wanted = wanted or ([m for m in takes if m != "clip"] if args.data else [])  # (clip needs --clip)
         wrong = sorted(set(wanted) - set(takes)) or (["modes"] if args.modes and family and not family.modes else [])
         if wrong:
             arch = f"model.arch={family.name}" if family is not None else "--samples"
             raise ExtractorError(f"--metrics: {', '.join(wrong)} cannot score {arch} (it takes {', '.join(takes)}"
                                  f"{', modes' if family is None or family.modes else ''})")
+        if args.clip is not None:  # (loaded now, so that a folder that is no CLIP model fails before generating)
+            from bigan.families.text2image_metrics import clip_model
+
+            clip_model(args.clip, "--clip")
+            family.config.family_options.clip = args.clip
         if images is not None:
             result = evaluate(array_images(images, accelerator, args.batch), args.data, resolution, extractor,
                               accelerator, len(images), wanted, args.batch, classifier=classifier)
