@@ -33,6 +33,8 @@ NOT_HERE = {  # command prefix -> why it does not run here
     ".venv/bin/accelerate launch --config_file launch_configs/accelerate/multi_gpu.yaml": "8 GPUs",
     ".venv/bin/accelerate launch --config_file launch_configs/accelerate/deepspeed_zero":
         "8 GPUs (test_deepspeed.py runs these launch configs with --num_processes 2)",
+    ".venv/bin/bigan-eval --checkpoint runs/text2image --metrics clip": "needs a real CLIP model's folder (a download); "
+                                                                         "test_text2image_metrics.py runs it with a tiny one",
 }
 TINY_TRAIN = ["--train.kimg=0.016", "--data.demo_images=32", "--model.g_channels=4", "--model.d_channels=4",
               "--model.z_dim=8", "--train.batch_size=4", "--data.workers=1", "--data.shuffle_buffer=8",
