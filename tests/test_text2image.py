@@ -222,11 +222,11 @@ def _family(batch_size=4):
 
 def test_mismatched_negatives_are_the_captions_rolled_by_one():
     family, _, d, batch = _family()
-    ids, mask = family.tokens(batch, "cpu")
+    ids, mask = family.tokenizer.encode(batch["caption"])
     sentences = d(ids=ids, mask=mask)
     real_logits, mismatched_logits = d(batch["image"], sentences, mismatched=True)
     rolled = batch["caption"][-1:] + batch["caption"][:-1]  # image i with caption i - 1
-    rolled_sentences = d.text(*family.tokens({"caption": rolled}, "cpu"))[0]
+    rolled_sentences = d.text(*family.tokenizer.encode(rolled))[0]
     torch.testing.assert_close(mismatched_logits, d(batch["image"], rolled_sentences), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(real_logits, d(batch["image"], sentences))
     assert not torch.allclose(mismatched_logits, real_logits)
@@ -238,7 +238,7 @@ def test_ma_gp_differentiates_in_the_sentence_too():
     family, _, d, batch = _family()
     for block in d.discriminator.blocks:  # past the start, where every residual gain is still 0
         block.gain.data.fill_(0.5)
-    ids, mask = family.tokens(batch, "cpu")
+    ids, mask = family.tokenizer.encode(batch["caption"])
     image = batch["image"].requires_grad_(True)
     sentences = d(ids=ids, mask=mask)
     real_logits = d(image, sentences)
@@ -270,21 +270,21 @@ def test_g_copies_the_text_encoder_after_each_d_step_and_encodes_prompts_with_it
         for p in d.text.parameters():
             p.add_(0.01)
     family.copy_text_encoder(step)
-    encoded = d.text(*family.tokens(batch, "cpu"))[0]
+    encoded = d.text(*family.tokenizer.encode(batch["caption"]))[0]
     torch.testing.assert_close(g.encode(batch["caption"]), encoded, atol=1e-5, rtol=1e-4)
     assert not any(name.startswith("text.") for name, _ in g.named_parameters()), "no optimizer steps G's copy"
 
 
-def _equivalence(tmp_path, env, launcher, **extra):
+def _equivalence(tmp_path, env, launcher, common=(), **extra):
     """(one process on the batch of 8, `launcher` on 2 ranks x 4, initial parameters) after three iterations of
     tests/helpers/step_equivalence.py (captions repeat every 4 samples: the mismatched pairs are the same on
-    both splits)."""
+    both splits); `common`: settings of both, `extra`: of the split run."""
     vocabulary = sorted({w for text in ("a red sun over still water", "three ridges under a white moon",
                                         "a meadow at dusk, no trees", "a golden sun above two ridges, woods")
                          for w in words(text)})
     settings = {**TINY, "data.resolution": 32, "model.z_dim": 8, "model.g_channels": 4, "model.d_channels": 4,
                 "dfgan.vocabulary": " ".join(vocabulary), "train.adam_eps": 1.0, "train.g_lr": 0.01,
-                "train.d_lr": 0.01, "run.dir": tmp_path / "r"}
+                "train.d_lr": 0.01, "run.dir": tmp_path / "r", **dict(common)}
     base = [f"--{k}={v}" for k, v in settings.items()]
     helper = str(HELPERS / "step_equivalence.py")
     run([sys.executable, helper, str(tmp_path / "big.pt"), *base, "--train.batch_size=8"], env)

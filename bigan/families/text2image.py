@@ -1,12 +1,12 @@
-"""Text-to-image: DF-GAN (Tao et al., CVPR 2022) with a text encoder that D trains, as one family.
+"""Text-to-image: DF-GAN (Tao et al., CVPR 2022) with a text encoder of bigan's own or a local one, as one family.
 
-Networks:
+Networks (bigan.families.text2image_text; where sentences come from: dfgan.text_encoder):
 
-    g   DF-GAN's G(z, sentence) (bigan.models.dfgan), holding a copy of the text encoder as buffers,
-        refreshed after every D step: G's weights alone (a checkpoint's, the EMA's, the export) turn
-        prompts into pictures. The tokenizer's words are dfgan.vocabulary, filled in from the shards'
-        captions at start-up, so that config.yaml and architecture.json record them.
-    d   DF-GAN's D and the text encoder (bigan.models.text.TextEncoder), stepped together by D's Adam
+    g   DF-GAN's G(z, sentence) (bigan.models.dfgan), holding a copy of bigan's text encoder as buffers
+        (joint: refreshed after every D step), so that G's weights alone (a checkpoint's, the EMA's, the
+        export) turn prompts into pictures. The tokenizer's words are dfgan.vocabulary, filled in from
+        the shards' captions at start-up, so that config.yaml and architecture.json record them.
+    d   DF-GAN's D, and (joint) the text encoder, stepped together by D's Adam
 
 Two phases per iteration:
 
@@ -36,8 +36,10 @@ from torch import nn
 
 from bigan import losses
 from bigan.families.base import Family, Network, Phase, Samples
+from bigan.families.text2image_text import (OWN_ENCODERS, PromptedGenerator, TextDiscriminator,
+                                            contrastive_text_encoder, encode_with, hf_encoder)
 from bigan.models import dfgan
-from bigan.models.text import UNK, Tokenizer, TextEncoder, words
+from bigan.models.text import UNK, TextEncoder, TextEncoderError, Tokenizer, words
 
 GRID_PROMPTS = 8  # rows of the TensorBoard grids: held-out prompts, one row each
 
@@ -60,10 +62,19 @@ class DFGANOptions:
                                       "read as unknown")
     vocabulary: str = _f("", "the tokenizer's words, space-separated ('' = the shards' caption vocabulary, "
                              "filled in at start-up)")
+    text_encoder: str = _f("joint", "where sentences come from: 'joint' (bigan's encoder, trained with D), "
+                                    "'contrastive' (bigan's encoder pre-trained once on data.shards' images and "
+                                    "captions with CLIP's loss, then frozen, as DF-GAN's DAMSM), or the folder of a "
+                                    "local Hugging Face text encoder (frozen; dfgan.cond_dim becomes its width)")
+    pretrain_images: int = _f(5000, "text_encoder=contrastive: images and captions it is pre-trained on (the "
+                                    "first of data.shards)")
+    pretrain_steps: int = _f(1000, "text_encoder=contrastive: pre-training steps of 64 pairs")
     ma_gp: float = _f(2.0, "matching-aware gradient penalty weight on real pairs (DF-GAN: 2; 0 = off)")
     ma_gp_power: float = _f(6.0, "the power of the gradient norm in it (DF-GAN: 6)")
     attributes: str = _f("", "attr metric: TorchScript attribute classifier of the captioned demo "
                              "('' = trained on first use, cached under $BIGAN_CACHE)")
+    clip: str = _f("", "clip metric: folder of a local CLIP model and its processor (save_pretrained of "
+                       "transformers' CLIPModel and CLIPProcessor; nothing is downloaded)")
 
 
 # measured with DeepSpeed 0.19.8 on 2 CPU ranks (tests/test_text2image.py): G on ZeRO-3 and D on ZeRO-1/2 match the
@@ -71,73 +82,15 @@ class DFGANOptions:
 ZERO3_MA_GP = ("MA-GP (dfgan.ma_gp) fails with D inside a ZeRO-3 engine; put D on ZeRO-1 or 2 "
                "(train.deepspeed_d=launch_configs/deepspeed/zero2.json) or set dfgan.ma_gp=0")
 # what the weights' shapes depend on, of the section above (architecture.json; bigan-sample rebuilds from it)
-ARCHITECTURE_KEYS = ("depth", "cond_dim", "text_width", "text_depth", "text_heads", "max_words", "vocabulary")
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A copy of module whose parameters are buffers: no optimizer steps them, EMA and checkpoints keep them."""
-    import copy
-
-    clone = copy.deepcopy(module)
-    for sub in clone.modules():
-        for name, param in list(sub._parameters.items()):
-            if param is not None:
-                del sub._parameters[name]
-                sub.register_buffer(name, param.detach().clone())
-    return clone
-
-
-class PromptedGenerator(nn.Module):
-    """The "g" network: G(z, sentences) -> images, and encode(prompts) -> sentences through its copy of
-    D's text encoder (buffers) and the tokenizer."""
-
-    def __init__(self, generator: dfgan.Generator, text: TextEncoder, tokenizer: Tokenizer):
-        super().__init__()
-        self.generator, self.text = generator, frozen_copy(text)
-        self.tokenizer = tokenizer
-
-    def forward(self, z, sentences):
-        return self.generator(z, sentences)
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        device = next(self.generator.parameters()).device
-        ids, mask = self.tokenizer.encode(prompts)
-        return self.text(ids.to(device), mask.to(device))[0].float()
-
-    @torch.no_grad()
-    def copy_text_encoder(self, text: TextEncoder):
-        """After a D step: the text encoder's weights as they now are."""
-        torch._foreach_copy_(list(self.text.buffers()), [p.detach() for p in text.parameters()])
-
-
-class TextDiscriminator(nn.Module):
-    """The "d" network: DF-GAN's D and the text encoder, trained together. As every bigan D,
-    d(images, sentences) -> logits; d(images, sentences, mismatched=True) -> (those, the logits of each
-    image with its neighbour's sentence, from the same features); d(ids=, mask=) -> the sentences of
-    token ids. The phases run all three through the network's wrapper, so DDP and ZeRO see every
-    parameter, and MA-GP differentiates in sentences that are an input of D's forward, not an output
-    (ZeRO-3 hands a module's outputs back through hooks of its own)."""
-
-    def __init__(self, discriminator: dfgan.Discriminator, text: TextEncoder):
-        super().__init__()
-        self.discriminator, self.text = discriminator, text
-
-    def forward(self, images=None, sentences=None, ids=None, mask=None, mismatched: bool = False):
-        if images is None:
-            return self.text(ids, mask)[0]
-        if not mismatched:
-            return self.discriminator(images, sentences)
-        features = self.discriminator.features(images)
-        return (self.discriminator.logits(features, sentences),
-                self.discriminator.logits(features, dfgan.mismatched(sentences)))
+ARCHITECTURE_KEYS = ("depth", "cond_dim", "text_width", "text_depth", "text_heads", "max_words", "vocabulary",
+                     "text_encoder")
 
 
 class DFGAN(Family):
     name = "dfgan"
     options = DFGANOptions
-    metrics = ("attr", "fid", "kid")
-    data_free_metrics = ("attr",)  # (prompts and renders of the captioned demo's own scenes)
+    metrics = ("attr", "rprec", "clip", "fid", "kid")
+    data_free_metrics = ("attr", "rprec", "clip")  # (prompts and renders of the captioned demo's own scenes)
     sample_flags = ("seed", "truncation", "interpolate", "prompt", "prompts", "prompt_to")
 
     # -- configuration
@@ -151,9 +104,17 @@ class DFGAN(Family):
             config.loss.name = "hinge"
         if "loss.r1" not in config.given:
             config.loss.r1 = 0.0
+        o = config.family_options
+        if o.text_encoder not in OWN_ENCODERS and "dfgan.cond_dim" not in config.given:
+            try:
+                o.cond_dim = hf_encoder(o.text_encoder, o.max_words).dim
+            except TextEncoderError:
+                pass  # (checks() names the key and what is wrong)
 
     @classmethod
     def checks(cls, config) -> list[tuple]:
+        from bigan.families.text2image_metrics import is_clip_folder
+
         o, wanted = config.family_options, {x.strip() for x in config.eval.metrics.split(",")}
         return [("data.shards", config.data.shards != "demo", "model.arch=dfgan trains on captioned images: "
                  "data.shards=demo_captions (the captioned demo) or shards written with captions"),
@@ -169,7 +130,7 @@ class DFGAN(Family):
                  "image's caption from the same batch"),
                 ("eval.modes", not config.eval.modes, "mode coverage is for noise-to-image models"),
                 ("eval.metrics", not wanted & {"is", "pr", "l1", "psnr"}, "model.arch=dfgan is evaluated with "
-                 "attr, fid and kid"),
+                 "attr, rprec, clip, fid and kid"),
                 ("dfgan.depth", o.depth >= 1, "must be >= 1"),
                 ("dfgan.cond_dim", o.cond_dim >= 1, "must be >= 1"),
                 ("dfgan.text_width", o.text_width >= 1, "must be >= 1"),
@@ -182,8 +143,27 @@ class DFGAN(Family):
                 ("dfgan.ma_gp", o.ma_gp >= 0, "must be >= 0 (0 = off)"),
                 ("dfgan.ma_gp_power", o.ma_gp_power >= 1, "must be >= 1"),
                 ("dfgan.attributes", not o.attributes or Path(o.attributes).is_file(), "file not found"),
-                ("eval.metrics", "attr" not in wanted or "demo_captions" in config.data.shards.split("::"),
-                 "attr scores prompts of the captioned demo: it needs data.shards=demo_captions")]
+                *cls._text_encoder_checks(config),
+                ("eval.metrics", not wanted & {"attr", "rprec", "clip"} or "demo_captions" in
+                 config.data.shards.split("::"), "attr, rprec and clip score prompts of the captioned demo: they "
+                 "need data.shards=demo_captions"),
+                ("eval.metrics", "clip" not in wanted or o.clip, "clip needs a local CLIP model: set dfgan.clip=FOLDER"),
+                ("dfgan.clip", not o.clip or is_clip_folder(o.clip), "must be a folder holding a CLIP model "
+                 "(its config.json saying model_type clip)")]
+
+    @classmethod
+    def _text_encoder_checks(cls, config) -> list[tuple]:
+        o = config.family_options
+        if o.text_encoder in OWN_ENCODERS:
+            return [("dfgan.pretrain_images", o.pretrain_images >= 2, "must be >= 2"),
+                    ("dfgan.pretrain_steps", o.pretrain_steps >= 1, "must be >= 1")]
+        try:
+            width = hf_encoder(o.text_encoder, o.max_words).dim
+        except TextEncoderError as error:
+            return [("dfgan.text_encoder", False, f"must be joint, contrastive or a local Hugging Face model folder: "
+                                                  f"{error}")]
+        return [("dfgan.cond_dim", o.cond_dim == width, f"is the sentence width: {o.text_encoder} gives {width} "
+                                                        f"(leave dfgan.cond_dim unset)")]
 
     def check_data(self, shard_set, key: str, source: str) -> str | None:
         if shard_set.captions is False:
@@ -192,7 +172,8 @@ class DFGAN(Family):
         return None
 
     def architecture(self) -> dict:
-        self.vocabulary()  # (filled in first, so that architecture.json records it)
+        if self.own_encoder:
+            self.vocabulary()  # (filled in first, so that architecture.json records it)
         return {k: v for k, v in super().architecture().items()
                 if not k.startswith("dfgan.") or k.split(".", 1)[1] in ARCHITECTURE_KEYS}
 
@@ -214,8 +195,13 @@ class DFGAN(Family):
         return o.vocabulary.split()
 
     @functools.cached_property
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.vocabulary(), self.config.family_options.max_words)
+    def tokenizer(self) -> Tokenizer | None:
+        """bigan's word tokenizer; None with a Hugging Face encoder (which has its own)."""
+        return Tokenizer(self.vocabulary(), self.config.family_options.max_words) if self.own_encoder else None
+
+    @property
+    def own_encoder(self) -> bool:
+        return self.config.family_options.text_encoder in OWN_ENCODERS
 
     # -- networks and phases
     def _text_encoder(self) -> TextEncoder:
@@ -223,47 +209,72 @@ class DFGAN(Family):
         return TextEncoder(len(self.tokenizer), o.text_width, o.text_depth, o.text_heads, o.max_words, dim=o.cond_dim)
 
     def networks(self) -> dict[str, Network]:
+        """g and d; with a frozen encoder (contrastive, Hugging Face), D holds none and the family keeps it
+        (self.frozen_text) to encode each batch's captions."""
         t, m, o, res = self.config.train, self.config.model, self.config.family_options, self.config.data.resolution
-        text = self._text_encoder()
-        d = TextDiscriminator(dfgan.Discriminator(o.cond_dim, res, m.d_channels, o.depth), text)
+        if o.text_encoder == "joint":
+            text = self._text_encoder()
+        elif o.text_encoder == "contrastive":
+            text = self.frozen_text = contrastive_text_encoder(self)  # (checkpointed: family.state())
+        else:
+            text = self.frozen_text = hf_encoder(o.text_encoder, o.max_words)
+        d = TextDiscriminator(dfgan.Discriminator(o.cond_dim, res, m.d_channels, o.depth),
+                              text if o.text_encoder == "joint" else None)
         g = PromptedGenerator(dfgan.Generator(m.z_dim, o.cond_dim, res, m.g_channels, o.depth), text, self.tokenizer)
         return {"g": Network(g, t.g_lr, tuple(t.g_betas), t.adam_eps, keys="train.g_lr, train.g_betas"),
                 "d": Network(d, t.d_lr, tuple(t.d_betas), t.adam_eps, lr_multipliers={"text.": o.text_lr},
                              keys="train.d_lr, train.d_betas, dfgan.text_lr")}
 
     def build_generator(self) -> nn.Module:
+        """G as networks() builds it, its text encoder's weights left to G's checkpoint (no pre-training)."""
         m, o = self.config.model, self.config.family_options
         generator = dfgan.Generator(m.z_dim, o.cond_dim, self.config.data.resolution, m.g_channels, o.depth)
-        return PromptedGenerator(generator, self._text_encoder(), self.tokenizer)
+        text = self._text_encoder() if self.own_encoder else hf_encoder(o.text_encoder, o.max_words)
+        return PromptedGenerator(generator, text, self.tokenizer)
+
+    frozen_text = None  # the frozen encoder of dfgan.text_encoder=contrastive or a folder; None: joint (in D)
+
+    def state(self) -> dict:
+        return {"text_encoder": self.frozen_text} if self.config.family_options.text_encoder == "contrastive" else {}
+
+    def to(self, device):
+        if self.frozen_text is not None:
+            self.frozen_text.to(device)
 
     @property
     def phases(self) -> list[Phase]:
         zero3 = ZERO3_MA_GP if self.config.family_options.ma_gp > 0 else ""
-        return [Phase("D", trains="d", loss=self.d_loss, repeat=self.config.loss.d_steps, after=self.copy_text_encoder,
-                      zero3=zero3),
+        after = self.copy_text_encoder if self.config.family_options.text_encoder == "joint" else None
+        return [Phase("D", trains="d", loss=self.d_loss, repeat=self.config.loss.d_steps, after=after, zero3=zero3),
                 Phase("G", trains="g", frozen=("d",), loss=self.g_loss, reals="last")]  # the captions D just saw
 
     def draw(self, n: int, device) -> tuple:
         """(latents, None) of n fresh samples, from this rank's generator."""
         return torch.randn(n, self.config.model.z_dim, device=device), None
 
-    def tokens(self, real: dict, device) -> tuple:
+    def sentences(self, step, real: dict, train_d: bool = False) -> torch.Tensor:
+        """The batch's captions' sentence embeddings: D's encoder (joint; trained when train_d), or the frozen
+        one (no graph)."""
         from bigan.data.stream import DataError
 
         if real.get("caption") is None:
             raise DataError("a batch came without captions: model.arch=dfgan trains on captioned shards")
-        ids, mask = self.tokenizer.encode(real["caption"])
-        return ids.to(device), mask.to(device)
+        if self.frozen_text is not None:
+            return encode_with(self.frozen_text, self.tokenizer, real["caption"], step.device)
+        ids, mask = (x.to(step.device) for x in self.tokenizer.encode(real["caption"]))
+        if train_d:  # (MA-GP differentiates in an alias of them: ZeRO hangs hooks on what an engine's forward
+            return step.train("d")(ids=ids, mask=mask).view(-1, self.config.family_options.cond_dim)  # returns)
+        with torch.no_grad():
+            return step.frozen("d")(ids=ids, mask=mask)
 
     def d_loss(self, step, real: dict):
         """Hinge on real/matching, fake and real/mismatched pairs; MA-GP on the real pairs, in the image and in
         the sentence (the encoder's output for the batch's captions)."""
         o = self.config.family_options
-        ids, mask = self.tokens(real, step.device)
-        # (MA-GP differentiates in an alias of the sentences: ZeRO hangs hooks on what an engine's forward
-        # returns, which autograd.grad at the sentences themselves would fire before the backward)
-        sentences = step.train("d")(ids=ids, mask=mask).view(-1, self.config.family_options.cond_dim)
         regularize = o.ma_gp > 0
+        sentences = self.sentences(step, real, train_d=True)
+        if self.frozen_text is not None:  # a leaf MA-GP differentiates in
+            sentences = sentences.requires_grad_(regularize)
         image = real["image"].detach().requires_grad_(True) if regularize else real["image"]
         real_logits, mismatched_logits = (step.penalty("d") if regularize else step.train("d"))(
             image, sentences, mismatched=True)
@@ -283,11 +294,9 @@ class DFGAN(Family):
             step.frozen("g").copy_text_encoder(d.text)
 
     def g_loss(self, step, real: dict):
-        ids, mask = self.tokens(real, step.device)
+        sentences = self.sentences(step, real)
+        z, _ = self.draw(len(sentences), step.device)
         d = step.frozen("d")
-        with torch.no_grad():
-            sentences = d(ids=ids, mask=mask)
-        z, _ = self.draw(len(ids), step.device)
         return losses.g_loss("hinge", d(step.train("g")(z, sentences), sentences))
 
     # -- grids: fixed held-out prompts, one row each, their texts beside the grid
@@ -325,15 +334,22 @@ class DFGAN(Family):
     # -- evaluation
     def evaluate(self, g, data, extractor, classifier, accelerator, n: int, wanted, seed: int = 0,
                  batch: int = 64) -> dict:
-        from bigan.families.text2image_eval import attribute_scores, caption_fid
+        from bigan.families.text2image_eval import caption_fid, prompted_scores
 
         result = {"n": n}
-        if "attr" in wanted:
-            result.update(attribute_scores(self, g, accelerator, n, seed, batch))
+        if {"attr", "rprec", "clip"} & set(wanted):
+            result.update(prompted_scores(self, g, accelerator, n, seed, batch, wanted))
         features = [m for m in wanted if m in ("fid", "kid")]
         if features:
             result.update(caption_fid(self, g, data, extractor, accelerator, n, features, seed, batch))
         return result
+
+    def prepare_metrics(self, wanted, accelerator):
+        """The CLIP model of the clip metric, loaded now: a folder that is no CLIP model fails at start-up."""
+        from bigan.families.text2image_metrics import clip_model
+
+        if "clip" in wanted:
+            clip_model(self.config.family_options.clip, "dfgan.clip")
 
     # -- bigan-sample: prompts in, pictures out
     def prompts(self, args) -> list[str]:
@@ -386,6 +402,8 @@ class DFGAN(Family):
         return Samples(images, names=self.planned_names(args), columns=columns, note=note)
 
     def warn_unknown(self, prompts: list[str]):
+        if self.tokenizer is None:  # (a Hugging Face tokenizer splits what it does not know into pieces)
+            return
         unknown = sorted({w for p in prompts for w in words(p) if self.tokenizer.encode(w)[0][0, 1] == UNK})
         if unknown:
             print(f"bigan-sample: warning: not in the training captions' vocabulary, read as unknown: "

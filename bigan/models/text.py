@@ -167,10 +167,12 @@ def _as_float_images(images: torch.Tensor) -> torch.Tensor:
 def pretrain_contrastive(images: torch.Tensor, captions: list[str], tokenizer: Tokenizer, steps: int,
                          dim: int = 64, text_encoder: TextEncoder | None = None,
                          image_encoder: ImageEncoder | None = None, batch_size: int = 32, lr: float = 1e-3,
-                         seed: int = 0) -> ContrastiveModels:
+                         seed: int = 0, device="cpu", progress=None) -> ContrastiveModels:
     """Align a text encoder and an image encoder on (image, caption) pairs with info_nce, as DF-GAN's
-    DAMSM or CLIP do before GAN training; images are uint8 or [-1, 1] NCHW. Encoders default to
-    small fresh ones of width `dim`; returns them with the learned temperature and the loss per step."""
+    DAMSM or CLIP do before GAN training; images are uint8 or [-1, 1] NCHW (kept where they are; each
+    batch goes to `device`). Encoders default to small fresh ones of width `dim`; returns them (on
+    `device`) with the learned temperature and the loss per step. progress(step, loss) is called every
+    100 steps and at the last."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions: give one caption per image")
     torch.manual_seed(seed)
@@ -178,21 +180,24 @@ def pretrain_contrastive(images: torch.Tensor, captions: list[str], tokenizer: T
         text_encoder = TextEncoder(len(tokenizer), dim, max_length=tokenizer.max_length)
     if image_encoder is None:
         image_encoder = ImageEncoder(images.shape[-1], text_encoder.dim)
-    logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())  # CLIP's initial temperature 0.07
+    text_encoder, image_encoder = text_encoder.to(device).train(), image_encoder.to(device).train()
+    logit_scale = nn.Parameter(torch.tensor(1 / 0.07, device=device).log())  # CLIP's initial temperature 0.07
     params = [*text_encoder.parameters(), *image_encoder.parameters(), logit_scale]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    images = _as_float_images(images)
     ids, mask = tokenizer.encode(captions)  # padding to the longest caption changes no embedding
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
         batch = torch.randperm(len(images), generator=generator)[:batch_size]
-        sentence, _, _ = text_encoder(ids[batch], mask[batch])
-        loss, _ = info_nce(image_encoder(images[batch]), sentence, logit_scale)
+        sentence, _, _ = text_encoder(ids[batch].to(device), mask[batch].to(device))
+        loss, _ = info_nce(image_encoder(_as_float_images(images[batch]).to(device)), sentence, logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if progress is not None and (step % 100 == 99 or step == steps - 1):
+            progress(step + 1, sum(losses[-100:]) / len(losses[-100:]))
+    optimizer.zero_grad(set_to_none=True)  # (no stale gradients on what is returned)
     return ContrastiveModels(text_encoder.eval(), image_encoder.eval(), logit_scale, losses)
 
 
