@@ -124,6 +124,31 @@ def reenter_autocast(module: torch.nn.Module, device: torch.device, dtype) -> to
     return module
 
 
+GATHER_CHUNK = 50_000_000  # parameters gathered at once to refresh a ZeRO-3 shadow (200 MB of fp32)
+
+
+def _chunks(pairs: list, limit: int):
+    """(shadow, partitioned) parameter pairs in runs of at most `limit` elements (at least one pair each)."""
+    chunk, size = [], 0
+    for pair in pairs:
+        numel = getattr(pair[1], "ds_numel", pair[1].numel())
+        if chunk and size + numel > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(pair)
+        size += numel
+    if chunk:
+        yield chunk
+
+
+def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deepcopy of module whose parameters and buffers are meta tensors (no copy of the weights is made)."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in module.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in module.buffers()})
+    return copy.deepcopy(module, memo)
+
+
 def zero_stage(config: dict) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
@@ -256,14 +281,17 @@ class DeepSpeedBackend:
         if zero_stage(self.configs[name]) != 3:
             return module
         if name not in self._shadows:
-            self._shadows[name] = copy.deepcopy(self._template[name]).to(self.device)
+            self._shadows[name] = copy.deepcopy(self._template[name]).to_empty(device=self.device)
         shadow = self._shadows[name]
         if self._stale[name]:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None), torch.no_grad():
-                for mine, theirs in zip(shadow.parameters(), module.parameters()):
-                    mine.copy_(theirs)
+            pairs = list(zip(shadow.parameters(), module.parameters()))
+            for chunk in _chunks(pairs, GATHER_CHUNK):  # a chunk at a time: no second whole G in flight
+                with deepspeed.zero.GatheredParameters([theirs for _, theirs in chunk], modifier_rank=None), \
+                        torch.no_grad():
+                    for mine, theirs in chunk:
+                        mine.copy_(theirs)
             for key, buffer in module.named_buffers():  # shared, not copied (again: a load may replace them)
                 owner, _, leaf = key.rpartition(".")
                 shadow.get_submodule(owner)._buffers[leaf] = buffer
@@ -279,15 +307,18 @@ class DeepSpeedBackend:
 
     def plain_copy(self, name: str) -> torch.nn.Module:
         """A full, unpartitioned copy of a network (every rank must call this)."""
-        with self.gathered(name) as module:
-            state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        plain = copy.deepcopy(self._template[name])
-        plain.load_state_dict(state)
-        return plain.to(self.device)
+        with self.gathered(name) as module, torch.no_grad():
+            plain = copy.deepcopy(self._template[name]).to_empty(device=self.device)
+            for mine, theirs in zip(plain.parameters(), module.parameters()):
+                mine.copy_(theirs)
+            for mine, theirs in zip(plain.buffers(), module.buffers()):  # (non-persistent ones too)
+                mine.copy_(theirs)
+        return plain
 
     def remember_architecture(self, networks: dict):
-        """Unpartitioned templates of the networks (taken before ZeRO-3 partitions them), for plain_copy."""
-        self._template = {name: copy.deepcopy(module).cpu() for name, module in networks.items()}
+        """The networks' structure with no storage (meta tensors), taken before ZeRO-3 partitions them, for
+        plain_copy and the shadows: a CPU copy of the weights would cost every rank a whole model of memory."""
+        self._template = {name: _meta_copy(module) for name, module in networks.items()}
 
     def check_resumable_world(self, saved: int, now: int):
         """ZeRO checkpoints hold one partition of each optimizer (stage 3: of the weights too) per process."""
