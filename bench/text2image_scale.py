@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MEDIUM = {"data.shards": "demo_captions", "data.demo_images": 200, "data.workers": 1, "data.shuffle_buffer": 16,
+MEDIUM = {"dfgan.text_encoder": "joint", "data.shards": "demo_captions", "data.demo_images": 200, "data.workers": 1, "data.shuffle_buffer": 16,
           "data.resolution": 32, "model.g_channels": 160, "model.d_channels": 32, "model.z_dim": 128,
           "dfgan.depth": 2, "dfgan.cond_dim": 256, "train.batch_size": 2, "train.kimg": 0.04,
           "run.progress": "false", "run.log_every": 5, "run.image_every_kimg": 1000, "run.ckpt_every_kimg": 1000}

@@ -25,7 +25,7 @@ from conftest import HELPERS, run, tiny_args
      "stylegan2.channel_max": 8, "stylegan2.w_dim": 16, "stylegan2.mbstd_group": 2, "stylegan2.pl_interval": 2,
      "loss.r1_interval": 2, "augment.kind": "ada", "augment.interval": 1},
     # DF-GAN: tokenized captions, the text encoder, MA-GP, G's encoder copy after each D step
-    {"train.precision": "no", "model.arch": "dfgan", "dfgan.vocabulary": "a red sun over still water",
+    {"train.precision": "no", "model.arch": "dfgan", "dfgan.text_encoder": "joint", "dfgan.vocabulary": "a red sun over still water",
      "dfgan.cond_dim": 16, "dfgan.text_width": 16, "dfgan.text_heads": 2},
 ])
 def test_train_step_never_waits_for_the_device(extra, count_host_reads, monkeypatch, tmp_path):

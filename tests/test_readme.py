@@ -33,6 +33,9 @@ NOT_HERE = {  # command prefix -> why it does not run here
     ".venv/bin/accelerate launch --config_file launch_configs/accelerate/multi_gpu.yaml": "8 GPUs",
     ".venv/bin/accelerate launch --config_file launch_configs/accelerate/deepspeed_zero":
         "8 GPUs (test_deepspeed.py runs these launch configs with --num_processes 2)",
+    ".venv/bin/accelerate launch bigan/train.py --config launch_configs/experiments/text2image-demo.yaml "
+    "--dfgan.text_encoder=/models": "needs a Hugging Face text encoder's folder (a download); test_text_encoders.py "
+                                   "trains with a tiny one",
     ".venv/bin/bigan-eval --checkpoint runs/text2image --metrics clip": "needs a real CLIP model's folder (a download); "
                                                                          "test_text2image_metrics.py runs it with a tiny one",
 }
@@ -41,6 +44,7 @@ TINY_TRAIN = ["--train.kimg=0.016", "--data.demo_images=32", "--model.g_channels
               "--run.progress=false", "--run.image_every_kimg=0.008", "--run.grid_size=4", "--eval.n=16"]
 TINY_STYLEGAN2 = ["--stylegan2.w_dim=8", "--stylegan2.mapping_layers=1", "--stylegan2.channel_base=1024",
                   "--stylegan2.channel_max=4"]  # (its presets' 16384 base channels at 256 px are ~30 M weights)
+TINY_DFGAN = ["--dfgan.pretrain_images=16", "--dfgan.pretrain_steps=4"]  # (the text encoder's pre-training)
 
 
 def readme_commands() -> list[str]:
@@ -74,7 +78,7 @@ def _small(command: str, extractor: Path) -> list[str]:
     if "bigan/train.py" in argv or argv[1:3] == ["-m", "bigan.train"]:
         return TINY_TRAIN + ([f"--eval.extractor={extractor}", "--eval.metrics=fid", "--eval.every_kimg=0.008"]
                              if any(a.startswith("--eval.every_kimg") for a in argv) else []) + \
-            (TINY_STYLEGAN2 if "stylegan2" in command else [])
+            (TINY_STYLEGAN2 if "stylegan2" in command else []) + (TINY_DFGAN if "text2image" in command else [])
     if "bigan.metrics.evaluate" in argv or argv[0].endswith("bigan-eval"):
         return ["--n", "16", "--batch", "8"] + (["--extractor", str(extractor), "--metrics", "fid"]
                                                 if "--data" in argv else [])

@@ -16,7 +16,8 @@ from bigan.models.text import words
 from conftest import HELPERS, free_port, run, tiny_args
 from test_trainer import _assert_close, _events, assert_same_checkpoint
 
-TINY = {"model.arch": "dfgan", "data.shards": "demo_captions", "data.demo_images": 96, "data.workers": 1,
+TINY = {"model.arch": "dfgan", "dfgan.text_encoder": "joint", "data.shards": "demo_captions", "data.demo_images": 96,
+        "data.workers": 1,
         "dfgan.cond_dim": 16, "dfgan.text_width": 16, "dfgan.text_heads": 2, "dfgan.text_depth": 1,
         "train.ema_kimg": 0.01, "train.g_betas": "[0.0,0.9]", "train.d_betas": "[0.0,0.9]"}
 

@@ -12,7 +12,8 @@ PRESET = "launch_configs/experiments/text2image-xl.yaml"
 def test_the_xl_preset_builds_a_300m_generator_for_zero3():
     """Through the config -> family path, on the meta device (no weights, no shards read): G has dfgan-256-xl's
     352 M parameters, G's DeepSpeed config is ZeRO-3 and D's ZeRO-2 (MA-GP refuses D on ZeRO-3)."""
-    config = load_config(PRESET, ["--dfgan.vocabulary=a red sun over still water"])
+    # (joint: the default pre-training of the text encoder needs real weights and the shards)
+    config = load_config(PRESET, ["--dfgan.vocabulary=a red sun over still water", "--dfgan.text_encoder=joint"])
     with torch.device("meta"):
         networks = families.build(config).networks()
     counts = {name: sum(p.numel() for p in net.module.parameters()) for name, net in networks.items()}

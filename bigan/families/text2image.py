@@ -62,10 +62,11 @@ class DFGANOptions:
                                       "read as unknown")
     vocabulary: str = _f("", "the tokenizer's words, space-separated ('' = the shards' caption vocabulary, "
                              "filled in at start-up)")
-    text_encoder: str = _f("joint", "where sentences come from: 'joint' (bigan's encoder, trained with D), "
-                                    "'contrastive' (bigan's encoder pre-trained once on data.shards' images and "
-                                    "captions with CLIP's loss, then frozen, as DF-GAN's DAMSM), or the folder of a "
-                                    "local Hugging Face text encoder (frozen; dfgan.cond_dim becomes its width)")
+    text_encoder: str = _f("contrastive", "where sentences come from: 'contrastive' (bigan's encoder pre-trained "
+                                          "once on data.shards' images and captions with CLIP's loss, then frozen, as "
+                                          "DF-GAN's DAMSM), 'joint' (bigan's encoder, trained with D), or the folder "
+                                          "of a local Hugging Face text encoder (frozen; dfgan.cond_dim becomes its "
+                                          "width)")
     pretrain_images: int = _f(5000, "text_encoder=contrastive: images and captions it is pre-trained on (the "
                                     "first of data.shards)")
     pretrain_steps: int = _f(1000, "text_encoder=contrastive: pre-training steps of 64 pairs")
