@@ -184,14 +184,16 @@ def data_layout(path: Path) -> dict:
     return {k: state.get(k) for k in ("world_size", "workers", "batch_size", "mode")}
 
 
-def load(accelerator, path: Path, backend=None, architecture: dict | None = None, data: bool = True) -> dict | None:
+def load(accelerator, path: Path, backend=None, architecture: dict | None = None, data: bool = True,
+         defaults: dict | None = None) -> dict | None:
     """Restore everything save() wrote; returns this rank's data stream state (None with data=False:
     a resume on another layout, or a roll-back, which go on with a stream of their own). Refuses,
-    naming the settings, a checkpoint whose model was built with other ones than `architecture`."""
+    naming the settings, a checkpoint whose model was built with other ones than `architecture`
+    (`defaults`: what keys newer than the checkpoint meant when its architecture.json lacks them)."""
     if architecture is not None:  # decided on rank 0 (refused on every rank alike)
         from bigan.training.ranks import on_rank_zero
 
-        on_rank_zero(accelerator, lambda: _check_architecture(Path(path), architecture))
+        on_rank_zero(accelerator, lambda: _check_architecture(Path(path), architecture, defaults or {}))
     accelerator.load_state(str(path))
     if backend is not None:
         backend.load(path)
@@ -204,11 +206,11 @@ def load(accelerator, path: Path, backend=None, architecture: dict | None = None
     return json.loads(data_file.read_text())
 
 
-def _check_architecture(path: Path, architecture: dict):
+def _check_architecture(path: Path, architecture: dict, defaults: dict):
     saved_file = path / "architecture.json"
     if not saved_file.exists():
         return
-    saved = json.loads(saved_file.read_text())
+    saved = {**defaults, **json.loads(saved_file.read_text())}
     changed = [f"{key}={saved[key]!r} (now {architecture.get(key)!r})" for key in sorted(saved)
                if saved[key] != architecture.get(key)]
     if changed:

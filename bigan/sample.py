@@ -56,7 +56,12 @@ def family_of(model: dict) -> "families.base.Family":
 
 
 def _build(model: dict):
-    return family_of(model).build_generator()
+    from bigan.models.text import TextEncoderError
+
+    try:
+        return family_of(model).build_generator()
+    except TextEncoderError as exc:  # a model it loads from its own folder (dfgan.text_encoder) is gone
+        raise SampleError(f"--checkpoint: cannot rebuild the generator ({exc})") from None
 
 
 def load_generator(path: str | Path, ema: bool = True):

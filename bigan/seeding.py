@@ -29,3 +29,11 @@ def seed_rank(seed: int, rank: int, *salt: int):
     torch.manual_seed(value)
     np.random.seed(value % 2**32)
     random.seed(value)
+
+
+def isolated():
+    """A context in which torch's generators (CPU and this process's CUDA device) may be reseeded and drawn
+    from, restored after: a model trained on the side (an evaluation network, a pre-trained encoder) leaves
+    the run's own draws, and so its exact resume, as they were."""
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=cuda)

@@ -276,7 +276,7 @@ def test_g_copies_the_text_encoder_after_each_d_step_and_encodes_prompts_with_it
     assert not any(name.startswith("text.") for name, _ in g.named_parameters()), "no optimizer steps G's copy"
 
 
-def _equivalence(tmp_path, env, launcher, common=(), **extra):
+def _equivalence(tmp_path, env, launcher, common=(), split_env=None, **extra):
     """(one process on the batch of 8, `launcher` on 2 ranks x 4, initial parameters) after three iterations of
     tests/helpers/step_equivalence.py (captions repeat every 4 samples: the mismatched pairs are the same on
     both splits); `common`: settings of both, `extra`: of the split run."""
@@ -291,7 +291,7 @@ def _equivalence(tmp_path, env, launcher, common=(), **extra):
     run([sys.executable, helper, str(tmp_path / "big.pt"), *base, "--train.batch_size=8"], env)
     reference, initial = torch.load(tmp_path / "big.pt"), torch.load(tmp_path / "initial.pt")
     extra = [f"--{k}={v}" for k, v in extra.items()]
-    run([*launcher, helper, str(tmp_path / "split.pt"), *base, *extra, "--train.batch_size=4"], env)
+    run([*launcher, helper, str(tmp_path / "split.pt"), *base, *extra, "--train.batch_size=4"], split_env or env)
     return reference, torch.load(tmp_path / "split.pt"), initial
 
 

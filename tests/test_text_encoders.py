@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from bigan import checkpoint, families
 from bigan.config import ConfigError, load_config
 from bigan.data import captions as C
+from bigan.families.text2image_text import hf_encoder
 from conftest import HELPERS, free_port, run, tiny_args
 from test_text2image import TINY, _equivalence
 from test_text_parts import _tiny_clip
-from test_trainer import _assert_close
+from test_trainer import _assert_close, assert_same_checkpoint
 
 CONTRASTIVE = {"dfgan.text_encoder": "contrastive", "dfgan.pretrain_images": 48, "dfgan.pretrain_steps": 30}
 
@@ -80,12 +81,43 @@ def test_contrastive_encoder_is_pretrained_once_frozen_and_leaves_the_ranks_alik
 
 
 def test_contrastive_two_ddp_ranks_equal_one_big_batch(tmp_path, env):
-    """Rank 0 pre-trains (or reads the cache) and broadcasts: without it rank 1 has no weights to load."""
+    """Rank 0 pre-trains (a cache of its own: the one process's is not there) and broadcasts: without it
+    rank 1 has no weights to load."""
+    (tmp_path / "split_cache").mkdir()
+    split_env = {**env, "BIGAN_CACHE": str(tmp_path / "split_cache")}
     reference, split, initial = _equivalence(tmp_path, env, [sys.executable, "-m", "torch.distributed.run",
                                                               "--nproc_per_node=2", f"--master_port={free_port()}"],
-                                             common=CONTRASTIVE)
+                                             common=CONTRASTIVE, split_env=split_env)
+    assert list((tmp_path / "split_cache" / "text_encoders").glob("contrastive-*.pt")), "pre-trained on 2 ranks"
     assert not any(k.startswith("D.text.") for k in initial)
     _assert_close(reference, split, initial)
+
+
+def test_contrastive_run_resumes_bit_for_bit_without_pre_training_again(tmp_path, env):
+    """The resumed run takes the encoder from the checkpoint (family.state): it neither pre-trains nor reads
+    the cache, and continues exactly as the straight run."""
+    common = {**TINY, **CONTRASTIVE}
+    straight = tiny_args("demo_captions", tmp_path / "straight", **common, **{"train.kimg": 0.032})
+    first = tiny_args("demo_captions", tmp_path / "split", **common, **{"train.kimg": 0.016})
+    resumed = tiny_args("demo_captions", tmp_path / "split", **common, **{"train.kimg": 0.032, "run.resume": "latest"})
+    result = run([sys.executable, str(HELPERS / "train_runs.py"), *straight, "--", *first, "--", *resumed], env)
+    resumed_output = result.stdout.split("train_runs: ")[-1]
+    assert "resuming from" in resumed_output and "text encoder pre-tra" not in resumed_output
+    a, b = (checkpoint.checkpoints(tmp_path / name)[-1] for name in ("straight", "split"))
+    assert a.name == b.name
+    assert_same_checkpoint(a, b, checkpoint.states(a).values())
+
+
+def test_a_checkpoint_from_before_the_key_resumes_only_as_joint(tmp_path):
+    """architecture.json of DF-GAN runs written before dfgan.text_encoder existed: D trained the encoder."""
+    from bigan.checkpoint import CheckpointError, _check_architecture
+    from bigan.families.text2image import DFGAN
+
+    (tmp_path / "architecture.json").write_text('{"dfgan.cond_dim": 16}')
+    now = {"dfgan.cond_dim": 16, "dfgan.text_encoder": "contrastive"}
+    with pytest.raises(CheckpointError, match=r"dfgan\.text_encoder='joint' \(now 'contrastive'\)"):
+        _check_architecture(tmp_path, now, DFGAN.architecture_defaults)
+    _check_architecture(tmp_path, {**now, "dfgan.text_encoder": "joint"}, DFGAN.architecture_defaults)
 
 
 # ---------------------------------------------------------------- a local Hugging Face encoder
@@ -133,6 +165,7 @@ def test_trains_with_a_local_encoder_and_samples_from_prompts(clip_folder, tmp_p
     bigan-sample loads the encoder from it."""
     from PIL import Image
 
+    from bigan.sample import SampleError, load_generator
     from bigan.sample import main as sample
 
     args = tiny_args("demo_captions", tmp_path / "run", **{**HF_TINY, "dfgan.text_encoder": clip_folder,
@@ -142,6 +175,14 @@ def test_trains_with_a_local_encoder_and_samples_from_prompts(clip_folder, tmp_p
     assert all(k.startswith("generator.") for k in load_file(str(latest / "model.safetensors")))
     export = tmp_path / "run" / "export" / "generator_ema.safetensors"
     assert all(k.startswith("generator.") for k in load_file(str(export)))
-    assert sample(["--checkpoint", str(export), "--prompt", "a red sun over still water", "--n", "4",
-                   "--out", str(tmp_path / "grid.png")]) == 0
-    assert Image.open(tmp_path / "grid.png").size == (2 * 32, 2 * 32)
+    for source in (export, latest, tmp_path / "run"):  # the export, a checkpoint dir, the run dir
+        assert sample(["--checkpoint", str(source), "--prompt", "a red sun over still water", "--n", "4",
+                       "--out", str(tmp_path / "grid.png"), "--overwrite"]) == 0
+        assert Image.open(tmp_path / "grid.png").size == (2 * 32, 2 * 32)
+    clip_folder.rename(tmp_path / "moved")  # the folder architecture.json names is gone: one line naming it
+    hf_encoder.cache_clear()  # (loaded by the samples above, in this process)
+    try:
+        with pytest.raises(SampleError, match=f"^--checkpoint: cannot rebuild the generator .*{clip_folder}"):
+            load_generator(export)
+    finally:
+        (tmp_path / "moved").rename(clip_folder)

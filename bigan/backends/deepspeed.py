@@ -127,6 +127,15 @@ def reenter_autocast(module: torch.nn.Module, device: torch.device, dtype) -> to
 GATHER_CHUNK = 50_000_000  # parameters gathered at once to refresh a ZeRO-3 shadow (200 MB of fp32)
 
 
+def _pairs(mine, theirs) -> list:
+    """(copy's tensor, network's tensor) by name; a copy built from the template has exactly the network's
+    names (tied weights listed under each of their names: to_empty unties them, and each gets its values)."""
+    mine, theirs = dict(mine), dict(theirs)
+    if mine.keys() != theirs.keys():
+        raise RuntimeError(f"the template and the network differ in {sorted(mine.keys() ^ theirs.keys())[:5]}")
+    return [(tensor, theirs[name]) for name, tensor in mine.items()]
+
+
 def _chunks(pairs: list, limit: int):
     """(shadow, partitioned) parameter pairs in runs of at most `limit` elements (at least one pair each)."""
     chunk, size = [], 0
@@ -286,9 +295,11 @@ class DeepSpeedBackend:
         if self._stale[name]:
             import deepspeed
 
-            pairs = list(zip(shadow.parameters(), module.parameters()))
+            pairs = _pairs(shadow.named_parameters(remove_duplicate=False),
+                           module.named_parameters(remove_duplicate=False))
             for chunk in _chunks(pairs, GATHER_CHUNK):  # a chunk at a time: no second whole G in flight
-                with deepspeed.zero.GatheredParameters([theirs for _, theirs in chunk], modifier_rank=None), \
+                gathered = list({id(theirs): theirs for _, theirs in chunk}.values())  # (a tied weight once)
+                with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None), \
                         torch.no_grad():
                     for mine, theirs in chunk:
                         mine.copy_(theirs)
@@ -309,9 +320,10 @@ class DeepSpeedBackend:
         """A full, unpartitioned copy of a network (every rank must call this)."""
         with self.gathered(name) as module, torch.no_grad():
             plain = copy.deepcopy(self._template[name]).to_empty(device=self.device)
-            for mine, theirs in zip(plain.parameters(), module.parameters()):
+            for mine, theirs in _pairs(plain.named_parameters(remove_duplicate=False),
+                                       module.named_parameters(remove_duplicate=False)):
                 mine.copy_(theirs)
-            for mine, theirs in zip(plain.buffers(), module.buffers()):  # (non-persistent ones too)
+            for mine, theirs in _pairs(plain.named_buffers(), module.named_buffers()):  # (non-persistent ones too)
                 mine.copy_(theirs)
         return plain
 

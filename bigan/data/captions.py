@@ -264,7 +264,15 @@ def _targets(attributes: list[SceneAttributes]) -> dict[str, torch.Tensor]:
 def train_attribute_classifier(n: int = 1024, resolution: int = 32, steps: int = 300, seed: int = CLASSIFIER_SEED,
                                batch_size: int = 64, lr: float = 3e-3) -> torch.jit.ScriptModule:
     """Train an AttributeClassifier on n captioned renders of `seed` (all combinations, held-out ones
-    too: it scores them), with random horizontal flips; returns it scripted, in eval mode (.save(path))."""
+    too: it scores them), with random horizontal flips; returns it scripted, in eval mode (.save(path)).
+    The caller's random state is left as it was."""
+    from bigan.seeding import isolated
+
+    with isolated():
+        return _train_attribute_classifier(n, resolution, steps, seed, batch_size, lr)
+
+
+def _train_attribute_classifier(n, resolution, steps, seed, batch_size, lr):
     torch.manual_seed(seed)
     images, attributes = render_captioned_batch(seed, range(n), resolution)
     targets = _targets(attributes)

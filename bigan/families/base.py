@@ -87,6 +87,7 @@ class Family:
     sample_flags = ()      # bigan-sample flags that apply to it, beyond --n, --out, --no-ema, --overwrite
     modes = False          # mode coverage (eval.modes, bigan-eval --modes) applies to its samples
     resolutions = (32, 64, 128, 256)  # what data.resolution may be
+    architecture_defaults = {}  # architecture() keys added later: what a checkpoint without them was built with
 
     def __init__(self, config):
         self.config = config

@@ -18,10 +18,11 @@ Two phases per iteration:
 
 On DeepSpeed, G may take any ZeRO stage and D stages 1 and 2 (D on ZeRO-3 only with dfgan.ma_gp=0).
 
-Evaluation: attribute accuracy (attr) of images drawn from the captioned demo's prompts, scored by
-an attribute classifier (bigan.data.captions): prompts of unseen scenes, held-out attribute
-combinations apart, and real renders of the same prompts as the ceiling; fid and kid of images
-drawn from the reference set's own captions.
+Evaluation (bigan.families.text2image_eval, text2image_metrics): of images drawn from the captioned
+demo's prompts (unseen scenes, held-out attribute combinations apart, real renders of the same
+prompts as the ceiling), attribute accuracy (attr, an attribute classifier), R-precision (rprec, an
+evaluation pair of bigan's own) and CLIP score (clip, a local CLIP); fid and kid of images drawn from
+the reference set's own captions.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from torch import nn
 from bigan import losses
 from bigan.families.base import Family, Network, Phase, Samples
 from bigan.families.text2image_text import (OWN_ENCODERS, PromptedGenerator, TextDiscriminator,
-                                            contrastive_text_encoder, encode_with, hf_encoder)
+                                            contrastive_text_encoder, encode_with, hf_encoder,
+                                            text_encoder_checks)
 from bigan.models import dfgan
 from bigan.models.text import UNK, TextEncoder, TextEncoderError, Tokenizer, words
 
@@ -93,6 +95,7 @@ class DFGAN(Family):
     metrics = ("attr", "rprec", "clip", "fid", "kid")
     data_free_metrics = ("attr", "rprec", "clip")  # (prompts and renders of the captioned demo's own scenes)
     sample_flags = ("seed", "truncation", "interpolate", "prompt", "prompts", "prompt_to")
+    architecture_defaults = {"dfgan.text_encoder": "joint"}  # (checkpoints from before the key: D trained it)
 
     # -- configuration
     @classmethod
@@ -106,6 +109,8 @@ class DFGAN(Family):
         if "loss.r1" not in config.given:
             config.loss.r1 = 0.0
         o = config.family_options
+        if o.text_encoder not in OWN_ENCODERS:  # (absolute: bigan-sample may run from another folder)
+            o.text_encoder = str(Path(o.text_encoder).expanduser().absolute())
         if o.text_encoder not in OWN_ENCODERS and "dfgan.cond_dim" not in config.given:
             try:
                 o.cond_dim = hf_encoder(o.text_encoder, o.max_words).dim
@@ -144,27 +149,13 @@ class DFGAN(Family):
                 ("dfgan.ma_gp", o.ma_gp >= 0, "must be >= 0 (0 = off)"),
                 ("dfgan.ma_gp_power", o.ma_gp_power >= 1, "must be >= 1"),
                 ("dfgan.attributes", not o.attributes or Path(o.attributes).is_file(), "file not found"),
-                *cls._text_encoder_checks(config),
+                *text_encoder_checks(config),
                 ("eval.metrics", not wanted & {"attr", "rprec", "clip"} or "demo_captions" in
                  config.data.shards.split("::"), "attr, rprec and clip score prompts of the captioned demo: they "
                  "need data.shards=demo_captions"),
                 ("eval.metrics", "clip" not in wanted or o.clip, "clip needs a local CLIP model: set dfgan.clip=FOLDER"),
                 ("dfgan.clip", not o.clip or is_clip_folder(o.clip), "must be a folder holding a CLIP model "
                  "(its config.json saying model_type clip)")]
-
-    @classmethod
-    def _text_encoder_checks(cls, config) -> list[tuple]:
-        o = config.family_options
-        if o.text_encoder in OWN_ENCODERS:
-            return [("dfgan.pretrain_images", o.pretrain_images >= 2, "must be >= 2"),
-                    ("dfgan.pretrain_steps", o.pretrain_steps >= 1, "must be >= 1")]
-        try:
-            width = hf_encoder(o.text_encoder, o.max_words).dim
-        except TextEncoderError as error:
-            return [("dfgan.text_encoder", False, f"must be joint, contrastive or a local Hugging Face model folder: "
-                                                  f"{error}")]
-        return [("dfgan.cond_dim", o.cond_dim == width, f"is the sentence width: {o.text_encoder} gives {width} "
-                                                        f"(leave dfgan.cond_dim unset)")]
 
     def check_data(self, shard_set, key: str, source: str) -> str | None:
         if shard_set.captions is False:

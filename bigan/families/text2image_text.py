@@ -20,13 +20,15 @@ import hashlib
 import json
 import os
 import time
+import uuid
+from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from bigan.models import dfgan
-from bigan.models.text import ImageEncoder, LocalHFTextEncoder, TextEncoder, Tokenizer, pretrain_contrastive
+from bigan.models.text import (ImageEncoder, LocalHFTextEncoder, TextEncoder, TextEncoderError, Tokenizer,
+                              pretrain_contrastive)
 
 OWN_ENCODERS = ("joint", "contrastive")  # dfgan.text_encoder values that are not a folder
 PRETRAIN_RESOLUTION = 64  # contrastive pre-training sees the images at most this large (enough to tell scenes apart)
@@ -125,24 +127,50 @@ def hf_encoder(path: str, max_words: int) -> LocalHFTextEncoder:
     return LocalHFTextEncoder(path, max_length=max_words)
 
 
+def text_encoder_checks(config) -> list[tuple]:
+    """(key, ok, message) of the dfgan.text_encoder settings (DFGAN.checks)."""
+    o = config.family_options
+    joint_only = [("dfgan.text_lr", o.text_encoder == "joint" or o.text_lr == 1.0,
+                   "trains the text encoder with D: it applies to dfgan.text_encoder=joint only")]
+    if o.text_encoder in OWN_ENCODERS:
+        return [*joint_only, ("dfgan.pretrain_images", o.pretrain_images >= 2, "must be >= 2"),
+                ("dfgan.pretrain_steps", o.pretrain_steps >= 1, "must be >= 1")]
+    try:
+        width = hf_encoder(o.text_encoder, o.max_words).dim
+    except TextEncoderError as error:
+        return [("dfgan.text_encoder", False, f"must be joint, contrastive or a local Hugging Face model folder: "
+                                              f"{error}")]
+    return [*joint_only, ("dfgan.cond_dim", o.cond_dim == width,
+                          f"is the sentence width: {o.text_encoder} gives {width} (leave dfgan.cond_dim unset)")]
+
+
 # ---------------------------------------------------------------- contrastive pre-training
 
 
 def contrastive_text_encoder(family) -> TextEncoder:
     """dfgan.text_encoder=contrastive: the family's TextEncoder with pre-trained weights, the same on every
-    rank, frozen. Leaves the global RNG as it was (every rank then builds the same G and D)."""
+    rank (rank 0's; an error there is raised on every rank), frozen. A run that resumes from a checkpoint
+    takes the checkpoint's (family.state) and pre-trains nothing. Leaves the global RNG as it was (every
+    rank then builds the same G and D)."""
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+
+    from bigan.seeding import isolated
+    from bigan.training.ranks import on_rank_zero
 
     state = PartialState()
-    with torch.random.fork_rng(devices=[]):
+    with isolated():
         torch.manual_seed(family.config.train.seed)  # (what the cache's key says: the same start every time)
         text = family._text_encoder()
-        weights = [pretrained_weights(family, text, state.device) if state.is_main_process else None]
-        if state.num_processes > 1:
-            broadcast_object_list(weights)  # every rank takes rank 0's
-    text.load_state_dict(weights[0])
+        if not on_rank_zero(state, lambda: _resumes(family.config)):
+            text.load_state_dict(on_rank_zero(state, lambda: pretrained_weights(family, text, state.device)))
     return text.requires_grad_(False).eval()
+
+
+def _resumes(config) -> bool:
+    """Whether this run will load a checkpoint (which holds the text encoder)."""
+    from bigan import checkpoint
+
+    return checkpoint.resolve(Path(config.run.dir), config.run.resume)[0] is not None
 
 
 def _cache_key(family, source: str) -> str:
@@ -150,10 +178,10 @@ def _cache_key(family, source: str) -> str:
 
     c, o = family.config, family.config.family_options
     urls = resolve_shards(source).urls
-    sizes = [(u, os.path.getsize(u) if os.path.exists(u) else None) for u in urls]  # rewritten shards: a new key
+    sizes = [(u, *((os.path.getsize(u), os.path.getmtime(u)) if os.path.exists(u) else ())) for u in urls]
     what = {"shards": sizes, "resolution": c.data.resolution, "vocabulary": o.vocabulary, "seed": c.train.seed,
             **{k: getattr(o, k) for k in ("cond_dim", "text_width", "text_depth", "text_heads", "max_words",
-                                           "pretrain_images", "pretrain_steps")}, **PRETRAIN, "image_width": IMAGE_WIDTH, "version": 1}
+                                           "pretrain_images", "pretrain_steps")}, **PRETRAIN, "image_width": IMAGE_WIDTH, "version": 2}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -185,26 +213,33 @@ def pretrained_weights(family, text: TextEncoder, device) -> dict:
                                   progress=progress, **PRETRAIN)
     weights = {k: v.detach().cpu() for k, v in models.text_encoder.state_dict().items()}
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.tmp")
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")  # (jobs sharing the cache)
     torch.save(weights, tmp)
     tmp.rename(cached)  # whole or not at all
     return weights
 
 
 def captioned_images(source: str, resolution: int, n: int) -> tuple[torch.Tensor, list[str]]:
-    """The first n images (uint8 NCHW, at most PRETRAIN_RESOLUTION px) and captions of a shard set."""
-    from types import SimpleNamespace
+    """The first n images (uint8 NCHW, centre-cropped to at most PRETRAIN_RESOLUTION px) and captions of a
+    shard set, read in order (the shards are not counted first)."""
+    import itertools
 
-    from bigan.metrics.evaluate import _counted, _in_order
+    import numpy as np
 
-    one = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
-    shard_set = _counted(source)
+    from bigan.data.stream import DataError, _caption, decode_rgb, fit_square, read_shard, resolve_shards
+
     size = min(resolution, PRETRAIN_RESOLUTION)
     images, captions = [], []
-    for _, sample in _in_order(shard_set, resolution, one, min(n, sum(shard_set.counts))):
-        image = sample["image"].float()
-        if size < resolution:
-            image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        images.append(((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
-        captions += sample["caption"]
-    return torch.cat(images), captions
+    def samples():
+        for url in resolve_shards(source).urls:
+            for sample in read_shard(url):
+                yield url, sample
+
+    for url, sample in itertools.islice(samples(), n):
+        text = _caption(sample)
+        if text is None:
+            raise DataError(f"{url}: sample {sample.get('__key__')} has no caption (dfgan.text_encoder=contrastive "
+                            f"pre-trains on captioned images; write the shards with captions)")
+        images.append(fit_square(decode_rgb(sample), size, None, None))
+        captions.append(text)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions

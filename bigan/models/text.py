@@ -172,9 +172,18 @@ def pretrain_contrastive(images: torch.Tensor, captions: list[str], tokenizer: T
     DAMSM or CLIP do before GAN training; images are uint8 or [-1, 1] NCHW (kept where they are; each
     batch goes to `device`). Encoders default to small fresh ones of width `dim`; returns them (on
     `device`) with the learned temperature and the loss per step. progress(step, loss) is called every
-    100 steps and at the last."""
+    100 steps and at the last. The caller's random state is left as it was."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions: give one caption per image")
+    from bigan.seeding import isolated
+
+    with isolated():
+        return _pretrain(images, captions, tokenizer, steps, dim, text_encoder, image_encoder, batch_size, lr, seed,
+                         device, progress)
+
+
+def _pretrain(images, captions, tokenizer, steps, dim, text_encoder, image_encoder, batch_size, lr, seed, device,
+              progress) -> ContrastiveModels:
     torch.manual_seed(seed)
     if text_encoder is None:
         text_encoder = TextEncoder(len(tokenizer), dim, max_length=tokenizer.max_length)

@@ -32,7 +32,8 @@ class Persistence:
         saved_layout = self._rank_zero(lambda: checkpoint.data_layout(resume_from))
         elastic = self._changed_layout(saved_layout)
         t.backend.check_resumable_world(saved_layout["world_size"], t.accelerator.num_processes)
-        data_state = checkpoint.load(t.accelerator, resume_from, t.backend, t.family.architecture(), data=not elastic)
+        data_state = checkpoint.load(t.accelerator, resume_from, t.backend, t.family.architecture(), data=not elastic,
+                                     defaults=t.family.architecture_defaults)
         if t.state.seed != c.train.seed:
             raise checkpoint.CheckpointError(f"{resume_from} was trained with train.seed={t.state.seed} "
                                              f"(now {c.train.seed}); resume with that seed or start a new run.dir")
@@ -110,7 +111,8 @@ class Persistence:
                   f"(roll-back {self.rolled_back + 1} of at most {train.max_rollbacks}): the stream goes on "
                   f"past the batches that diverged, and new latents are drawn", flush=True)
         kept = (t.state.skipped, t.state.rollbacks + 1, t.state.stream_seed)
-        checkpoint.load(t.accelerator, latest, t.backend, t.family.architecture(), data=False)
+        checkpoint.load(t.accelerator, latest, t.backend, t.family.architecture(), data=False,
+                        defaults=t.family.architecture_defaults)
         self.current = []  # the stream went on: no checkpoint holds this state
         self._apply_optimizer_settings({name: net.settings() for name, net in t.networks.items()})
         self.rolled_back += 1
