@@ -12,8 +12,8 @@ three ridges"): a mismatch is only a caption that names one of the prompt's attr
 the same for every prompt (chance is 1 / candidates); each prompt's mismatches are drawn once, seeded by its
 position, so the score depends neither on the ranks nor on n.
 
-clip: CLIP score (Hessel et al. 2021, as torchmetrics computes it): 100 * max(cos(image, prompt), 0) in a
-local CLIP model's embedding (dfgan.clip; preprocessing by its own processor), averaged over the images.
+clip: CLIP score (Hessel et al. 2021, w = 100, clamped per image; torchmetrics clamps the mean instead):
+100 * max(cos(image, prompt), 0) in a local CLIP model's embedding (dfgan.clip; preprocessing by its own processor), averaged over the images.
 """
 from __future__ import annotations
 
