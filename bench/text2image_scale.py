@@ -38,6 +38,8 @@ CASES = {  # name: (Accelerate launch config, extra training arguments)
     "ddp": ("cpu_multi.yaml", []),
     "zero2": ("deepspeed_zero2.yaml", []),
     "zero3": ("deepspeed_zero3.yaml", ["--train.deepspeed_d=launch_configs/deepspeed/zero2.json"]),
+    "zero3_large": ("deepspeed_zero3.yaml", ["--train.deepspeed_g=launch_configs/deepspeed/zero3_large.json",
+                                            "--train.deepspeed_d=launch_configs/deepspeed/zero2.json"]),
 }
 TIMEOUT_S = 900  # a case that has not finished by then is killed and reported as such
 
@@ -173,6 +175,8 @@ def main():
     parser.add_argument("--cases", default="ddp,zero2,zero3")
     parser.add_argument("--cap-gib", default="", help="'auto', a number of GiB, or '' for no capped runs")
     parser.add_argument("--ranks", type=int, default=2, help="processes per run")
+    parser.add_argument("--sizes", default="medium,baseline", help="which sizes run uncapped (bytes per parameter "
+                                                                   "need both)")
     parser.add_argument("--out", type=Path, default=None, help="JSON lines file to append to")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "text2image_scale",
                         help="run folders, per-rank reports and logs (emptied first)")
@@ -187,11 +191,12 @@ def main():
     def run(case, size, cap=0.0):
         return report(launch(case, size, args.config, sizes[size], args.work, cap, args.ranks), counts, args.out)
 
-    rows = [run(case, size) for case in args.cases.split(",") for size in sizes]
-    if args.cap_gib:
+    cases = args.cases.split(",")
+    rows = [run(case, size) for case in cases for size in args.sizes.split(",") if size]
+    if args.cap_gib:  # the first two cases under one cap (auto: halfway between their medium peaks)
         peaks = {row["case"]: largest_peak(row) for row in rows if row["size"] == "medium"}
-        cap = (peaks["zero3"] + peaks["ddp"]) / 2 if args.cap_gib == "auto" else float(args.cap_gib)
-        rows += [run(case, "medium", round(cap, 2)) for case in ("zero3", "ddp")]
+        cap = sum(peaks[c] for c in cases[:2]) / 2 if args.cap_gib == "auto" else float(args.cap_gib)
+        rows += [run(case, "medium", round(cap, 2)) for case in cases[:2]]
     from bigan.config import load_config
 
     print(table(rows, counts, round(load_config(args.config, sizes["medium"]).train.kimg * 1000)))

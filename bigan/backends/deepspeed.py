@@ -124,7 +124,7 @@ def reenter_autocast(module: torch.nn.Module, device: torch.device, dtype) -> to
     return module
 
 
-GATHER_CHUNK = 50_000_000  # parameters gathered at once to refresh a ZeRO-3 shadow (200 MB of fp32)
+GATHER_CHUNK = 10_000_000  # parameters gathered at once to refresh a ZeRO-3 shadow (40 MB of fp32)
 
 
 def _pairs(mine, theirs) -> list:
