@@ -235,3 +235,15 @@ def test_a_clip_folder_that_does_not_load_stops_the_run_at_start_up(tmp_path, en
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"bigan: error: dfgan.clip: {tmp_path / 'weightless'}")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_evaluation_pair_starts_alike_and_leaves_the_callers_draws_alone():
+    """Trained mid-run on rank 0 on first use: the run's own random draws must not depend on whether it was."""
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first = M.train_evaluation_pair(n=16, resolution=32, steps=2, dim=8, width=8)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(6)
+    second = M.train_evaluation_pair(n=16, resolution=32, steps=2, dim=8, width=8)
+    for part in ("text", "image"):
+        assert all(torch.equal(first[part][k], second[part][k]) for k in first[part]), part

@@ -45,15 +45,26 @@ def attribute_classifier(path: str, accelerator):
     if path:
         return torch.jit.load(path, map_location=accelerator.device).eval()
     cached = cache_dir() / "attributes" / "classifier-{n}-{resolution}px-{steps}.pt".format(**CLASSIFIER)
+    cached_once(accelerator, cached, "the attribute classifier of the attr metric",
+                lambda tmp: train_attribute_classifier(**CLASSIFIER).save(str(tmp)))
+    return torch.jit.load(str(cached), map_location=accelerator.device).eval()
+
+
+def cached_once(accelerator, cached, what: str, write):
+    """Make `cached` with write(temporary path) unless it exists: the main process first, the others then find
+    it (or, on a node that cannot see it, make their own); renamed into place whole, so a crash or another job
+    writing the same cache leaves no torn file."""
+    import os
+    import uuid
+
     with accelerator.main_process_first():
         if not cached.exists():
             if accelerator.is_main_process:
-                print(f"bigan: training the attribute classifier of the attr metric once, into {cached}", flush=True)
+                print(f"bigan: training {what} once, into {cached}", flush=True)
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.{accelerator.process_index}")
-            train_attribute_classifier(**CLASSIFIER).save(str(tmp))
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            write(tmp)
             tmp.rename(cached)
-    return torch.jit.load(str(cached), map_location=accelerator.device).eval()
 
 
 class AttributeAccuracy:

@@ -13,7 +13,8 @@ the same for every prompt (chance is 1 / candidates); each prompt's mismatches a
 position, so the score depends neither on the ranks nor on n.
 
 clip: CLIP score (Hessel et al. 2021, w = 100, clamped per image; torchmetrics clamps the mean instead):
-100 * max(cos(image, prompt), 0) in a local CLIP model's embedding (dfgan.clip; preprocessing by its own processor), averaged over the images.
+100 * max(cos(image, prompt), 0) in a local CLIP model's embedding (dfgan.clip; preprocessing by its own
+processor), averaged over the images.
 """
 from __future__ import annotations
 
@@ -52,9 +53,13 @@ def train_evaluation_pair(n: int, resolution: int, steps: int, dim: int, width: 
     images, attributes = render_captioned_batch(CLASSIFIER_SEED, range(n), resolution)
     captions = [caption(a, np.random.default_rng([CLASSIFIER_SEED, i, _CAPTION_STREAM]))
                 for i, a in enumerate(attributes)]
+    from bigan.seeding import isolated
+
     tokenizer = Tokenizer.build(captions, PAIR_MAX_WORDS)
     settings = {"n": n, "resolution": resolution, "steps": steps, "dim": dim, "width": width}
-    text, image = _pair_modules(len(tokenizer), settings)
+    with isolated():  # the same start every time, and the caller's draws (a training run's) untouched
+        torch.manual_seed(CLASSIFIER_SEED)
+        text, image = _pair_modules(len(tokenizer), settings)
     pretrain_contrastive(images, captions, tokenizer, steps, text_encoder=text, image_encoder=image,
                          batch_size=64, lr=2e-3, seed=CLASSIFIER_SEED)
     return {"tokenizer": tokenizer.state_dict(), "text": text.state_dict(), "image": image.state_dict()}
@@ -66,15 +71,11 @@ def evaluation_pair(accelerator):
     from bigan.data.demo import cache_dir
     from bigan.models.text import Tokenizer
 
+    from bigan.families.text2image_eval import cached_once
+
     cached = cache_dir() / "rprec" / "pair-{n}-{resolution}px-{steps}-{dim}-{width}.pt".format(**PAIR)
-    with accelerator.main_process_first():
-        if not cached.exists():
-            if accelerator.is_main_process:
-                print(f"bigan: training the evaluation pair of the rprec metric once, into {cached}", flush=True)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.{accelerator.process_index}")
-            torch.save(train_evaluation_pair(**PAIR), tmp)
-            tmp.rename(cached)
+    cached_once(accelerator, cached, "the evaluation pair of the rprec metric",
+                lambda tmp: torch.save(train_evaluation_pair(**PAIR), tmp))
     state = torch.load(cached, map_location="cpu", weights_only=True)
     tokenizer = Tokenizer.from_state_dict(state["tokenizer"])
     text, image = _pair_modules(len(tokenizer), PAIR)
