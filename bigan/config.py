@@ -93,6 +93,9 @@ class TrainConfig:
     deepspeed_g: str = _f("", "DeepSpeed JSON for G only (e.g. ZeRO-3), overriding train.deepspeed")
     deepspeed_d: str = _f("", "DeepSpeed JSON for D only (e.g. ZeRO-2), overriding train.deepspeed; "
                               "train.deepspeed_<name> does the same for a family's other networks")
+    zero3_shadow: bool = _f(True, "ZeRO-3: a whole copy of each partitioned network per rank draws its no-grad "
+                                  "forwards (G's fakes for D), keeping DeepSpeed's prefetch; false: the partitioned "
+                                  "network itself, layer by layer (4 bytes a parameter less per rank, no prefetch)")
     max_bad_steps: int = _f(5, "after this many non-finite losses in a row, roll back to the last checkpoint")
     max_rollbacks: int = _f(3, "roll-backs per run at most (each goes on with new batches and latents); then exit 2")
 

@@ -5,6 +5,8 @@ import torch
 
 
 class EMA:
+    partitioned = False  # (bigan.backends.deepspeed.PartitionedEMA: each rank holds a partition)
+
     def __init__(self, model: torch.nn.Module, half_life_kimg: float, rampup: float):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.half_life_kimg, self.rampup = half_life_kimg, rampup
@@ -26,6 +28,10 @@ class EMA:
         torch._foreach_lerp_(ema_params, params, 1 - beta)
         if buffers:  # BatchNorm statistics and spectral-norm vectors follow G
             torch._foreach_copy_(ema_buffers, buffers)
+
+    def whole(self) -> torch.nn.Module:
+        """The EMA network, whole (every rank calls this: a collective where the EMA is partitioned)."""
+        return self.model
 
     def state_dict(self):
         return self.model.state_dict()

@@ -66,15 +66,19 @@ class Trainer:
         optimizers = {name: adam(net.param_groups(), betas=tuple(net.betas), eps=net.eps)
                       for name, net in self.networks.items()}
         # EMA and the backend's templates copy the networks before wrapping, while their weights are whole
-        # (ZeRO-3 partitions them)
-        self.emas = {name: EMA(self.networks[name].module, t.ema_kimg, t.ema_rampup) for name in self.family.ema
-                     if t.ema_kimg > 0}
+        # (ZeRO-3 partitions them, and the EMA with them: the backend builds that one after wrapping)
+        ema_names = [name for name in self.family.ema if t.ema_kimg > 0]
+        whole = {name: EMA(self.networks[name].module, t.ema_kimg, t.ema_rampup) for name in ema_names
+                 if not self.backend.ema_partitioned(name)}
         self.backend.remember_architecture({name: net.module for name, net in self.networks.items()})
         self.backend.wrap({name: (net.module, optimizers[name]) for name, net in self.networks.items()})
+        self.emas = {name: whole[name] if name in whole else self.backend.ema(name, t.ema_kimg, t.ema_rampup)
+                     for name in ema_names}
         seeding.seed_rank(t.seed, accelerator.process_index, seeding.FRESH)  # weights agree; from here, draws differ
         self.family.to(accelerator.device)
         for ema in self.emas.values():
-            ema.model.to(accelerator.device)
+            if not ema.partitioned:
+                ema.model.to(accelerator.device)
         self.state = TrainState(t.seed)
         # registered in this order with Accelerate (custom_checkpoint_N.pkl) and named in checkpoint.json
         self.checkpointed = {"train": self.state, "backend": self.backend,
@@ -189,7 +193,7 @@ class Trainer:
 
         name = self.family.generator
         try:  # EMA-G, else G (a full copy on every rank)
-            results = self.evaluation.run(self.emas[name].model if name in self.emas else self.backend.plain_copy(name))
+            results = self.evaluation.run(self.emas[name].whole() if name in self.emas else self.backend.plain_copy(name))
         except ExtractorError:  # (raised on every rank alike) the training so far is kept before stopping
             self.persistence.save()
             raise

@@ -88,21 +88,28 @@ def references(tmp_path_factory, env):
 
 # Every (stage, penalty) pair once, R1 at stages 2 and 3 in bf16 (test_bf16_...: R1, accumulation 2);
 # ZeRO-1 and ZeRO-2 with and without accumulation; ZeRO-3 (partitioned weights, the hardest for
-# accumulation) accumulates. ZeRO-1 and ZeRO-2 share DeepSpeed's stage_1_and_2 optimizer.
-@pytest.mark.parametrize("stage, penalty, accum", [
-    (1, "none", 1), (1, "r1", 2), (1, "gp", 2),
-    (2, "none", 2), (2, "gp", 1),
-    (3, "none", 2), (3, "gp", 2),
+# accumulation) accumulates, with G's fakes for D drawn by the whole copy (shadow) and, with
+# train.zero3_shadow=false, by the partitioned module. ZeRO-1 and ZeRO-2 share DeepSpeed's stage_1_and_2
+# optimizer. Every case compares G's EMA too (whole, and the state a checkpoint holds).
+@pytest.mark.parametrize("stage, penalty, accum, shadow", [
+    (1, "none", 1, True), (1, "r1", 2, True), (1, "gp", 2, True),
+    (2, "none", 2, True), (2, "gp", 1, True),
+    (3, "none", 2, True), (3, "gp", 2, False),
 ])
-def test_zero_stages_match_the_plain_path(stage, penalty, accum, references, tmp_path, env):
+def test_zero_stages_match_the_plain_path(stage, penalty, accum, shadow, references, tmp_path, env):
     target = tmp_path / "zero.pt"
     accelerate_launch(stage, str(HELPERS / "step_equivalence.py"),
                       [str(target), *_args(tmp_path / "run", penalty, **{"train.batch_size": 8 // (2 * accum),
-                                                                          "train.grad_accum": accum})], env)
+                                                                          "train.grad_accum": accum,
+                                                                          "train.zero3_shadow": shadow})], env)
     reference, initial = references[penalty]
     result = _params(target)
+    assert any(k.startswith("EMA.") for k in reference) and any(k.startswith("EMA_state.") for k in reference)
     _assert_close(reference, result, initial)
-    if stage == 3:  # G runs only in G steps on its engine, so DeepSpeed can prefetch from its trace
+    if stage == 3:
+        # each rank holds half of G's EMA (its partition of every weight; padding aside), not a whole copy
+        assert result["ema_share.g"] <= 0.55, result["ema_share.g"]
+    if stage == 3 and shadow:  # G runs only in G steps on its engine, so DeepSpeed can prefetch from its trace
         assert result["zero3_trace_complete.g"], "G's ZeRO-3 module trace is re-recorded at every forward"
 
 
@@ -231,11 +238,15 @@ def test_per_model_stages_train_resume_identically_and_export_from_zero3(tiny_sh
     assert scales[0] == scales[1], scales  # not restored, the resumed run would count 2 good steps, not 4
 
     checkpoint_dir = tmp_path / "straight" / "checkpoints" / "ckpt-000000004"
-    for source, out in ((checkpoint_dir, "from_zero3.npz"), (tmp_path / "straight" / "export" / "generator.safetensors",
-                                                             "from_live.npz")):
-        run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(source), "--no-ema", "--n", "6",
-             "--out", str(tmp_path / out), "--device", "cpu"], env)
-    assert np.array_equal(np.load(tmp_path / "from_zero3.npz")["images"], np.load(tmp_path / "from_live.npz")["images"])
+    export = tmp_path / "straight" / "export"
+    # G itself, and its EMA (partitioned over the ranks: the checkpoint and the export gather it)
+    for flag, live in (("--no-ema", "generator.safetensors"), ("--ema", "generator_ema.safetensors")):
+        for source, out in ((checkpoint_dir, f"from_zero3{flag}.npz"), (export / live, f"from_live{flag}.npz")):
+            run([sys.executable, "-m", "bigan.sample", "--checkpoint", str(source), *([flag] if flag == "--no-ema" else []),
+                 "--n", "6", "--out", str(tmp_path / out), "--device", "cpu"], env)
+        assert np.array_equal(np.load(tmp_path / f"from_zero3{flag}.npz")["images"], np.load(tmp_path / f"from_live{flag}.npz")["images"])
+    g, ema = (load_file(str(export / name)) for name in ("generator.safetensors", "generator_ema.safetensors"))
+    assert any(not torch.equal(g[k], ema[k]) for k in g)  # (the EMA is not G)
 
 
 def test_zero1_dcgan_with_batchnorm_resumes_identically(tiny_shards, tmp_path, env):

@@ -44,7 +44,7 @@ def make_backend(config, accelerator, names: list, phases: list = ()):
     for phase in phases:
         if phase.zero3 and zero_stage(configs[phase.trains]) == 3:
             raise DeepSpeedConfigError(f"{phase.name}: {phase.zero3}")
-    return DeepSpeedBackend(accelerator, t.precision, configs, t.channels_last, t.compile)
+    return DeepSpeedBackend(accelerator, t.precision, configs, t.channels_last, t.compile, t.zero3_shadow)
 
 
 __all__ = ["PlainBackend", "make_backend"]

@@ -22,9 +22,12 @@ The traps this avoids (measured with deepspeed 0.19.8, torch 2.13):
   fp16 gets one dynamic loss scale per engine (``DynamicLossScale``), handed to the ZeRO
   optimizer with ``override_loss_scale``: DeepSpeed multiplies the loss by it in
   ``engine.backward`` and divides it out before clipping and Adam.
-* Under ZeRO-3 a module's weights are partitioned: EMA, sample grids and export gather them
-  on every rank (``plain_copy``), never on the main process alone. G's fakes for the D step
-  come from a gathered copy of G (``frozen``), which keeps G's module trace intact.
+* Under ZeRO-3 a module's weights are partitioned: sample grids, evaluation and export gather
+  them on every rank (``plain_copy``), never on the main process alone. The EMA is partitioned
+  like the weights (``PartitionedEMA``: each rank averages its own partition). G's fakes for the
+  D step come from a gathered copy of G (``inference``, the "shadow"), which keeps G's module
+  trace intact; ``shadow=False`` (train.zero3_shadow) runs them through the partitioned module
+  instead, for networks too large for a whole copy per rank.
 """
 import contextlib
 import copy
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 
 from bigan.backends.precision import DTYPES, NAMES, autocast
+from bigan.ema import EMA
 
 
 class DeepSpeedConfigError(Exception):
@@ -168,8 +172,9 @@ class DeepSpeedBackend:
     fused_adam = False  # the ZeRO optimizer checks for overflow itself (a host read inside engine.step)
 
     def __init__(self, accelerator, precision: str, configs: dict, channels_last: bool = False,
-                 compile: bool = False):
-        """configs: network name -> its DeepSpeed config (ZeRO stages may differ per network)."""
+                 compile: bool = False, shadow: bool = True):
+        """configs: network name -> its DeepSpeed config (ZeRO stages may differ per network). shadow: keep a
+        whole copy of each ZeRO-3 network per rank for its no-grad forwards (see ``inference``)."""
         if precision == "fp16" and min(zero_stage(c) for c in configs.values()) == 0:
             raise DeepSpeedConfigError("train.precision=fp16 with DeepSpeed needs ZeRO stage 1, 2 or 3 "
                                        "(bigan's loss scaling goes through the ZeRO optimizer)")
@@ -191,6 +196,7 @@ class DeepSpeedBackend:
         self.channels_last_ignored = channels_last
         self.compile_ignored = compile  # not tried inside ZeRO's module hooks
         self.configs = dict(configs)
+        self.shadow = shadow
         self._shadows, self._stale = {}, {name: True for name in configs}
         self.scalers = {name: DynamicLossScale(enabled=precision == "fp16") for name in configs}
 
@@ -270,8 +276,12 @@ class DeepSpeedBackend:
         engines = ", ".join(f"{name.upper()} {one(name)}" for name in self.configs)
         return f"DeepSpeed engines: {engines}; {NAMES[self.dtype]}{scaling}, fp32 weights{ignored}"
 
+    def partitioned(self, name: str) -> bool:
+        """Whether the network's weights are partitioned over the ranks (ZeRO-3)."""
+        return zero_stage(self.configs[name]) == 3
+
     def inference(self, name: str) -> torch.nn.Module:
-        """The network with its current weights, for forwards under no_grad (G in the D step), EMA and copies.
+        """The network with its current weights, for forwards under no_grad (G in the D step).
 
         ZeRO-1/2: the engine's module itself. ZeRO-3: a full copy ("shadow"), refreshed by one
         gather after each optimizer step of that network (every rank calls this at the same points).
@@ -281,28 +291,22 @@ class DeepSpeedBackend:
         forward between G steps never does; every forward then re-records the trace and checks it
         across ranks (host syncs) and nothing is prefetched. The shadow shares the module's buffers
         (BatchNorm statistics, spectral-norm vectors; ZeRO-3 does not partition buffers), so it
-        updates them exactly as the module would. The same gather serves the EMA update.
+        updates them exactly as the module would.
+
+        With shadow=False (train.zero3_shadow=false) the partitioned module itself runs these forwards,
+        layer by layer: no whole copy on any rank (4 bytes a parameter), at the cost of the trace above.
 
         D in the G step still runs D's own module: a shadow there was measured wrong (ZeRO-3 D
         with R1 and grad_accum 2 drifted by up to 57% from the plain path, inside DeepSpeed).
         """
         module = self.engines[name].module
-        if zero_stage(self.configs[name]) != 3:
+        if not self.partitioned(name) or not self.shadow:
             return module
         if name not in self._shadows:
             self._shadows[name] = copy.deepcopy(self._template[name]).to_empty(device=self.device)
         shadow = self._shadows[name]
         if self._stale[name]:
-            import deepspeed
-
-            pairs = _pairs(shadow.named_parameters(remove_duplicate=False),
-                           module.named_parameters(remove_duplicate=False))
-            for chunk in _chunks(pairs, GATHER_CHUNK):  # a chunk at a time: no second whole G in flight
-                gathered = list({id(theirs): theirs for _, theirs in chunk}.values())  # (a tied weight once)
-                with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None), \
-                        torch.no_grad():
-                    for mine, theirs in chunk:
-                        mine.copy_(theirs)
+            self._fill(shadow, module)
             for key, buffer in module.named_buffers():  # shared, not copied (again: a load may replace them)
                 owner, _, leaf = key.rpartition(".")
                 shadow.get_submodule(owner)._buffers[leaf] = buffer
@@ -311,25 +315,61 @@ class DeepSpeedBackend:
             self._stale[name] = False
         return shadow
 
+    @staticmethod
+    def _fill(target: torch.nn.Module, module: torch.nn.Module):
+        """target's parameters take a ZeRO-3 module's whole weights, gathered a chunk at a time (no second
+        whole copy in flight; every rank calls this)."""
+        import deepspeed
+
+        pairs = _pairs(target.named_parameters(remove_duplicate=False), module.named_parameters(remove_duplicate=False))
+        for chunk in _chunks(pairs, GATHER_CHUNK):
+            gathered = list({id(theirs): theirs for _, theirs in chunk}.values())  # (a tied weight once)
+            with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None), torch.no_grad():
+                for mine, theirs in chunk:
+                    mine.copy_(theirs)
+
     @contextlib.contextmanager
     def gathered(self, name: str):
-        """The full weights of a network, on every rank (a collective under ZeRO-3, once per step)."""
-        yield self.inference(name)
+        """The full weights of a network, on every rank (a collective under ZeRO-3), to read only."""
+        if not self.partitioned(name) or self.shadow:
+            yield self.inference(name)
+            return
+        import deepspeed
+
+        module = self.engines[name].module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield module
 
     def plain_copy(self, name: str) -> torch.nn.Module:
         """A full, unpartitioned copy of a network (every rank must call this)."""
-        with self.gathered(name) as module, torch.no_grad():
+        module = self.engines[name].module
+        with torch.no_grad():
             plain = copy.deepcopy(self._template[name]).to_empty(device=self.device)
-            for mine, theirs in _pairs(plain.named_parameters(remove_duplicate=False),
-                                       module.named_parameters(remove_duplicate=False)):
-                mine.copy_(theirs)
+            if self.partitioned(name):
+                self._fill(plain, module)
+            else:
+                for mine, theirs in _pairs(plain.named_parameters(remove_duplicate=False),
+                                           module.named_parameters(remove_duplicate=False)):
+                    mine.copy_(theirs)
             for mine, theirs in _pairs(plain.named_buffers(), module.named_buffers()):  # (non-persistent ones too)
                 mine.copy_(theirs)
         return plain
 
+    def ema_partitioned(self, name: str) -> bool:
+        """Whether the network's EMA is partitioned (PartitionedEMA, from ``ema``) rather than a whole copy
+        made before wrapping (bigan.ema.EMA): ZeRO-3, unless its weights are offloaded to NVMe, where a
+        partition is not always in memory."""
+        zero = self.configs[name].get("zero_optimization", {})
+        return self.partitioned(name) and zero.get("offload_param", {}).get("device", "none") != "nvme"
+
+    def ema(self, name: str, half_life_kimg: float, rampup: float):
+        """The EMA of a network whose EMA is partitioned (ema_partitioned), built after wrap()."""
+        return PartitionedEMA(self.engines[name].module, self._template[name], half_life_kimg, rampup, self.device)
+
     def remember_architecture(self, networks: dict):
         """The networks' structure with no storage (meta tensors), taken before ZeRO-3 partitions them, for
-        plain_copy and the shadows: a CPU copy of the weights would cost every rank a whole model of memory."""
+        plain_copy, the shadows and the EMA's copies: a CPU copy of the weights would cost every rank a whole
+        model of memory."""
         self._template = {name: _meta_copy(module) for name, module in networks.items()}
 
     def check_resumable_world(self, saved: int, now: int):
@@ -355,3 +395,95 @@ class DeepSpeedBackend:
         for k, s in self.scalers.items():
             if k in state:  # checkpoints from before fp16 support hold no scales
                 s.load_state_dict(state[k])
+
+
+class PartitionedEMA(EMA):
+    """bigan.ema.EMA of a ZeRO-3 network, partitioned as the network is: each rank averages its own
+    partition of every weight (``param.ds_tensor``, which the ZeRO optimizer updates), so the EMA costs a rank
+    4/W bytes a parameter instead of 4, and its update needs no gather. Buffers (BatchNorm statistics,
+    spectral-norm vectors; not partitioned) are the network's own, as the whole EMA copies them after each
+    update. ``whole()`` (grids, evaluation, export) and ``state_dict()`` (checkpoints: the same whole state
+    dict as EMA's, so bigan-sample and resumes on any backend read it) gather it, one parameter at a time;
+    every rank calls them."""
+
+    partitioned = True
+
+    def __init__(self, module: torch.nn.Module, template: torch.nn.Module, half_life_kimg: float, rampup: float,
+                 device):
+        self.half_life_kimg, self.rampup = half_life_kimg, rampup
+        self.module, self.template, self.device = module, template, device
+        self.params = list(module.parameters())  # (a tied weight once)
+        self.shards = [p.ds_tensor.detach().clone() for p in self.params]
+
+    @property
+    def model(self):
+        raise AttributeError("a PartitionedEMA has no whole model on any rank; whole() gathers one (every rank)")
+
+    @torch.no_grad()
+    def update(self, model, images_seen: int, batch_images: int):
+        """model: unused (the network's partitions are read directly: nothing is gathered)."""
+        torch._foreach_lerp_(self.shards, [p.ds_tensor for p in self.params], 1 - self.beta(images_seen, batch_images))
+
+    def _gathered(self, i: int) -> torch.Tensor:
+        """The whole value of parameter i's EMA (a collective over its partition group)."""
+        import torch.distributed as dist
+
+        p, shard = self.params[i], self.shards[i]
+        group = p.ds_process_group
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group=group))]
+        dist.all_gather(parts, shard, group=group)
+        return torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
+
+    @torch.no_grad()
+    def whole(self) -> torch.nn.Module:
+        """A whole copy of the EMA network, on every rank (every rank must call this), in eval mode."""
+        plain = copy.deepcopy(self.template).to_empty(device=self.device)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        theirs = dict(self.module.named_parameters(remove_duplicate=False))
+        for name, mine in plain.named_parameters(remove_duplicate=False):
+            mine.copy_(self._gathered(index[id(theirs[name])]))
+        for mine, buffer in _pairs(plain.named_buffers(), self.module.named_buffers()):
+            mine.copy_(buffer)
+        return plain.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def state_dict(self) -> dict:
+        """EMA's whole state dict (as bigan.ema.EMA writes it), on the main process; {} elsewhere. Every rank
+        calls it (Accelerate's save_state does): the gathers are collectives."""
+        import torch.distributed as dist
+
+        main = dist.get_rank() == 0
+        index = {id(p): i for i, p in enumerate(self.params)}
+        state, done = {}, {}
+        for key, tensor in self.module.state_dict(keep_vars=True).items():
+            if id(tensor) in index:
+                i = index[id(tensor)]
+                if i not in done:  # (every rank gathers: a collective; the main process keeps it)
+                    value = self._gathered(i)
+                    done[i] = value.cpu().clone() if main else None
+                value = done[i]
+            else:
+                value = tensor.detach().cpu().clone() if main else None
+            if main:
+                state[key] = value
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict):
+        """Each rank takes its partition of a whole EMA state dict (written by EMA or PartitionedEMA, with any
+        number of processes); its buffers are the network's, restored with the network."""
+        import torch.distributed as dist
+
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for key, tensor in self.module.state_dict(keep_vars=True).items():
+            if id(tensor) not in index:
+                continue
+            i = index[id(tensor)]
+            p, shard = self.params[i], self.shards[i]
+            if key not in state:
+                raise KeyError(f"EMA state lacks {key}")
+            flat = state[key].reshape(-1).to(shard.dtype)
+            start = dist.get_rank(group=p.ds_process_group) * shard.numel()
+            part = flat[start:start + shard.numel()]
+            shard.zero_()
+            shard[:part.numel()].copy_(part)

@@ -44,6 +44,9 @@ class PlainBackend:
     def remember_architecture(self, networks: dict):
         pass  # weights are never partitioned here
 
+    def ema_partitioned(self, name: str) -> bool:
+        return False  # bigan.ema.EMA keeps a whole copy
+
     def trained(self, name: str):
         """The network as the phase that trains it runs it: DDP syncs its gradients."""
         return self.runs[name]

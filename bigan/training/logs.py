@@ -69,12 +69,13 @@ class Logs:
     def images(self, backend, emas: dict, grid_inputs):
         """Sample grids of the generator and its EMA (every rank calls this: a collective under ZeRO-3)."""
         name = self.family.generator
-        g = backend.plain_copy(name)
-        if not self.accelerator.is_main_process:
-            return
-        for tag, model in ((f"samples/{name.upper()}", g), (f"samples/{name.upper()}_ema", emas[name].model if name in emas
-                                                             else None)):
-            if model is None:
+        copies = ((f"samples/{name.upper()}", lambda: backend.plain_copy(name)),
+                  (f"samples/{name.upper()}_ema", emas[name].whole if name in emas else None))
+        for tag, whole in copies:  # one whole copy at a time (under ZeRO-3 each is gathered afresh)
+            if whole is None:
+                continue
+            model = whole()  # every rank
+            if not self.accelerator.is_main_process:
                 continue
             was_training = model.training
             model.eval()

@@ -140,12 +140,12 @@ class Persistence:
         t = self.t
         name = t.family.generator
         g = t.backend.plain_copy(name)  # every rank: a collective under ZeRO-3
+        g_ema = t.emas[name].whole() if name in t.emas else None  # (ditto where the EMA is partitioned)
         if not t.accelerator.is_main_process:
             return
         meta = {"resolution": t.config.data.resolution, "images_seen": t.state.images_seen, "step": t.state.step,
                 "architecture": t.family.architecture()}
-        checkpoint.export_generator(t.run_dir / "export", g, t.emas[name].model if name in t.emas else None,
-                                    t.config.to_dict()["model"], meta)
+        checkpoint.export_generator(t.run_dir / "export", g, g_ema, t.config.to_dict()["model"], meta)
 
 
 def _shown(values: set) -> str:

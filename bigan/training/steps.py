@@ -116,6 +116,9 @@ class Steps:
 
     def _update_emas(self, batch_images: int):
         for name, ema in self.emas.items():
+            if ema.partitioned:  # (ZeRO-3: each rank averages its own partition, nothing gathered)
+                ema.update(None, self.state.images_seen, batch_images)
+                continue
             with self.backend.gathered(name) as module:
                 ema.update(module, self.state.images_seen, batch_images)
 

@@ -74,9 +74,17 @@ for which, module in (("g", trainer.backend.module("g")), ("d", trainer.backend.
 
 
 def parameters():
-    """Full weights on every rank (plain_copy gathers ZeRO-3 partitions)."""
+    """Full weights on every rank (plain_copy gathers ZeRO-3 partitions), and G's EMA (gathered where the EMA is
+    partitioned; its checkpoint state, which Accelerate asks every rank for, too)."""
     g, d = trainer.backend.plain_copy("g"), trainer.backend.plain_copy("d")
-    return {**{f"G.{k}": v.clone() for k, v in g.state_dict().items()}, **{f"D.{k}": v.clone() for k, v in d.state_dict().items()}}
+    out = {**{f"G.{k}": v.clone() for k, v in g.state_dict().items()}, **{f"D.{k}": v.clone() for k, v in d.state_dict().items()}}
+    if "g" in trainer.emas:
+        out.update({f"EMA.{k}": v.clone() for k, v in trainer.emas["g"].whole().state_dict().items()})
+        saved = trainer.emas["g"].state_dict()  # (a collective when partitioned; whole on the main process)
+        if accelerator.is_main_process:
+            assert saved.keys() == g.state_dict().keys(), sorted(saved.keys() ^ g.state_dict().keys())[:4]
+            out.update({f"EMA_state.{k}": v.clone() for k, v in saved.items()})
+    return out
 
 
 initial = parameters()
@@ -127,6 +135,9 @@ final.update({f"scale.{k}": torch.tensor(float(s.get_scale())) for k, s in train
              skipped=torch.tensor(trainer.state.skipped))
 final.update({f"compute_dtype.{k}": torch.tensor(DTYPE_CODES[next(iter(v))] if len(v) == 1 else 3)
               for k, v in compute_dtypes.items()})
+if "g" in trainer.emas and trainer.emas["g"].partitioned:  # how much of G's EMA this rank holds (whole: 1)
+    held = sum(s.numel() for s in trainer.emas["g"].shards)
+    final["ema_share.g"] = torch.tensor(held / sum(p.numel() for p in trainer.backend.plain_copy("g").parameters()))
 for k, engine in getattr(trainer.backend, "engines", {}).items():  # ZeRO-3: can DeepSpeed prefetch from its trace?
     if hasattr(engine.optimizer, "parameter_offload"):
         coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
