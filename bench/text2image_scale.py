@@ -40,6 +40,11 @@ CASES = {  # name: (Accelerate launch config, extra training arguments)
     "zero3": ("deepspeed_zero3.yaml", ["--train.deepspeed_d=launch_configs/deepspeed/zero2.json"]),
     "zero3_large": ("deepspeed_zero3.yaml", ["--train.deepspeed_g=launch_configs/deepspeed/zero3_large.json",
                                             "--train.deepspeed_d=launch_configs/deepspeed/zero2.json"]),
+    # zero3_large with no whole copy of G on any rank: D's fakes through the partitioned G (the EMA is partitioned
+    # on every ZeRO-3 case)
+    "zero3_lean": ("deepspeed_zero3.yaml", ["--train.deepspeed_g=launch_configs/deepspeed/zero3_large.json",
+                                           "--train.deepspeed_d=launch_configs/deepspeed/zero2.json",
+                                           "--train.zero3_shadow=false"]),
 }
 TIMEOUT_S = 900  # a case that has not finished by then is killed and reported as such
 

@@ -29,8 +29,9 @@ class EMA:
         if buffers:  # BatchNorm statistics and spectral-norm vectors follow G
             torch._foreach_copy_(ema_buffers, buffers)
 
-    def whole(self) -> torch.nn.Module:
-        """The EMA network, whole (every rank calls this: a collective where the EMA is partitioned)."""
+    def whole(self, everywhere: bool = True) -> torch.nn.Module:
+        """The EMA network, whole (every rank calls this: a collective where the EMA is partitioned, which
+        with everywhere=False builds it on the main process only)."""
         return self.model
 
     def state_dict(self):

@@ -306,7 +306,7 @@ class DeepSpeedBackend:
             self._shadows[name] = copy.deepcopy(self._template[name]).to_empty(device=self.device)
         shadow = self._shadows[name]
         if self._stale[name]:
-            self._fill(shadow, module)
+            self._fill(shadow, module, name)
             for key, buffer in module.named_buffers():  # shared, not copied (again: a load may replace them)
                 owner, _, leaf = key.rpartition(".")
                 shadow.get_submodule(owner)._buffers[leaf] = buffer
@@ -315,18 +315,19 @@ class DeepSpeedBackend:
             self._stale[name] = False
         return shadow
 
-    @staticmethod
-    def _fill(target: torch.nn.Module, module: torch.nn.Module):
+    def _fill(self, target, module: torch.nn.Module, name: str):
         """target's parameters take a ZeRO-3 module's whole weights, gathered a chunk at a time (no second
-        whole copy in flight; every rank calls this)."""
+        whole copy in flight; every rank calls this). target None: this rank takes part and keeps nothing."""
         import deepspeed
 
-        pairs = _pairs(target.named_parameters(remove_duplicate=False), module.named_parameters(remove_duplicate=False))
+        mine = (target or self._template[name]).named_parameters(remove_duplicate=False)
+        pairs = _pairs(mine, module.named_parameters(remove_duplicate=False))
         for chunk in _chunks(pairs, GATHER_CHUNK):
             gathered = list({id(theirs): theirs for _, theirs in chunk}.values())  # (a tied weight once)
             with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None), torch.no_grad():
-                for mine, theirs in chunk:
-                    mine.copy_(theirs)
+                if target is not None:
+                    for mine, theirs in chunk:
+                        mine.copy_(theirs)
 
     @contextlib.contextmanager
     def gathered(self, name: str):
@@ -340,13 +341,18 @@ class DeepSpeedBackend:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             yield module
 
-    def plain_copy(self, name: str) -> torch.nn.Module:
-        """A full, unpartitioned copy of a network (every rank must call this)."""
+    def plain_copy(self, name: str, everywhere: bool = True):
+        """A full, unpartitioned copy of a network (every rank must call this); everywhere=False: on the main
+        process only (None elsewhere), for what only it uses (grids, the export)."""
         module = self.engines[name].module
+        if not everywhere and not self.accelerator.is_main_process:
+            if self.partitioned(name):
+                self._fill(None, module, name)
+            return None
         with torch.no_grad():
             plain = copy.deepcopy(self._template[name]).to_empty(device=self.device)
             if self.partitioned(name):
-                self._fill(plain, module)
+                self._fill(plain, module, name)
             else:
                 for mine, theirs in _pairs(plain.named_parameters(remove_duplicate=False),
                                            module.named_parameters(remove_duplicate=False)):
@@ -435,13 +441,24 @@ class PartitionedEMA(EMA):
         return torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
 
     @torch.no_grad()
-    def whole(self) -> torch.nn.Module:
-        """A whole copy of the EMA network, on every rank (every rank must call this), in eval mode."""
+    def whole(self, everywhere: bool = True):
+        """A whole copy of the EMA network in eval mode, on every rank (everywhere=False: on the main process
+        only, None elsewhere); every rank must call this."""
+        import torch.distributed as dist
+
+        if not everywhere and dist.get_rank() != 0:
+            for i in range(len(self.params)):
+                self._gathered(i)  # (the collectives alone)
+            return None
         plain = copy.deepcopy(self.template).to_empty(device=self.device)
         index = {id(p): i for i, p in enumerate(self.params)}
         theirs = dict(self.module.named_parameters(remove_duplicate=False))
+        gathered = {}
         for name, mine in plain.named_parameters(remove_duplicate=False):
-            mine.copy_(self._gathered(index[id(theirs[name])]))
+            i = index[id(theirs[name])]
+            if i not in gathered:  # (a tied weight: gathered once, as every other rank does)
+                gathered[i] = self._gathered(i)
+            mine.copy_(gathered[i])
         for mine, buffer in _pairs(plain.named_buffers(), self.module.named_buffers()):
             mine.copy_(buffer)
         return plain.eval().requires_grad_(False)

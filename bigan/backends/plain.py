@@ -74,7 +74,7 @@ class PlainBackend:
     def gathered(self, name: str):
         yield self.bare[name]
 
-    def plain_copy(self, name: str):
+    def plain_copy(self, name: str, everywhere: bool = True):
         """The network itself: its weights are whole on every rank."""
         return self.bare[name]
 

@@ -69,12 +69,13 @@ class Logs:
     def images(self, backend, emas: dict, grid_inputs):
         """Sample grids of the generator and its EMA (every rank calls this: a collective under ZeRO-3)."""
         name = self.family.generator
-        copies = ((f"samples/{name.upper()}", lambda: backend.plain_copy(name)),
-                  (f"samples/{name.upper()}_ema", emas[name].whole if name in emas else None))
-        for tag, whole in copies:  # one whole copy at a time (under ZeRO-3 each is gathered afresh)
+        copies = ((f"samples/{name.upper()}", lambda: backend.plain_copy(name, everywhere=False)),
+                  (f"samples/{name.upper()}_ema", (lambda: emas[name].whole(everywhere=False)) if name in emas else None))
+        for tag, whole in copies:  # one whole copy at a time, on the main process (ZeRO-3 gathers each afresh)
+            model = None  # (the last one's dropped first)
             if whole is None:
                 continue
-            model = whole()  # every rank
+            model = whole()  # every rank: a collective under ZeRO-3
             if not self.accelerator.is_main_process:
                 continue
             was_training = model.training

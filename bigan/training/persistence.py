@@ -139,13 +139,17 @@ class Persistence:
         """The generator and its EMA as safetensors, with what bigan-sample rebuilds them from."""
         t = self.t
         name = t.family.generator
-        g = t.backend.plain_copy(name)  # every rank: a collective under ZeRO-3
-        g_ema = t.emas[name].whole() if name in t.emas else None  # (ditto where the EMA is partitioned)
-        if not t.accelerator.is_main_process:
-            return
         meta = {"resolution": t.config.data.resolution, "images_seen": t.state.images_seen, "step": t.state.step,
                 "architecture": t.family.architecture()}
-        checkpoint.export_generator(t.run_dir / "export", g, g_ema, t.config.to_dict()["model"], meta)
+        # one whole copy at a time, on the main process (every rank takes part in ZeRO-3's gathers)
+        g = t.backend.plain_copy(name, everywhere=False)
+        if t.accelerator.is_main_process:
+            checkpoint.export_generator(t.run_dir / "export", g, None, t.config.to_dict()["model"], meta)
+        g = None
+        if name in t.emas:
+            g_ema = t.emas[name].whole(everywhere=False)
+            if t.accelerator.is_main_process:
+                checkpoint.export_generator(t.run_dir / "export", None, g_ema, t.config.to_dict()["model"], meta)
 
 
 def _shown(values: set) -> str:
