@@ -6,7 +6,9 @@ Writes DIR/rank<RANK>.json: the exit code, the peak resident memory (ru_maxrss) 
 checkpoint save began (with run.ckpt_every_kimg past train.kimg: the training steps' peak) and at the
 end (checkpoint and export included), and the error if the run raised one. --cap-gib caps this
 process's data segment (RLIMIT_DATA: heap and private mappings, where tensors live) before torch is
-imported, so an allocation past it fails as it would on a machine with that much memory.
+imported, so an allocation past it fails as it would on a machine with that much memory. --trace prints,
+at each of the trainer's stages (built, every iteration, grids, checkpoint, export), this rank's resident
+memory now and its peak so far ("bigan-memory: rank R STAGE: now N GiB, peak P GiB").
 """
 import argparse
 import json
@@ -36,10 +38,36 @@ def watch_first_save(marks: dict):
     Persistence.save = noted_save
 
 
+def now_gib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+
+
+def trace_stages(rank: int):
+    """Print the resident memory after each of the trainer's stages (see --trace)."""
+    from bigan import trainer
+    from bigan.training import logs, persistence, steps
+
+    def after(owner, method, stage):
+        original = getattr(owner, method)
+
+        def traced(*args, **kwargs):
+            result = original(*args, **kwargs)
+            print(f"bigan-memory: rank {rank} {stage}: now {now_gib():.3f} GiB, peak {peak_gib():.3f} GiB", flush=True)
+            return result
+
+        setattr(owner, method, traced)
+
+    for owner, method, stage in ((trainer.Trainer, "__init__", "built"), (steps.Steps, "iteration", "iteration"),
+                                 (logs.Logs, "images", "grids"), (persistence.Persistence, "save", "checkpoint"),
+                                 (persistence.Persistence, "export", "export")):
+        after(owner, method, stage)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", type=Path, required=True, help="folder for rank<RANK>.json")
     parser.add_argument("--cap-gib", type=float, default=0.0, help="RLIMIT_DATA of this process (0 = none)")
+    parser.add_argument("--trace", action="store_true", help="print the memory after each stage of the trainer")
     args, train_args = parser.parse_known_args()
     if args.cap_gib:
         cap = int(args.cap_gib * GIB)
@@ -51,6 +79,8 @@ def main():
     marks = {"rank": rank, "cap_gib": args.cap_gib}
     try:
         watch_first_save(marks)
+        if args.trace:
+            trace_stages(rank)
         marks["exit"] = train(train_args)
     except BaseException as exc:  # an allocation past the cap: a RuntimeError or MemoryError
         marks.update(exit=1, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")

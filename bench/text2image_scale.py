@@ -94,7 +94,7 @@ def launch(case: str, size: str, config_path, overrides: list[str], work: Path, 
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", f"launch_configs/accelerate/{launch_config}",
            "--num_processes", str(ranks), "--main_process_port", str(free_port()),
-           "bench/rank_memory.py", "--report", str(report), f"--cap-gib={cap_gib}",
+           "bench/rank_memory.py", "--report", str(report), f"--cap-gib={cap_gib}", "--trace",
            *(["--config", str(config_path)] if config_path else []), *overrides, *extra, f"--run.dir={work / tag}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()

@@ -436,9 +436,9 @@ class PartitionedEMA(EMA):
 
         p, shard = self.params[i], self.shards[i]
         group = p.ds_process_group
-        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group=group))]
-        dist.all_gather(parts, shard, group=group)
-        return torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
+        whole = torch.empty(shard.numel() * dist.get_world_size(group=group), dtype=shard.dtype, device=shard.device)
+        dist.all_gather(list(whole.chunk(dist.get_world_size(group=group))), shard, group=group)  # (into its parts)
+        return whole[:p.ds_numel].view(p.ds_shape)
 
     @torch.no_grad()
     def whole(self, everywhere: bool = True):
@@ -452,13 +452,15 @@ class PartitionedEMA(EMA):
             return None
         plain = copy.deepcopy(self.template).to_empty(device=self.device)
         index = {id(p): i for i, p in enumerate(self.params)}
-        theirs = dict(self.module.named_parameters(remove_duplicate=False))
-        gathered = {}
-        for name, mine in plain.named_parameters(remove_duplicate=False):
-            i = index[id(theirs[name])]
-            if i not in gathered:  # (a tied weight: gathered once, as every other rank does)
-                gathered[i] = self._gathered(i)
-            mine.copy_(gathered[i])
+        mine = dict(plain.named_parameters(remove_duplicate=False))
+        names = [[] for _ in self.params]  # parameter i's names in the copy (a tied weight has several)
+        for name, theirs in self.module.named_parameters(remove_duplicate=False):
+            names[index[id(theirs)]].append(name)
+        for i, tied in enumerate(names):  # one parameter gathered at a time, in the order every rank gathers
+            value = self._gathered(i)
+            for name in tied:
+                mine[name].copy_(value)
+            del value
         for mine, buffer in _pairs(plain.named_buffers(), self.module.named_buffers()):
             mine.copy_(buffer)
         return plain.eval().requires_grad_(False)
