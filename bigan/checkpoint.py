@@ -108,12 +108,14 @@ def _listed(names: list[str]) -> str:
 
 
 def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, backend=None,
-         architecture: dict | None = None, state_names: list[str] = (), current: tuple = ()) -> Path:
+         architecture: dict | None = None, state_names: list[str] = (), current: tuple = (), states: tuple = ()) -> Path:
     """Every rank calls this (Accelerate has barriers inside save_state). `architecture` (model
     settings and resolution) is kept beside the weights, so a resume can say what changed;
     `state_names` name the custom states in the order they were registered with Accelerate.
     `current`: checkpoints that hold this very state (resumed from, or written since); another one of
-    the same step (a later checkpoint of a history a resume from an earlier one left) is replaced."""
+    the same step (a later checkpoint of a history a resume from an earlier one left) is replaced.
+    `states`: the custom states; those with a before_save (a partitioned EMA) gather theirs first, every rank,
+    so that no collective runs inside save_state, where one rank's failure would leave the others waiting."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"ckpt-{step:09d}"
     tmp = root / f".tmp-ckpt-{step:09d}"
@@ -126,17 +128,29 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, ba
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    failure = None
-    try:
-        accelerator.save_state(str(tmp))
+    for state in states:
+        if hasattr(state, "before_save"):
+            state.before_save()
+
+    def attempt(write) -> str | None:
+        try:
+            write()
+        except Exception as exc:  # a full disk surfaces as OSError or safetensors' own error
+            return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return None
+
+    def rest():
         if backend is not None:
-            backend.save(tmp)  # DeepSpeed engines: G/ and D/ (every rank its partition)
+            backend.save(tmp)  # DeepSpeed engines: G/ and D/ (every rank its partition; DeepSpeed's barriers)
         (tmp / f"data_rank_{accelerator.process_index}.json").write_text(json.dumps(data_state))
         if accelerator.is_main_process and architecture is not None:
             (tmp / "architecture.json").write_text(json.dumps(architecture, indent=1))
-    except Exception as exc:  # a full disk surfaces as OSError or safetensors' own error
-        failure = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-    failure = first_failure(accelerator, failure)  # (a collective: the ranks agree, none waits for a failed one)
+
+    # (each first_failure is a collective: the ranks agree, none goes on into the engines' barriers or waits
+    # for a rank that failed; save_state itself runs no collective, see `states`)
+    failure = first_failure(accelerator, attempt(lambda: accelerator.save_state(str(tmp))))
+    if failure is None:
+        failure = first_failure(accelerator, attempt(rest))
     if failure is None:  # every rank's own files, by what each of them sees (a shared file system may lag)
         files = gathered_lists(accelerator, [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()])
         if accelerator.is_main_process:  # last: a checkpoint without it was never finished

@@ -304,3 +304,20 @@ def test_stylegan2_path_length_on_zero3_is_refused_in_one_line(tmp_path, env):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "Greg: the path-length penalty (Greg) fails inside a ZeRO-3 engine" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_full_disk_on_one_rank_stops_every_rank_in_one_line(tiny_shards, tmp_path, env):
+    """Rank 0's second checkpoint hits a full disk in save_state while rank 1's does not: the ranks agree on the
+    failure before the engines' own saves (DeepSpeed's barriers) and before any collective of the partitioned
+    EMA, so both stop with the one-line error instead of waiting for each other; the first checkpoint survives."""
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.064, "run.ckpt_every_kimg": 0.016, "data.workers": 1,
+                                              "train.deepspeed_d": "launch_configs/deepspeed/zero2.json"})
+    full = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                "launch_configs/accelerate/deepspeed_zero3.yaml", "--num_processes", "2", "--main_process_port",
+                str(free_port()), str(HELPERS / "train_with_faults.py"), "disk-full", "2:0", *args], env, check=False,
+               timeout=150)
+    assert full.returncode != 0
+    lines = [line for line in full.stderr.splitlines() if "could not write checkpoint" in line]
+    assert lines and all("No space left on device" in line for line in lines), full.stderr[-3000:]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["ckpt-000000001"]  # (16 images a step)

@@ -23,7 +23,8 @@ The traps this avoids (measured with deepspeed 0.19.8, torch 2.13):
   optimizer with ``override_loss_scale``: DeepSpeed multiplies the loss by it in
   ``engine.backward`` and divides it out before clipping and Adam.
 * Under ZeRO-3 a module's weights are partitioned: sample grids, evaluation and export gather
-  them on every rank (``plain_copy``), never on the main process alone. The EMA is partitioned
+  them with every rank taking part (``plain_copy``; grids and export keep the copy on the main
+  process only), never on the main process alone. The EMA is partitioned
   like the weights (``PartitionedEMA``: each rank averages its own partition). G's fakes for the
   D step come from a gathered copy of G (``inference``, the "shadow"), which keeps G's module
   trace intact; ``shadow=False`` (train.zero3_shadow) runs them through the partitioned module
@@ -273,6 +274,8 @@ class DeepSpeedBackend:
         ignored = " (train.channels_last ignored: ZeRO keeps weights contiguous)" if self.channels_last_ignored else ""
         ignored += " (train.compile ignored: not supported inside DeepSpeed engines)" if self.compile_ignored else ""
         scaling = ", loss scale per engine" if self.dtype == torch.float16 else ""
+        if not self.shadow and any(self.partitioned(n) for n in self.configs):
+            ignored += " (train.zero3_shadow=false: no whole copy of a ZeRO-3 network on any rank)"
         engines = ", ".join(f"{name.upper()} {one(name)}" for name in self.configs)
         return f"DeepSpeed engines: {engines}; {NAMES[self.dtype]}{scaling}, fp32 weights{ignored}"
 
@@ -364,9 +367,11 @@ class DeepSpeedBackend:
     def ema_partitioned(self, name: str) -> bool:
         """Whether the network's EMA is partitioned (PartitionedEMA, from ``ema``) rather than a whole copy
         made before wrapping (bigan.ema.EMA): ZeRO-3, unless its weights are offloaded to NVMe, where a
-        partition is not always in memory."""
+        partition is not always in memory, or with ZeRO++'s quantized weights."""
         zero = self.configs[name].get("zero_optimization", {})
-        return self.partitioned(name) and zero.get("offload_param", {}).get("device", "none") != "nvme"
+        quantized = zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights")
+        return (self.partitioned(name) and zero.get("offload_param", {}).get("device", "none") != "nvme"
+                and not quantized)  # (ZeRO++ may keep a partition in int8)
 
     def ema(self, name: str, half_life_kimg: float, rampup: float):
         """The EMA of a network whose EMA is partitioned (ema_partitioned), built after wrap()."""
@@ -420,6 +425,7 @@ class PartitionedEMA(EMA):
         self.module, self.template, self.device = module, template, device
         self.params = list(module.parameters())  # (a tied weight once)
         self.shards = [p.ds_tensor.detach().clone() for p in self.params]
+        self.version, self._prepared = 0, None  # (updates and loads so far; a state gathered by before_save)
 
     @property
     def model(self):
@@ -428,6 +434,7 @@ class PartitionedEMA(EMA):
     @torch.no_grad()
     def update(self, model, images_seen: int, batch_images: int):
         """model: unused (the network's partitions are read directly: nothing is gathered)."""
+        self.version += 1
         torch._foreach_lerp_(self.shards, [p.ds_tensor for p in self.params], 1 - self.beta(images_seen, batch_images))
 
     def _gathered(self, i: int) -> torch.Tensor:
@@ -436,8 +443,10 @@ class PartitionedEMA(EMA):
 
         p, shard = self.params[i], self.shards[i]
         group = p.ds_process_group
-        whole = torch.empty(shard.numel() * dist.get_world_size(group=group), dtype=shard.dtype, device=shard.device)
-        dist.all_gather(list(whole.chunk(dist.get_world_size(group=group))), shard, group=group)  # (into its parts)
+        # on the training device: with offload_param to the CPU the shards live there, and NCCL takes device
+        # tensors only (DeepSpeed's own gathers move the partitions too)
+        whole = torch.empty(shard.numel() * dist.get_world_size(group=group), dtype=shard.dtype, device=self.device)
+        dist.all_gather(list(whole.chunk(dist.get_world_size(group=group))), shard.to(self.device), group=group)
         return whole[:p.ds_numel].view(p.ds_shape)
 
     @torch.no_grad()
@@ -466,9 +475,22 @@ class PartitionedEMA(EMA):
         return plain.eval().requires_grad_(False)
 
     @torch.no_grad()
+    def before_save(self):
+        """Gather the checkpoint's state now, every rank, before Accelerate's save_state asks for it: then
+        save_state runs no collective of the EMA's, and a rank that fails writing there leaves no other rank
+        waiting in one (bigan.checkpoint.save agrees on failures after it)."""
+        self._prepared = self.version, self._gathered_state()
+
     def state_dict(self) -> dict:
         """EMA's whole state dict (as bigan.ema.EMA writes it), on the main process; {} elsewhere. Every rank
-        calls it (Accelerate's save_state does): the gathers are collectives."""
+        calls it (Accelerate's save_state does); unless before_save gathered it since the last update, the
+        gathers are collectives."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == self.version:  # (the same on every rank)
+            return prepared[1]
+        return self._gathered_state()
+
+    def _gathered_state(self) -> dict:
         import torch.distributed as dist
 
         main = dist.get_rank() == 0
@@ -479,10 +501,10 @@ class PartitionedEMA(EMA):
                 i = index[id(tensor)]
                 if i not in done:  # (every rank gathers: a collective; the main process keeps it)
                     value = self._gathered(i)
-                    done[i] = value.cpu().clone() if main else None
+                    done[i] = value.to("cpu", copy=True) if main else None
                 value = done[i]
             else:
-                value = tensor.detach().cpu().clone() if main else None
+                value = tensor.detach().to("cpu", copy=True) if main else None
             if main:
                 state[key] = value
         return state
@@ -494,13 +516,20 @@ class PartitionedEMA(EMA):
         import torch.distributed as dist
 
         index = {id(p): i for i, p in enumerate(self.params)}
-        for key, tensor in self.module.state_dict(keep_vars=True).items():
+        mine = self.module.state_dict(keep_vars=True)
+        unknown = sorted(set(state) - set(mine))
+        if unknown:
+            raise KeyError(f"EMA state holds {len(unknown)} keys the network lacks, e.g. {unknown[0]}")
+        self.version += 1
+        for key, tensor in mine.items():
             if id(tensor) not in index:
                 continue
             i = index[id(tensor)]
             p, shard = self.params[i], self.shards[i]
             if key not in state:
                 raise KeyError(f"EMA state lacks {key}")
+            if state[key].numel() != p.ds_numel:
+                raise ValueError(f"EMA state's {key} has {state[key].numel()} elements, the network's {p.ds_numel}")
             flat = state[key].reshape(-1).to(shard.dtype)
             start = dist.get_rank(group=p.ds_process_group) * shard.numel()
             part = flat[start:start + shard.numel()]

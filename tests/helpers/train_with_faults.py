@@ -8,7 +8,7 @@
                                                               # batches A..B of this rank (1-based): a
                                                               # divergence an exact replay repeats
     python train_with_faults.py slow-data SECONDS [train args]  # every batch takes this long to arrive
-    python train_with_faults.py disk-full N [train args]      # the Nth save_state fails: no space left
+    python train_with_faults.py disk-full N[:R] [train args]   # the Nth save_state fails (of rank R alone): no space left
     python train_with_faults.py lagging-listing R [train args]  # rank R's listing of checkpoints is empty
                                                               # (a shared file system that lags on one node)
 """
@@ -80,9 +80,11 @@ elif fault == "disk-full":
 
     original = Accelerator.save_state
 
+    nth, _, rank = arg.partition(":")  # "N": the N-th save of every rank fails; "N:R": of rank R alone
+
     def save_state(self, output_dir=None, **kwargs):
         calls["n"] += 1
-        if calls["n"] == int(arg):
+        if calls["n"] == int(nth) and rank in ("", os.environ.get("RANK", "0")):
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(self, output_dir, **kwargs)
 
