@@ -6,7 +6,9 @@ network name: ``wrap({name: (module, optimizer)})``, ``autocast()``, ``backward(
 DDP or a ZeRO engine), ``module(name)`` (the bare network, for forwards that must neither sync nor
 train it), ``inference(name)`` (for forwards under no_grad: G in the D step), ``penalty(name)``
 (what gradient penalties differentiate through), ``optimizer(name)``, ``gathered(name)`` /
-``plain_copy(name)`` (full weights, on every rank), ``save``/``load`` (backend state in a checkpoint).
+``plain_copy(name, everywhere=True)`` (full weights, on every rank or on the main process only),
+``ema_partitioned(name)`` / ``ema(name, half_life_kimg, rampup)`` (whether the backend keeps the network's
+EMA itself, partitioned, and that EMA), ``save``/``load`` (backend state in a checkpoint).
 """
 import os
 
