@@ -230,16 +230,24 @@ def _straight_and_resumed(stage, extra, tiny_shards, tmp_path, env):  # (tiny_sh
     return straight
 
 
-def test_per_model_stages_train_resume_identically_and_export_from_zero3(tiny_shards, tmp_path, env):
+@pytest.mark.parametrize("shadow", [True, False], ids=["shadow", "no-shadow"])
+def test_per_model_stages_train_resume_identically_and_export_from_zero3(shadow, tiny_shards, tmp_path, env):
     """G on ZeRO-3 (launch config), D on ZeRO-2 (train.deepspeed_d), as in the README, in fp16 (the
     per-engine loss scales are checkpointed too): 2N steps straight == N, resume, N; a ZeRO-3
-    checkpoint exports on CPU to the live generator."""
+    checkpoint exports on CPU to the live generator, and so does its partitioned EMA. Without the shadow
+    (train.zero3_shadow=false), every weight of G is partitioned and released (persistence threshold 0)."""
     stages = {"train.deepspeed_d": "launch_configs/deepspeed/zero2.json", "model.arch": "resnet",
               "data.workers": 1, "train.ema_kimg": 0.01, "train.precision": "fp16",
               "train.channels_last": "true"}  # DeepSpeed's start-up broadcast crashed on channels_last weights
+    if not shadow:
+        config = json.loads(open("launch_configs/deepspeed/zero3.json").read())
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (tmp_path / "zero3_partitioned.json").write_text(json.dumps(config))
+        stages.update({"train.zero3_shadow": "false", "train.deepspeed_g": tmp_path / "zero3_partitioned.json"})
     straight = _straight_and_resumed(3, stages, tiny_shards, tmp_path, env)
     assert "bigan: DeepSpeed engines: G ZeRO-3, D ZeRO-2; fp16" in straight.stdout
     assert "channels_last ignored" in straight.stdout
+    assert ("train.zero3_shadow=false: no whole copy" in straight.stdout) != shadow
     scales = [torch.load(tmp_path / r / "checkpoints" / "ckpt-000000004" / "custom_checkpoint_1.pkl", weights_only=False)
               for r in ("straight", "split")]  # the backend's state: {"g": {"scale", "good_steps"}, "d": ...}
     assert scales[0] == scales[1], scales  # not restored, the resumed run would count 2 good steps, not 4
