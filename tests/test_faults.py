@@ -199,7 +199,7 @@ BAD_VALUES = {  # every config key, with a value it must refuse (the key is name
     "train.batch_size": "0", "train.grad_accum": "0", "train.kimg": ".inf", "train.precision": "fp8",
     "train.seed": "1.5", "train.g_lr": "-1", "train.d_lr": "0", "train.g_betas": "[2,2]",
     "train.d_betas": "[0.5]", "train.adam_eps": "0", "train.ema_kimg": "-1", "train.ema_rampup": "-0.1",
-    "train.grad_clip": "-1", "train.compile": "yes please", "train.channels_last": "1.5",
+    "train.grad_clip": "-1", "train.compile": "yes please", "train.channels_last": "1.5", "train.zero3_shadow": "maybe",
     "train.deepspeed": "/nowhere/zero2.json", "train.deepspeed_g": "/nowhere/zero3.json", "train.deepspeed_d": "/nowhere/zero1.json", "train.max_bad_steps": "0", "train.max_rollbacks": "-1",
     "run.dir": "/dev/null/run", "run.resume": "/nowhere/ckpt-000000010", "run.log_every": "0", "run.image_every_kimg": "0",
     "run.ckpt_every_kimg": "-1", "run.ckpt_limit": "0", "run.grid_size": "0", "run.progress": "sometimes",
