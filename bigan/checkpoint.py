@@ -108,14 +108,14 @@ def _listed(names: list[str]) -> str:
 
 
 def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, backend=None,
-         architecture: dict | None = None, state_names: list[str] = (), current: tuple = (), states: tuple = ()) -> Path:
+         architecture: dict | None = None, states: dict | None = None, current: tuple = ()) -> Path:
     """Every rank calls this (Accelerate has barriers inside save_state). `architecture` (model
     settings and resolution) is kept beside the weights, so a resume can say what changed;
-    `state_names` name the custom states in the order they were registered with Accelerate.
+    `states` are the custom states by name, in the order they were registered with Accelerate.
     `current`: checkpoints that hold this very state (resumed from, or written since); another one of
     the same step (a later checkpoint of a history a resume from an earlier one left) is replaced.
-    `states`: the custom states; those with a before_save (a partitioned EMA) gather theirs first, every rank,
-    so that no collective runs inside save_state, where one rank's failure would leave the others waiting."""
+    Those with a before_save (a partitioned EMA) gather theirs first, every rank, so that no collective runs
+    inside save_state, where one rank's failure would leave the others waiting."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"ckpt-{step:09d}"
     tmp = root / f".tmp-ckpt-{step:09d}"
@@ -128,7 +128,8 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, ba
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    for state in states:
+    states = states or {}
+    for state in states.values():
         if hasattr(state, "before_save"):
             state.before_save()
 
@@ -155,7 +156,7 @@ def save(accelerator, run_dir: Path, step: int, limit: int, data_state: dict, ba
         files = gathered_lists(accelerator, [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()])
         if accelerator.is_main_process:  # last: a checkpoint without it was never finished
             try:
-                _write_manifest(tmp, accelerator.num_processes, state_names, files)
+                _write_manifest(tmp, accelerator.num_processes, list(states), files)
             except Exception as exc:
                 failure = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         failure = first_failure(accelerator, failure)

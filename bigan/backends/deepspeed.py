@@ -323,7 +323,7 @@ class DeepSpeedBackend:
         whole copy in flight; every rank calls this). target None: this rank takes part and keeps nothing."""
         import deepspeed
 
-        mine = (target or self._template[name]).named_parameters(remove_duplicate=False)
+        mine = (self._template[name] if target is None else target).named_parameters(remove_duplicate=False)
         pairs = _pairs(mine, module.named_parameters(remove_duplicate=False))
         for chunk in _chunks(pairs, GATHER_CHUNK):
             gathered = list({id(theirs): theirs for _, theirs in chunk}.values())  # (a tied weight once)
@@ -424,6 +424,7 @@ class PartitionedEMA(EMA):
         self.half_life_kimg, self.rampup = half_life_kimg, rampup
         self.module, self.template, self.device = module, template, device
         self.params = list(module.parameters())  # (a tied weight once)
+        self.index = {id(p): i for i, p in enumerate(self.params)}  # a parameter -> its place in params, shards
         self.shards = [p.ds_tensor.detach().clone() for p in self.params]
         self.version, self._prepared = 0, None  # (updates and loads so far; a state gathered by before_save)
 
@@ -460,11 +461,10 @@ class PartitionedEMA(EMA):
                 self._gathered(i)  # (the collectives alone)
             return None
         plain = copy.deepcopy(self.template).to_empty(device=self.device)
-        index = {id(p): i for i, p in enumerate(self.params)}
         mine = dict(plain.named_parameters(remove_duplicate=False))
         names = [[] for _ in self.params]  # parameter i's names in the copy (a tied weight has several)
         for name, theirs in self.module.named_parameters(remove_duplicate=False):
-            names[index[id(theirs)]].append(name)
+            names[self.index[id(theirs)]].append(name)
         for i, tied in enumerate(names):  # one parameter gathered at a time, in the order every rank gathers
             value = self._gathered(i)
             for name in tied:
@@ -494,11 +494,10 @@ class PartitionedEMA(EMA):
         import torch.distributed as dist
 
         main = dist.get_rank() == 0
-        index = {id(p): i for i, p in enumerate(self.params)}
         state, done = {}, {}
         for key, tensor in self.module.state_dict(keep_vars=True).items():
-            if id(tensor) in index:
-                i = index[id(tensor)]
+            if id(tensor) in self.index:
+                i = self.index[id(tensor)]
                 if i not in done:  # (every rank gathers: a collective; the main process keeps it)
                     value = self._gathered(i)
                     done[i] = value.to("cpu", copy=True) if main else None
@@ -515,16 +514,15 @@ class PartitionedEMA(EMA):
         number of processes); its buffers are the network's, restored with the network."""
         import torch.distributed as dist
 
-        index = {id(p): i for i, p in enumerate(self.params)}
         mine = self.module.state_dict(keep_vars=True)
         unknown = sorted(set(state) - set(mine))
         if unknown:
             raise KeyError(f"EMA state holds {len(unknown)} keys the network lacks, e.g. {unknown[0]}")
         self.version += 1
         for key, tensor in mine.items():
-            if id(tensor) not in index:
+            if id(tensor) not in self.index:
                 continue
-            i = index[id(tensor)]
+            i = self.index[id(tensor)]
             p, shard = self.params[i], self.shards[i]
             if key not in state:
                 raise KeyError(f"EMA state lacks {key}")

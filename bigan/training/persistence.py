@@ -87,7 +87,7 @@ class Persistence:
         t.steps.sync_counters()
         position = t.loader_position or t.loader.state_dict()
         path = checkpoint.save(t.accelerator, t.run_dir, t.state.step, t.config.run.ckpt_limit, position, t.backend,
-                               t.family.architecture(), list(t.checkpointed), self.current, tuple(t.checkpointed.values()))
+                               t.family.architecture(), t.checkpointed, self.current)
         self.current = [path]
         return path
 
