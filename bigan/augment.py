@@ -395,6 +395,15 @@ class AdaController:
         self.rt = torch.where(seen, rt, self.rt)
         self.sign_sum, self.count = torch.zeros_like(self.sign_sum), torch.zeros_like(self.count)
 
+    def before_save(self, mean_over_ranks=None):
+        """Every rank, before a checkpoint: the partial sums of an unfinished interval become their mean over
+        the ranks. A checkpoint holds one rank's custom state and every rank loads it, so each then holds
+        the mean and the next update's sum over ranks is the whole interval's, as without the save."""
+        if self.steps == 0:
+            return  # (the sums are zero on every rank right after an adjustment)
+        mean_over_ranks = mean_over_ranks or _mean_over_ranks
+        self.sign_sum, self.count = mean_over_ranks(torch.stack([self.sign_sum, self.count])).unbind()
+
     def state_dict(self) -> dict:
         return {"p": self.p, "rt": self.rt, "sign_sum": self.sign_sum, "count": self.count,
                 "steps": self.steps}
@@ -404,3 +413,14 @@ class AdaController:
         for name in ("p", "rt", "sign_sum", "count"):
             setattr(self, name, torch.as_tensor(state[name], dtype=torch.float32).to(device).clone())
         self.steps = int(state["steps"])
+
+
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over the default process group's ranks (the tensor itself on one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()

@@ -1,6 +1,7 @@
 """Differentiable augmentation: DiffAugment's and ADA's transforms do what the papers say, R1
 differentiates through them correctly, the ADA controller moves p by the stated step and resumes
 exactly, and nothing reads a device value on the host."""
+import copy
 import io
 
 import pytest
@@ -295,6 +296,70 @@ def test_controller_sums_over_ranks_once_per_interval():
     _step(ada, torch.tensor([1.0, 1.0, 1.0, -1.0]), steps=4, reduce=two_ranks)
     assert calls == [torch.Size([2])] * 2
     assert torch.allclose(ada.rt, torch.tensor(0.5))
+
+
+def _two_rank_run(save_after=None):
+    """Two ranks of ADA (interval 4, target 0.6), rank 0 sure of the reals, rank 1 half wrong; with
+    save_after=k a checkpoint after step k, mid-interval: the ranks' before_save, then every rank loads the
+    one state the main process writes (Accelerate saves custom states on the main process only)."""
+    ranks = [AdaController(target=0.6, interval=4, kimg=1, p=0.5) for _ in range(2)]
+    signs = [[1.0, 1.0, 1.0, 1.0], [-1.0, -1.0, 1.0, 1.0]]
+
+    def over_ranks(mean):
+        def reduce(t):  # this call's tensor on every rank, stacked in rank order
+            stack = torch.stack([torch.stack([c.sign_sum, c.count]) for c in ranks])
+            return stack.mean(0) if mean else stack.sum(0)
+        return reduce
+
+    for k in range(4):
+        for rank, c in enumerate(ranks):
+            c.accumulate(torch.full((8,), signs[rank][k]))
+        total = over_ranks(mean=False)(None)
+        for c in ranks:
+            c.update(16, lambda t: total)
+        if save_after == k:
+            mean = over_ranks(mean=True)(None)
+            for c in ranks:
+                c.before_save(lambda t: mean)
+            saved = copy.deepcopy(ranks[0].state_dict())
+            for c in ranks:
+                c.load_state_dict(saved)
+    return [(float(c.p), float(c.rt)) for c in ranks]
+
+
+def test_a_checkpoint_mid_interval_leaves_adas_step_as_without_it():
+    """Each rank's partial sums of an unfinished interval are its own: a resume that gave every rank the
+    main process's would count rank 0's signs twice (r_t 1.0 instead of 0.5 here, p moving up, not down)."""
+    uninterrupted = _two_rank_run()
+    assert uninterrupted[0] == uninterrupted[1] and uninterrupted[0][1] == 0.5
+    for k in (0, 1, 2):
+        assert _two_rank_run(save_after=k) == uninterrupted
+
+
+def _before_save_on_rank(rank, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ada = AdaController(interval=4, kimg=1)
+    ada.accumulate(torch.full((4,), 1.0 if rank == 0 else -1.0))
+    ada.update(8)
+    ada.before_save()  # its default: the default process group
+    torch.save(ada.state_dict(), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_before_save_takes_the_mean_over_the_process_group(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_before_save_on_rank, args=(port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        state = torch.load(tmp_path / f"{rank}.pt")
+        assert float(state["sign_sum"]) == 0.0 and float(state["count"]) == 4.0 and state["steps"] == 1
 
 
 def test_controller_without_logits_leaves_p():
