@@ -82,6 +82,15 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
                       "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
                       "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32", "--train.g_lr=0.0025",
                       "--train.d_lr=0.0025"],
+    # the same with a stronger R1 (the cpu width collapsed to 15-30 modes from 100 kimg on at gamma 0.01)
+    "stylegan2_cpu_r1_0.1": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.1",
+                             "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
+                             "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32", "--train.g_lr=0.0025",
+                             "--train.d_lr=0.0025"],
+    "stylegan2_cpu_r1_1": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=1.0",
+                           "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
+                           "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32", "--train.g_lr=0.0025",
+                           "--train.d_lr=0.0025"],
 }
 
 
