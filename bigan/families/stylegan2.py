@@ -115,9 +115,10 @@ class StyleGAN2(NoiseFamily):
         if not config.family_options.auto:
             return
         res, t, given = config.data.resolution, config.train, config.given  # what was set stays, as --batch etc.
-        if "train.batch_size" not in given:                                 # override the official --cfg=auto
-            t.batch_size = max(max(min(world_size * min(4096 // res, 32), 64), world_size) // world_size, 1)
-        total = t.batch_size * world_size
+        if "train.batch_size" not in given:  # override the official --cfg=auto; its batch is per optimizer step
+            official = max(min(world_size * min(4096 // res, 32), 64), world_size)
+            t.batch_size = max(official // (world_size * t.grad_accum), 1)
+        total = t.batch_size * world_size * t.grad_accum  # (the images of one optimizer step, as its gamma and EMA)
         if "loss.r1" not in given:
             config.loss.r1 = 0.0002 * res ** 2 / total
         if "train.ema_kimg" not in given:
@@ -128,8 +129,11 @@ class StyleGAN2(NoiseFamily):
             config.family_options.mbstd_group = max(g for g in range(1, min(t.batch_size, 4) + 1) if t.batch_size % g == 0)
         if "stylegan2.channel_base" not in given:  # fmaps 1 at 512 px and up, else 0.5
             config.family_options.channel_base = 32768 if res >= 512 else 16384
-        if "train.g_lr" not in given and "train.d_lr" not in given:
-            t.g_lr = t.d_lr = 0.002 if res >= 1024 else 0.0025
+        for key in ("g_lr", "d_lr"):  # (each on its own: one given leaves the other to the rule)
+            if f"train.{key}" not in given:
+                setattr(t, key, 0.002 if res >= 1024 else 0.0025)
+        if "stylegan2.mapping_layers" not in given:  # the official auto's map=2
+            config.family_options.mapping_layers = 2
         config.family_options.auto = False  # config.yaml records the values, not the rule
 
     SHAPES = ("w_dim", "mapping_layers", "mapping_lr", "channel_base", "channel_max", "conv_clamp")
@@ -183,8 +187,10 @@ class StyleGAN2(NoiseFamily):
         return losses.g_loss("bce", step.frozen("d")(self.augment(images), y))
 
     def track_w_avg(self, step):
-        """After Gmain: w_avg moves towards the mean w of the step's batch over all ranks (the official code
-        leaves each rank its own, and DDP then broadcasts rank 0's)."""
+        """After Gmain: w_avg moves towards the mean w of the step's batch over all ranks, so every rank holds
+        the same (the official code leaves each rank its own: its DDP does not broadcast buffers). Once per
+        iteration, as StyleGAN3; stylegan2-ada-pytorch moves it on every mapping call in training (Gmain, D's
+        fakes, Greg), about 2.25 times an iteration: the centre truncation pulls towards moves more slowly here."""
         mean = step.mean_over_ranks(torch.stack(self.w_means).mean(0))
         self.w_means = []
         step.frozen("g").mapping.track_w_avg(mean)
