@@ -73,6 +73,10 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
     "stylegan2": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01", "--stylegan2.pl_weight=0",
                   "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128", "--stylegan2.channel_base=2048",
                   "--stylegan2.channel_max=128", "--train.g_lr=0.0025", "--train.d_lr=0.0025"],
+    "stylegan2_r1_1": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=1.0",
+                       "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128",
+                       "--stylegan2.channel_base=2048", "--stylegan2.channel_max=128", "--train.g_lr=0.0025",
+                       "--train.d_lr=0.0025"],  # (gamma 1 peaked at 3x the modes of 0.01 at the CPU width)
     "stylegan2_ada": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
                       "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128",
                       "--stylegan2.channel_base=2048", "--stylegan2.channel_max=128", "--train.g_lr=0.0025",
