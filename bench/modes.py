@@ -68,8 +68,10 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
     "ttur": ["--train.g_lr=1e-4", "--train.d_lr=4e-4"],
     "betas0.5": ["--train.g_betas=[0.5, 0.999]", "--train.d_betas=[0.5, 0.999]"],
     "dbatch": ["--model.d_norm=batch", "--loss.r1=0"],  # DCGAN's D: what gave the demo its suns (2026-11-28)
-    # StyleGAN2 as its official 'cifar' config (32 px: gamma 0.01, no path length, a 2-layer mapping, lr 0.0025),
-    # narrowed to a CPU's budget: channels min(2048 / res, 128), w 128 (--channels does not apply)
+    # StyleGAN2 with some of its official 'cifar' config (32 px: gamma 0.01, no path length, a 2-layer mapping,
+    # lr 0.0025), but bigan's style mixing 0.9 and minibatch-std groups of 4 (the official cifar: 0 and 32) and
+    # G's Adam uncorrected (the official: 0.002, beta2 0.99^0.8), narrowed: channels min(2048 / res, 128), so 64
+    # at 32 px, w 128 (--channels does not apply)
     "stylegan2": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01", "--stylegan2.pl_weight=0",
                   "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128", "--stylegan2.channel_base=2048",
                   "--stylegan2.channel_max=128", "--train.g_lr=0.0025", "--train.d_lr=0.0025"],

@@ -406,13 +406,16 @@ class AdaController:
 
     def state_dict(self) -> dict:
         return {"p": self.p, "rt": self.rt, "sign_sum": self.sign_sum, "count": self.count,
-                "steps": self.steps}
+                "steps": self.steps, "world": _world_size()}
 
     def load_state_dict(self, state: dict):
         device = self.p.device
         for name in ("p", "rt", "sign_sum", "count"):
             setattr(self, name, torch.as_tensor(state[name], dtype=torch.float32).to(device).clone())
         self.steps = int(state["steps"])
+        if state.get("world", 1) != _world_size():  # a resume on other ranks: the interval's sum stays the same
+            scale = state.get("world", 1) / _world_size()
+            self.sign_sum, self.count = self.sign_sum * scale, self.count * scale
 
 
 def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -424,3 +427,9 @@ def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)
     return t / dist.get_world_size()
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -336,6 +336,20 @@ def test_a_checkpoint_mid_interval_leaves_adas_step_as_without_it():
         assert _two_rank_run(save_after=k) == uninterrupted
 
 
+def test_a_resume_on_other_ranks_keeps_the_intervals_sum(monkeypatch):
+    """An elastic resume: 2 ranks saved the mean of their partial sums; each of 4 ranks then holds a quarter
+    of the interval's sum, so the sum over the 4 is the interval's."""
+    ada = AdaController(interval=4, kimg=1)
+    monkeypatch.setattr(augment, "_world_size", lambda: 2)
+    ada.accumulate(torch.ones(6))
+    ada.update(8)
+    saved = ada.state_dict()
+    monkeypatch.setattr(augment, "_world_size", lambda: 4)
+    resumed = AdaController(interval=4, kimg=1)
+    resumed.load_state_dict(saved)
+    assert 4 * float(resumed.count) == 2 * 6 and 4 * float(resumed.sign_sum) == 2 * 6
+
+
 def _before_save_on_rank(rank, port, out):
     import torch.distributed as dist
 

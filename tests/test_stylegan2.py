@@ -87,11 +87,12 @@ def test_the_auto_rule_follows_the_official_config(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     c = load_config(None, ["--model.arch=stylegan2", "--data.resolution=32", "--stylegan2.auto=true"])
     assert (c.train.batch_size, c.loss.r1) == (32, pytest.approx(0.0064))
-    # what is set stays set, as the official --batch and --gamma override --cfg=auto; the rest follows it
+    # what is set stays set, as the official --batch and --gamma override --cfg=auto; the rest follows the
+    # rule's own batch (16 at 256 px on one GPU), as the official --batch sets the batch only
     c = load_config(None, ["--model.arch=stylegan2", "--data.resolution=256", "--stylegan2.auto=true",
                            "--train.batch_size=4", "--train.ema_kimg=3"])
     assert (c.train.batch_size, c.loss.r1, c.train.ema_kimg, c.family_options.mbstd_group) == \
-        (4, pytest.approx(0.0002 * 256 ** 2 / 4), 3.0, 4)
+        (4, pytest.approx(0.0002 * 256 ** 2 / 16), 3.0, 4)
     # one learning rate given leaves the other to the rule; the mapping network is the official auto's 2 layers
     c = load_config(None, ["--model.arch=stylegan2", "--stylegan2.auto=true", "--train.g_lr=0.002"])
     assert (c.train.g_lr, c.train.d_lr, c.family_options.mapping_layers) == (0.002, 0.0025, 2)
@@ -102,7 +103,10 @@ def test_the_auto_rule_follows_the_official_config(monkeypatch):
     assert (c.train.batch_size, c.loss.r1, c.train.ema_kimg) == (2, pytest.approx(0.2048), 20.0)
     c = load_config(None, ["--model.arch=stylegan2", "--data.resolution=256", "--stylegan2.auto=true",
                            "--train.grad_accum=2", "--train.batch_size=8"])
-    assert (c.loss.r1, c.train.ema_kimg) == (pytest.approx(0.0002 * 256 ** 2 / 128), 40.0)
+    assert (c.loss.r1, c.train.ema_kimg) == (pytest.approx(0.2048), 20.0)
+    with pytest.raises(ConfigError, match="train.grad_accum.*auto batch of 64"):  # (8 x 3 does not divide 64)
+        load_config(None, ["--model.arch=stylegan2", "--data.resolution=256", "--stylegan2.auto=true",
+                           "--train.grad_accum=3"])
     monkeypatch.setenv("WORLD_SIZE", "1")
     c = load_config(None, ["--model.arch=stylegan2", "--data.resolution=1024", "--stylegan2.auto=true"])
     assert c.data.resolution == 1024 and c.train.batch_size == 4, "32 to 1024 px"

@@ -59,7 +59,7 @@ class NoiseFamily(Family):
 
     def observe_reals(self, real_logits):
         """ADA reads D's logits on reals (no host read)."""
-        if self.ada is not None:
+        if self.ada is not None and self.config.augment.target > 0:  # (target 0: p stays where it is set)
             self.ada.accumulate(real_logits)
 
     def update_augment(self, step):

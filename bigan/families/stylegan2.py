@@ -115,10 +115,16 @@ class StyleGAN2(NoiseFamily):
         if not config.family_options.auto:
             return
         res, t, given = config.data.resolution, config.train, config.given  # what was set stays, as --batch etc.
-        if "train.batch_size" not in given:  # override the official --cfg=auto; its batch is per optimizer step
-            official = max(min(world_size * min(4096 // res, 32), 64), world_size)
-            t.batch_size = max(official // (world_size * t.grad_accum), 1)
-        total = t.batch_size * world_size * t.grad_accum  # (the images of one optimizer step, as its gamma and EMA)
+        # the official auto batch is one optimizer step's; gamma and the EMA follow it, also where a batch is
+        # given (as the official --batch, which sets the batch only)
+        total = max(min(world_size * min(4096 // res, 32), 64), world_size)
+        if "train.batch_size" not in given:
+            if total % (world_size * t.grad_accum):
+                from bigan.config import ConfigError
+
+                raise ConfigError(f"train.grad_accum: {t.grad_accum} x {world_size} ranks must divide the auto "
+                                  f"batch of {total} at {res} px (stylegan2.auto), or set train.batch_size")
+            t.batch_size = total // (world_size * t.grad_accum)
         if "loss.r1" not in given:
             config.loss.r1 = 0.0002 * res ** 2 / total
         if "train.ema_kimg" not in given:
@@ -190,7 +196,7 @@ class StyleGAN2(NoiseFamily):
         """After Gmain: w_avg moves towards the mean w of the step's batch over all ranks, so every rank holds
         the same (the official code leaves each rank its own: its DDP does not broadcast buffers). Once per
         iteration, as StyleGAN3; stylegan2-ada-pytorch moves it on every mapping call in training (Gmain, D's
-        fakes, Greg), about 2.25 times an iteration: the centre truncation pulls towards moves more slowly here."""
+        fakes, and Greg's every 4th iteration), 2 to 2.25 times an iteration: the centre truncation pulls towards moves more slowly here."""
         mean = step.mean_over_ranks(torch.stack(self.w_means).mean(0))
         self.w_means = []
         step.frozen("g").mapping.track_w_avg(mean)
