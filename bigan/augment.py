@@ -413,20 +413,19 @@ class AdaController:
         for name in ("p", "rt", "sign_sum", "count"):
             setattr(self, name, torch.as_tensor(state[name], dtype=torch.float32).to(device).clone())
         self.steps = int(state["steps"])
-        if state.get("world", 1) != _world_size():  # a resume on other ranks: the interval's sum stays the same
-            scale = state.get("world", 1) / _world_size()
+        scale = state.get("world", 1) / _world_size()  # a resume on other ranks: the interval's sum stays the same
+        if scale != 1:
             self.sign_sum, self.count = self.sign_sum * scale, self.count * scale
 
 
 def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over the default process group's ranks (the tensor itself on one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = _world_size()
+    if world == 1:
         return t
     t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
+    torch.distributed.all_reduce(t)
+    return t / world
 
 
 def _world_size() -> int:

@@ -350,6 +350,20 @@ def test_a_resume_on_other_ranks_keeps_the_intervals_sum(monkeypatch):
     assert 4 * float(resumed.count) == 2 * 6 and 4 * float(resumed.sign_sum) == 2 * 6
 
 
+def test_a_fixed_p_sums_no_signs():
+    """augment.target=0 keeps p where augment.p sets it: D's logits on reals are not summed, so nothing grows
+    over the run for a later resume with a target to inherit."""
+    from bigan import families
+    from bigan.config import load_config
+
+    family = families.build(load_config(None, ["--augment.kind=ada", "--augment.target=0", "--augment.p=0.3"]))
+    family.observe_reals(torch.ones(8))
+    assert float(family.ada.count) == 0 and float(family.ada.sign_sum) == 0
+    family = families.build(load_config(None, ["--augment.kind=ada"]))
+    family.observe_reals(torch.ones(8))
+    assert float(family.ada.count) == 8
+
+
 def _before_save_on_rank(rank, port, out):
     import torch.distributed as dist
 

@@ -196,7 +196,8 @@ class StyleGAN2(NoiseFamily):
         """After Gmain: w_avg moves towards the mean w of the step's batch over all ranks, so every rank holds
         the same (the official code leaves each rank its own: its DDP does not broadcast buffers). Once per
         iteration, as StyleGAN3; stylegan2-ada-pytorch moves it on every mapping call in training (Gmain, D's
-        fakes, and Greg's every 4th iteration), 2 to 2.25 times an iteration: the centre truncation pulls towards moves more slowly here."""
+        fakes, and Greg's every 4th iteration), 2 to 2.25 times an iteration: the centre truncation pulls
+        towards moves more slowly here."""
         mean = step.mean_over_ranks(torch.stack(self.w_means).mean(0))
         self.w_means = []
         step.frozen("g").mapping.track_w_avg(mean)
