@@ -60,7 +60,7 @@ def test_folder_to_shards_to_stream_round_trip(image_folder, tmp_path):
                             "--maxcount", "4", "--workers", "2", "--format", "png"])
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["total"] == 12 and manifest["labels"] == ["dawn", "dusk"]
+    assert manifest["total"] == 12 and manifest["labels"] == ["dawn", "dusk"] and manifest["label_counts"] == [6, 6]
     assert manifest["resolution"] == 16 and manifest["image_format"] == "png"
     assert manifest["source"] == str(image_folder) and manifest["bigan_version"]
     assert sum(s["samples"] for s in manifest["shards"]) == 12 and len(manifest["shards"]) == 4
@@ -84,7 +84,9 @@ def test_hf_dataset_saved_to_disk_to_shards(tmp_path):
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
     manifest = shards_mod.make_shards(tmp_path / "saved", tmp_path / "out", shards_mod.ShardOptions(resolution=8, progress=False),
                                       image_column="picture", label_column="kind")
-    assert manifest["total"] == 7 and manifest["labels"] == ["lake", "peak"]
+    assert manifest["total"] == 7 and manifest["labels"] == ["lake", "peak"] and manifest["label_counts"] == [4, 3]
+    joined = resolve_shards(f"{tmp_path / 'out'}::{tmp_path / 'out' / 'manifest.json'}")
+    assert joined.label_counts == [8, 6], "the classes of joined sets are summed"
     labels = [b["label"] for b in _loader(tmp_path / "out", batch=7, mode="epoch", epochs=1)]
     assert sorted(labels[0].tolist()) == [0, 0, 0, 0, 1, 1, 1]
 

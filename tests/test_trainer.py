@@ -599,3 +599,33 @@ def test_a_resume_from_an_earlier_checkpoint_replaces_the_later_ones_it_reaches(
     new = load_file(str(run_dir / "checkpoints" / "ckpt-000000006" / "model.safetensors"))
     assert not all(torch.equal(old[k], new[k]) for k in old), "ckpt-6 still holds the old history"
     assert not list((run_dir / "checkpoints").glob(".old-*"))
+
+
+def test_fake_classes_are_drawn_as_often_as_the_shards_hold_them(tmp_path, env):
+    """Conditional training on a 5:1 class split (bigan-shards --labels-from-dirs): the classes the trainer
+    itself draws for D's and G's fakes follow the shards' label counts (stylegan2-ada-pytorch draws a random
+    training image's label), not a uniform draw that would show G the rare class five times as often as D's
+    reals; and evaluation labels its samples in the reference set's proportions."""
+    from bigan.data import shards as shards_mod
+    from bigan.families.noise import reference_label_counts
+    from bigan.metrics.evaluate import generated_labels
+
+    for name, n, color in (("common", 30, (200, 40, 40)), ("rare", 6, (40, 40, 200))):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (32, 32), tuple(c + i for c in color)).save(tmp_path / "folder" / name / f"{i}.png")
+    shards = tmp_path / "shards"
+    assert shards_mod.main([str(tmp_path / "folder"), str(shards), "--resolution", "32", "--labels-from-dirs",
+                            "--workers", "1", "--no-progress"]) == 0
+    draws = tmp_path / "draws"
+    draws.mkdir()
+    run([sys.executable, str(HELPERS / "trainer_draws.py"), str(draws),
+         *tiny_args(shards, tmp_path / "run", **{"model.num_classes": 2, "loss.pack": 1, "train.kimg": 0.4,
+                                                 "data.workers": 0})], env)
+    (steps,) = [torch.load(draws / "draws_rank0.pt", weights_only=False)]
+    for key in ("d_latents", "g_latents"):
+        y = torch.cat([pair[1] for step in steps for pair in step[key]])
+        assert len(y) == 400 and 0.09 < y.float().mean() < 0.26, (key, y.float().mean())  # 1/6 rare; uniform: 1/2
+    assert reference_label_counts(str(shards), 2) == [30, 6]
+    y = generated_labels(torch.arange(12), 12, 2, [30, 6])
+    assert y.tolist() == [0] * 10 + [1] * 2

@@ -305,12 +305,13 @@ def _describe(item) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions, tick) -> tuple[dict, list, dict]:
+def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions, tick) -> tuple[dict, list, dict, dict]:
     """Write items into out_dir/data-WORKER-NNNNNN.tar; return ({shard: count}, [(input, reason)], {caption word:
-    count}). `load(item)` gives (image, label, key), optionally followed by an input image and a caption."""
+    count}, {label: count}). `load(item)` gives (image, label, key), optionally followed by an input image and a
+    caption."""
     import webdataset as wds
 
-    counts, failures, vocabulary = {}, [], collections.Counter()
+    counts, failures, vocabulary, classes = {}, [], collections.Counter(), collections.Counter()
     ext = options.format
     # An integer mtime keeps members plain ustar: a float one makes tarfile add a PAX header to
     # every member, which costs readers more than decoding a 64 px JPEG.
@@ -333,6 +334,7 @@ def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions,
                 sample[f"src.{ext}"] = src_data
             if label is not None:
                 sample["cls"] = int(label)
+                classes[int(label)] += 1
             if caption is not None:
                 from bigan.models.text import words
 
@@ -341,7 +343,7 @@ def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions,
             sink.write(sample)
             counts[Path(sink.fname).name] = sink.count
             tick(1)
-    return counts, failures, dict(vocabulary)
+    return counts, failures, dict(vocabulary), dict(classes)
 
 
 _counter = None
@@ -417,11 +419,12 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
         items = [items[i] for i in np.random.default_rng(shuffle_seed).permutation(len(items))]
     with tqdm(total=len(items), unit="img", desc="shards", disable=None if options.progress else True) as bar:
         results = _run_workers(items, load, Path(out_dir), options, bar)
-    shards, failures, vocabulary = [], list(skipped), collections.Counter()
-    for counts, failed, words in results:
+    shards, failures, vocabulary, classes = [], list(skipped), collections.Counter(), collections.Counter()
+    for counts, failed, words, labels in results:
         shards += [{"name": name, "samples": count} for name, count in counts.items()]
         failures += failed
         vocabulary.update(words)
+        classes.update(labels)
     if items and not any(s["samples"] for s in shards):  # no manifest of nothing: training would find no data
         for shard in Path(out_dir).glob("data-*.tar"):  # (the writers open their first shard before any sample)
             shard.unlink(missing_ok=True)
@@ -435,6 +438,9 @@ def write_shards(items, load, out_dir: Path, options: ShardOptions, source: str,
         "resolution": options.resolution,
         "image_format": options.format,
         "labels": label_names,
+        # samples per class (index i: label i): conditional training draws its fakes' classes as these
+        "label_counts": ([classes.get(i, 0) for i in range(max(len(label_names or ()), max(classes) + 1))]
+                         if classes else None),
         "paired": paired,
         "captions": captions_from is not None,
         "caption_source": captions_from,

@@ -73,6 +73,7 @@ class ShardSet:
     paired: bool | None = None            # samples hold an input image too (src.*); None: no manifest says
     shuffled: bool = False                # written in shuffled order (bigan-shards' manifest says so)
     captions: bool | None = None          # samples carry a caption (txt); None: no manifest says
+    label_counts: list[int] | None = None  # samples per class (index: label), from a manifest
 
 
 def resolve_shards(spec: str | Path) -> ShardSet:
@@ -91,7 +92,15 @@ def resolve_shards(spec: str | Path) -> ShardSet:
     resolutions, paired, captions = {s.resolution for s in sets}, {s.paired for s in sets}, {s.captions for s in sets}
     return ShardSet([u for s in sets for u in s.urls], counts, list(labels.pop()) if labels else None,
                     resolutions.pop() if len(resolutions) == 1 else None, _all_of(paired),
-                    all(s.shuffled for s in sets), _all_of(captions))
+                    all(s.shuffled for s in sets), _all_of(captions), _summed([s.label_counts for s in sets]))
+
+
+def _summed(per_set: list) -> list[int] | None:
+    """Per-class counts of joined sets, summed (None if a part has none)."""
+    if any(c is None for c in per_set):
+        return None
+    width = max(len(c) for c in per_set)
+    return [sum(c[i] for c in per_set if i < len(c)) for i in range(width)]
 
 
 def _all_of(flags: set) -> bool | None:
@@ -125,7 +134,8 @@ def _resolve_one(spec: str) -> ShardSet:
                 f"{skipped[0]['reason']}); write the shards again" if skipped else ""))
         return ShardSet([str(path.parent / s["name"]) for s in shards], [s["samples"] for s in shards],
                         manifest.get("labels"), manifest.get("resolution"), bool(manifest.get("paired", False)),
-                        manifest.get("shuffle_seed") is not None, bool(manifest.get("captions", False)))
+                        manifest.get("shuffle_seed") is not None, bool(manifest.get("captions", False)),
+                        manifest.get("label_counts"))
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:

@@ -88,6 +88,7 @@ class Family:
     modes = False          # mode coverage (eval.modes, bigan-eval --modes) applies to its samples
     resolutions = (32, 64, 128, 256)  # what data.resolution may be
     architecture_defaults = {}  # architecture() keys added later: what a checkpoint without them was built with
+    label_counts = None    # the training shards' samples per class (use_data), None: not known
 
     def __init__(self, config):
         self.config = config
@@ -137,6 +138,11 @@ class Family:
     def demo(self, held_out: bool) -> dict:
         """Keyword arguments of bigan.data.demo.ensure_demo_shards for data.shards=demo."""
         return {"n": self.config.data.demo_images, "seed": 0}
+
+    def use_data(self, shard_set):
+        """What the family takes from its training shards, before the first step: their samples per class
+        (label_counts), which conditional families draw their fakes' classes from."""
+        self.label_counts = shard_set.label_counts
 
     def check_data(self, shard_set, key: str, source: str) -> str | None:
         """Why the shards `source` (config key `key`) cannot train this family, in one line; None if they can."""

@@ -25,6 +25,26 @@ AUTO_PACK = 4  # bench/modes.py on an H200 (bench/RESULTS.md): 1000 of 1000 mode
                # unpacked and packs of 2 collapsed (19 and 8 modes) in the same run
 
 
+def class_weights(label_counts, num_classes: int) -> torch.Tensor:
+    """Per-class sampling weights (float, num_classes long) of a manifest's label_counts; classes it does
+    not list weigh 0."""
+    weights = torch.zeros(num_classes)
+    weights[:len(label_counts)] = torch.tensor(label_counts, dtype=torch.float)
+    return weights
+
+
+def reference_label_counts(data, num_classes: int) -> list | None:
+    """The samples per class of the reference shards `data` (their manifest's), None if it does not say;
+    refused (DataError) if they hold classes the model has not."""
+    from bigan.data.stream import DataError, resolve_shards
+
+    counts = resolve_shards(data).label_counts
+    if counts is not None and len(counts) > num_classes:
+        raise DataError(f"{data}: its shards hold labels up to {len(counts) - 1}, and the model has "
+                        f"model.num_classes={num_classes}")
+    return counts
+
+
 def lazy_r1_interval(loss) -> int:
     """D steps per Dreg step: Dreg runs every loss.r1_interval iterations, each of loss.d_steps D steps; R1's gain
     and the Adam correction take this, so that gamma is per D step whatever loss.d_steps is."""
@@ -106,10 +126,18 @@ class NoiseFamily(Family):
 
     # -- what G takes, drawn from this rank's generators
     def draw(self, n: int, device):
-        """(latents, classes or None) of n fresh samples."""
+        """(latents, classes or None) of n fresh samples: the classes as often as the training shards hold them
+        (their manifest's label_counts, as stylegan2-ada-pytorch draws a random training image's label), uniform
+        where that is not known."""
         m = self.config.model
         z = torch.randn(n, m.z_dim, device=device)
-        return z, torch.randint(m.num_classes, (n,), device=device) if m.num_classes else None
+        if not m.num_classes:
+            return z, None
+        if self.label_counts is None:
+            return z, torch.randint(m.num_classes, (n,), device=device)
+        if getattr(self, "_class_weights", None) is None or self._class_weights.device != torch.device(device):
+            self._class_weights = class_weights(self.label_counts, m.num_classes).to(device)
+        return z, torch.multinomial(self._class_weights, n, replacement=True)
 
     def fake_inputs(self, real: dict) -> tuple:
         """(G's input, the condition D sees the fakes with) for fakes to set against `real`."""
@@ -181,7 +209,8 @@ class NoiseFamily(Family):
         from bigan.metrics.evaluate import evaluate, generated_images
 
         m = self.config.model
-        blocks = generated_images(g, m.z_dim, m.num_classes, accelerator, n, seed, batch)
+        counts = reference_label_counts(data, m.num_classes) if m.num_classes and data else None
+        blocks = generated_images(g, m.z_dim, m.num_classes, accelerator, n, seed, batch, counts)
         return evaluate(blocks, data if wanted else None, self.config.data.resolution, extractor, accelerator, n,
                         wanted, batch, classifier=classifier)
 

@@ -43,6 +43,10 @@ def build_loader(family, accelerator, start: dict | None = None, seed: int | Non
     if m.num_classes and shard_set.counts is not None and shard_set.labels is None:
         raise DataError(f"model.num_classes={m.num_classes} but the shards' manifest names no labels (write them "
                         f"with bigan-shards --labels-from-dirs or --label-column)")
+    if m.num_classes and shard_set.label_counts is not None and len(shard_set.label_counts) > m.num_classes:
+        raise DataError(f"model.num_classes={m.num_classes} but the shards hold labels up to "
+                        f"{len(shard_set.label_counts) - 1} ({source})")
+    family.use_data(shard_set)
     d = config.data
     spec = StreamSpec(shard_set, config.train.batch_size, d.resolution, rank=accelerator.process_index,
                       world_size=accelerator.num_processes, seed=config.train.seed if seed is None else seed,
