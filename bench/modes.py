@@ -93,6 +93,13 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
                              "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
                              "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32", "--train.g_lr=0.0025",
                              "--train.d_lr=0.0025"],
+    # the official cifar config's remaining settings at the CPU width: no style mixing, minibatch-std groups of
+    # 32, G's Adam as its lazy interval leaves it (0.002, beta2 0.99^0.8)
+    "stylegan2_cpu_cifar": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
+                            "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
+                            "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32", "--stylegan2.style_mixing=0",
+                            "--stylegan2.mbstd_group=32", "--train.g_lr=0.002", "--train.g_betas=[0, 0.9919919678]",
+                            "--train.d_lr=0.0025"],
     "stylegan2_cpu_r1_1": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=1.0",
                            "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
                            "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32", "--train.g_lr=0.0025",
