@@ -56,6 +56,7 @@ def main(argv=None):
     try:  # before anything is built or written into the run folder
         check_files(config)
         family = families.build(config)
+        names = {}  # the class names each names, to compare
         for key, shards in (("data.shards", config.data.shards), ("eval.data", config.eval.data)):
             if shards and shards not in DEMO_SETS:  # (the built-in sets are rendered on first use)
                 try:
@@ -65,6 +66,11 @@ def main(argv=None):
                 why = family.check_data(shard_set, key, shards)
                 if why:
                     raise ConfigError(why)
+                names[key] = shard_set.labels
+        if config.model.num_classes and None not in (names.get("eval.data"), names.get("data.shards")) \
+                and names["eval.data"] != names["data.shards"]:
+            raise ConfigError(f"eval.data: its classes {names['eval.data'][:5]} are not data.shards' "
+                              f"{names['data.shards'][:5]} (the same names in the same order)")
     except ConfigError as exc:
         print(f"bigan: error: {exc}", file=sys.stderr)
         return 2

@@ -87,6 +87,14 @@ def test_hf_dataset_saved_to_disk_to_shards(tmp_path):
     assert manifest["total"] == 7 and manifest["labels"] == ["lake", "peak"] and manifest["label_counts"] == [4, 3]
     joined = resolve_shards(f"{tmp_path / 'out'}::{tmp_path / 'out' / 'manifest.json'}")
     assert joined.label_counts == [8, 6], "the classes of joined sets are summed"
+    # a test split: ClassLabel's -1 ("no label") is no class, and counts of no class are none
+    unlabeled = {"picture": rows["picture"][:3], "kind": [-1, -1, -1]}
+    datasets.Dataset.from_dict(unlabeled, features=features).save_to_disk(str(tmp_path / "test_split"))
+    manifest = shards_mod.make_shards(tmp_path / "test_split", tmp_path / "test_out",
+                                      shards_mod.ShardOptions(resolution=8, progress=False),
+                                      image_column="picture", label_column="kind")
+    assert manifest["total"] == 3 and manifest["label_counts"] is None
+    assert resolve_shards(tmp_path / "test_out").label_counts is None
     labels = [b["label"] for b in _loader(tmp_path / "out", batch=7, mode="epoch", epochs=1)]
     assert sorted(labels[0].tolist()) == [0, 0, 0, 0, 1, 1, 1]
 

@@ -627,5 +627,23 @@ def test_fake_classes_are_drawn_as_often_as_the_shards_hold_them(tmp_path, env):
         y = torch.cat([pair[1] for step in steps for pair in step[key]])
         assert len(y) == 400 and 0.09 < y.float().mean() < 0.26, (key, y.float().mean())  # 1/6 rare; uniform: 1/2
     assert reference_label_counts(str(shards), 2) == [30, 6]
-    y = generated_labels(torch.arange(12), 12, 2, [30, 6])
-    assert y.tolist() == [0] * 10 + [1] * 2
+    # evaluation: exact proportions, and every stretch of indices mixed as the whole (IS scores 10 splits
+    # apart, KID and pr keep the first 10,000 of 50,000)
+    y = generated_labels(torch.arange(50_000), 50_000, 3, [30, 6, 24])
+    assert torch.bincount(y).tolist() == [25_000, 5_000, 20_000]
+    for part in y.view(10, -1):
+        assert (torch.bincount(part, minlength=3) - torch.tensor([2500, 500, 2000])).abs().max() <= 5
+    assert generated_labels(torch.arange(7), 7, 2, [0, 1]).tolist() == [1] * 7
+    # refused at start, in one line: eval.data with other class names, shards with more classes than the model
+    for name in ("common", "other"):
+        (tmp_path / "held" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "held" / name / "0.png")
+    assert shards_mod.main([str(tmp_path / "held"), str(tmp_path / "held_shards"), "--resolution", "32",
+                            "--labels-from-dirs", "--workers", "1", "--no-progress"]) == 0
+    for extra, words in ((["--model.num_classes=2", f"--eval.data={tmp_path / 'held_shards'}"],
+                          "eval.data: its classes ['common', 'other'] are not data.shards' ['common', 'rare']"),
+                         (["--model.num_classes=1"], "holds labels up to 1, and the model has model.num_classes=1")):
+        result = run([sys.executable, "-m", "bigan.train", f"--data.shards={shards}", "--data.resolution=32",
+                      "--loss.pack=1", f"--run.dir={tmp_path / 'refused'}", *extra], env, check=False)
+        assert result.returncode == 2 and words in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+        assert not (tmp_path / "refused").exists()

@@ -334,7 +334,8 @@ def _write_range(worker: int, items, load, out_dir: Path, options: ShardOptions,
                 sample[f"src.{ext}"] = src_data
             if label is not None:
                 sample["cls"] = int(label)
-                classes[int(label)] += 1
+                if int(label) >= 0:  # (-1: a datasets ClassLabel's "no label")
+                    classes[int(label)] += 1
             if caption is not None:
                 from bigan.models.text import words
 

@@ -135,7 +135,7 @@ def _resolve_one(spec: str) -> ShardSet:
         return ShardSet([str(path.parent / s["name"]) for s in shards], [s["samples"] for s in shards],
                         manifest.get("labels"), manifest.get("resolution"), bool(manifest.get("paired", False)),
                         manifest.get("shuffle_seed") is not None, bool(manifest.get("captions", False)),
-                        manifest.get("label_counts"))
+                        manifest.get("label_counts") if sum(manifest.get("label_counts") or ()) else None)
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:

@@ -146,6 +146,10 @@ class Family:
 
     def check_data(self, shard_set, key: str, source: str) -> str | None:
         """Why the shards `source` (config key `key`) cannot train this family, in one line; None if they can."""
+        classes = self.config.model.num_classes
+        if classes and shard_set.label_counts is not None and len(shard_set.label_counts) > classes:
+            return (f"{key}: {source} holds labels up to {len(shard_set.label_counts) - 1}, and the model has "
+                    f"model.num_classes={classes}")
         if self.paired and shard_set.paired is False:
             return (f"{key}: model.arch={self.name} needs pairs, and {source} holds single images "
                     f"(write pairs with bigan-shards TARGETS OUT --src-dir INPUTS)")

@@ -135,9 +135,15 @@ class NoiseFamily(Family):
             return z, None
         if self.label_counts is None:
             return z, torch.randint(m.num_classes, (n,), device=device)
-        if getattr(self, "_class_weights", None) is None or self._class_weights.device != torch.device(device):
-            self._class_weights = class_weights(self.label_counts, m.num_classes).to(device)
+        if self._class_weights is None or self._class_weights.device != z.device:  # (z's: "cuda" is not "cuda:0")
+            self._class_weights = class_weights(self.label_counts, m.num_classes).to(z.device)
         return z, torch.multinomial(self._class_weights, n, replacement=True)
+
+    _class_weights = None  # draw's label_counts as a tensor on its device
+
+    def use_data(self, shard_set):
+        super().use_data(shard_set)
+        self._class_weights = None
 
     def fake_inputs(self, real: dict) -> tuple:
         """(G's input, the condition D sees the fakes with) for fakes to set against `real`."""

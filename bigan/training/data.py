@@ -47,6 +47,10 @@ def build_loader(family, accelerator, start: dict | None = None, seed: int | Non
         raise DataError(f"model.num_classes={m.num_classes} but the shards hold labels up to "
                         f"{len(shard_set.label_counts) - 1} ({source})")
     family.use_data(shard_set)
+    if m.num_classes and shard_set.label_counts is None and accelerator.is_main_process and not start:
+        print(f"bigan: {source} does not say how many samples each class has (no label_counts in a bigan manifest, "
+              f"as bigan-shards writes since 2026-12-02): G's classes are drawn uniformly, not as the data holds "
+              f"them", flush=True)
     d = config.data
     spec = StreamSpec(shard_set, config.train.batch_size, d.resolution, rank=accelerator.process_index,
                       world_size=accelerator.num_processes, seed=config.train.seed if seed is None else seed,
