@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from bigan import checkpoint
 from bigan.config import ConfigError, load_config
-from conftest import run, tiny_args, train
+from conftest import PIX2PIX, run, tiny_args, train
 from test_trainer import _events, assert_same_checkpoint
 
 SMALL = {"model.arch": "stylegan2", "model.z_dim": 16, "stylegan2.w_dim": 32, "stylegan2.mapping_layers": 2,
@@ -143,6 +143,28 @@ def test_augmentation_serves_every_noise_family(tiny_shards, tmp_path, env):
                                                    "--augment.kind=diffaugment"]))
         assert family.pipe is not None and not torch.equal(family.augment(images), images), arch
     assert families.build(load_config(None, ["--model.arch=dcgan"])).augment(images) is images  # kind=none
+
+
+@pytest.mark.parametrize("kind", ["diffaugment", "ada"])
+def test_pix2pix_augments_an_image_and_its_input_alike(kind, tiny_pairs, tmp_path, env):
+    """pix2pix's D judges an image beside its input: both take the same flip, shift, cut-out and colour
+    (a pair of equal images stays equal, and is changed), and the next call draws anew; a run trains with it,
+    logging ADA's p."""
+    from bigan import families
+
+    family = families.build(load_config(None, ["--model.arch=pix2pix", "--model.norm=instance", "--loss.r1=0",
+                                               "--data.resolution=32", f"--augment.kind={kind}",
+                                               *(["--augment.p=1", "--augment.target=0"] if kind == "ada" else [])]))
+    family.to("cpu")
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    torch.manual_seed(0)
+    seen, source = family.seen(images, images.clone())
+    assert torch.equal(seen, source) and not torch.equal(seen, images)
+    again, _ = family.seen(images, images.clone())
+    assert not torch.equal(again, seen), "each call draws anew"
+    run_dir = tmp_path / "run"
+    train(tiny_args(tiny_pairs, run_dir, **PIX2PIX, **{"train.kimg": 0.032, "augment.kind": kind}), env)
+    assert ("Augment/p" in _events(run_dir).Tags()["scalars"]) == (kind == "ada")
 
 
 def test_architecture_records_what_shapes_the_networks_so_a_resume_may_change_the_rest():

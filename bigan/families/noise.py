@@ -77,6 +77,10 @@ class NoiseFamily(Family):
             return images
         return self.pipe(images, self.ada.p) if self.ada is not None else self.pipe(images)
 
+    def seen(self, images, condition):
+        """(images, condition) as D takes them: the images augmented (augment), the condition as it is."""
+        return self.augment(images), condition
+
     def observe_reals(self, real_logits):
         """ADA reads D's logits on reals (no host read)."""
         if self.ada is not None and self.config.augment.target > 0:  # (target 0: p stays where it is set)
@@ -168,15 +172,15 @@ class NoiseFamily(Family):
         fake = self.fakes(step, g_input)
         image = real["image"].detach().requires_grad_(True) if regularize else real["image"]
         condition = self.condition(real)
-        real_logits = (step.penalty("d") if regularize else step.train("d"))(self.augment(image), condition)
-        fake_logits = step.train("d")(self.augment(fake), fake_condition)
+        real_logits = (step.penalty("d") if regularize else step.train("d"))(*self.seen(image, condition))
+        fake_logits = step.train("d")(*self.seen(fake, fake_condition))
         self.observe_reals(real_logits)
         loss, stats = losses.d_loss(c.name, real_logits, fake_logits, c.r)
         if regularize:
             r1, r1_stats = losses.r1_penalty(image, real_logits, c.pack)
             loss, stats = loss + (c.r1 / 2) * r1, {**stats, **r1_stats}
         if c.name == "wgan" and c.gp > 0:
-            critic = lambda x, y: step.penalty("d")(self.augment(x), y)  # noqa: E731
+            critic = lambda x, y: step.penalty("d")(*self.seen(x, y))  # noqa: E731
             gp, gp_stats = losses.gradient_penalty(critic, image, fake, condition, pack=c.pack)
             loss, stats = loss + c.gp * gp, {**stats, **gp_stats}
         if self.ada is not None:
@@ -188,7 +192,7 @@ class NoiseFamily(Family):
         interval it runs at; differentiated through the augmentation back to the reals."""
         c = self.config.loss
         image, condition = real["image"].detach().requires_grad_(True), self.condition(real)
-        real_logits = step.penalty("d")(self.augment(image), condition)
+        real_logits = step.penalty("d")(*self.seen(image, condition))
         r1, stats = losses.r1_penalty(image, real_logits, c.pack)
         # (+ 0 x the logits: D's last bias then takes part in this backward too, which DDP needs of every
         # parameter, as stylegan2-ada-pytorch adds real_logits * 0; and the backend's anchor, un-augmented: it only
@@ -199,7 +203,7 @@ class NoiseFamily(Family):
     def g_loss(self, step, real=None):
         """Fresh latents through D (frozen: gradients through it, none into it)."""
         z, y = self.draw(self.config.train.batch_size, step.device)
-        return losses.g_loss(self.config.loss.name, step.frozen("d")(self.augment(step.train("g")(z, y)), y))
+        return losses.g_loss(self.config.loss.name, step.frozen("d")(*self.seen(step.train("g")(z, y), y)))
 
     # -- grids, evaluation, sampling
     def grid_inputs(self, device):

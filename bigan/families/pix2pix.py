@@ -1,6 +1,7 @@
 """pix2pix (Isola et al. 2017): image-to-image on pairs, a U-Net G and a 70x70 PatchGAN D.
 
-G(src, src) translates the batch's input images; D(image, src) judges an image beside its input.
+G(src, src) translates the batch's input images; D(image, src) judges an image beside its input (with
+augment.*, both augmented alike: `seen`).
 Two phases per iteration: D on (target, input) pairs against (G(input), input); then G on the same
 pairs D just saw, through D frozen, plus loss.l1 times the L1 distance of G's output to the targets.
 """
@@ -46,9 +47,7 @@ class Pix2Pix(NoiseFamily):
                 ("loss.pack", config.loss.pack == 1, "packing is for unconditional models; model.arch=pix2pix "
                  "needs loss.pack=1"),
                 ("eval.metrics", not wanted & {"is", "pr"}, "model.arch=pix2pix is evaluated with l1, psnr, fid and kid"),
-                ("eval.modes", not config.eval.modes, "mode coverage is for noise-to-image models, not model.arch=pix2pix"),
-                ("augment.kind", config.augment.kind == "none", "pix2pix's D judges an image beside its input, which "
-                 "an augmentation of the image alone would misalign; set augment.kind=none")]
+                ("eval.modes", not config.eval.modes, "mode coverage is for noise-to-image models, not model.arch=pix2pix")]
 
     def demo(self, held_out: bool) -> dict:
         from bigan.data.demo import HELD_OUT_SEED
@@ -62,9 +61,20 @@ class Pix2Pix(NoiseFamily):
     def condition(self, real: dict):
         return real["source"]
 
+    def seen(self, images, source):
+        """The pair augmented alike: the input image takes the same draws as the image (the random
+        generators forked around its call), so a flip, shift, cut-out or colour change moves both and D
+        still judges aligned pairs; an augmentation of the image alone would misalign them."""
+        if self.pipe is None:
+            return images, source
+        cuda = [source.device] if source.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            source = self.augment(source)
+        return self.augment(images), source
+
     def g_loss(self, step, real: dict):
         fake = step.train("g")(real["source"], real["source"])
-        loss, stats = losses.g_loss(self.config.loss.name, step.frozen("d")(fake, real["source"]))
+        loss, stats = losses.g_loss(self.config.loss.name, step.frozen("d")(*self.seen(fake, real["source"])))
         l1, l1_stats = losses.l1_term(fake, real["image"])
         return loss + self.config.loss.l1 * l1, {**stats, **l1_stats}
 

@@ -190,7 +190,7 @@ class StyleGAN2(NoiseFamily):
         z, y = self.draw(self.config.train.batch_size, step.device)
         images, ws = step.train("g")(z, y, style_mixing=self.config.family_options.style_mixing, return_ws=True)
         self.w_means.append(ws[:, 0].detach().float().mean(0))  # (before mixing: the first ws are z's own)
-        return losses.g_loss("bce", step.frozen("d")(self.augment(images), y))
+        return losses.g_loss("bce", step.frozen("d")(*self.seen(images, y)))
 
     def track_w_avg(self, step):
         """After Gmain: w_avg moves towards the mean w of the step's batch over all ranks, so every rank holds
