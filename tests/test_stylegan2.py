@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from bigan import checkpoint
+from bigan.augment import DiffAugment
 from bigan.config import ConfigError, load_config
 from conftest import PIX2PIX, run, tiny_args, train
 from test_trainer import _events, assert_same_checkpoint
@@ -152,19 +153,30 @@ def test_pix2pix_augments_an_image_and_its_input_alike(kind, tiny_pairs, tmp_pat
     logging ADA's p."""
     from bigan import families
 
+    from bigan.augment import GEOMETRIC, AdaptiveAugment
+
     family = families.build(load_config(None, ["--model.arch=pix2pix", "--model.norm=instance", "--loss.r1=0",
                                                "--data.resolution=32", f"--augment.kind={kind}",
                                                *(["--augment.p=1", "--augment.target=0"] if kind == "ada" else [])]))
     family.to("cpu")
-    images = torch.rand(6, 3, 32, 32) * 2 - 1
-    torch.manual_seed(0)
-    seen, source = family.seen(images, images.clone())
-    assert torch.equal(seen, source) and not torch.equal(seen, images)
-    again, _ = family.seen(images, images.clone())
-    assert not torch.equal(again, seen), "each call draws anew"
-    run_dir = tmp_path / "run"
-    train(tiny_args(tiny_pairs, run_dir, **PIX2PIX, **{"train.kimg": 0.032, "augment.kind": kind}), env)
-    assert ("Augment/p" in _events(run_dir).Tags()["scalars"]) == (kind == "ada")
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    for device in devices:
+        images = torch.rand(6, 3, 32, 32, device=device) * 2 - 1
+        torch.manual_seed(0)
+        seen, source = family.seen(images, images.clone())
+        assert torch.equal(seen, source) and not torch.equal(seen, images), device
+        again, _ = family.seen(images, images.clone())
+        assert not torch.equal(again, seen), "each call draws anew"
+        # distinct images: the moves alone are linear, so an image and its negative stay each other's negative
+        family.pipe = AdaptiveAugment(GEOMETRIC) if kind == "ada" else DiffAugment("translation,cutout")
+        seen, source = family.seen(images, -images)
+        assert torch.equal(seen, -source) and not torch.equal(seen, images), device
+        family.pipe = AdaptiveAugment() if kind == "ada" else DiffAugment()
+    run_dir = tmp_path / "run"  # a run with R1 (its own Dreg step) through the paired augmentation
+    train(tiny_args(tiny_pairs, run_dir, **{**PIX2PIX, "loss.r1": 1.0, "loss.r1_interval": 2},
+                    **{"train.kimg": 0.032, "augment.kind": kind, **({"augment.p": 0.5} if kind == "ada" else {})}), env)
+    tags = _events(run_dir).Tags()["scalars"]
+    assert "Penalty/R1" in tags and ("Augment/p" in tags) == (kind == "ada")
 
 
 def test_architecture_records_what_shapes_the_networks_so_a_resume_may_change_the_rest():

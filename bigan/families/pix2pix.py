@@ -67,8 +67,9 @@ class Pix2Pix(NoiseFamily):
         still judges aligned pairs; an augmentation of the image alone would misalign them."""
         if self.pipe is None:
             return images, source
-        cuda = [source.device] if source.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        device = source.device  # (the CPU generator is always forked; an accelerator's too)
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device],
+                                   device_type="cuda" if device.type == "cpu" else device.type):
             source = self.augment(source)
         return self.augment(images), source
 
