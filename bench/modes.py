@@ -79,6 +79,13 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
                        "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128",
                        "--stylegan2.channel_base=2048", "--stylegan2.channel_max=128", "--train.g_lr=0.0025",
                        "--train.d_lr=0.0025"],  # (gamma 1 peaked at 3x the modes of 0.01 at the CPU width)
+    # the same with the official cifar config's remaining settings (no style mixing, minibatch-std groups of 32,
+    # G's Adam 0.002 with beta2 0.99^0.8): what its CPU-width twin stylegan2_cpu_cifar did best with
+    "stylegan2_cifar": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
+                        "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128",
+                        "--stylegan2.channel_base=2048", "--stylegan2.channel_max=128", "--stylegan2.style_mixing=0",
+                        "--stylegan2.mbstd_group=32", "--train.g_lr=0.002", "--train.g_betas=[0, 0.9919919678]",
+                        "--train.d_lr=0.0025"],
     "stylegan2_ada": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
                       "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128",
                       "--stylegan2.channel_base=2048", "--stylegan2.channel_max=128", "--train.g_lr=0.0025",
@@ -93,6 +100,10 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
                              "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
                              "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32", "--train.g_lr=0.0025",
                              "--train.d_lr=0.0025"],
+    "stylegan2_cpu_r1_1": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=1.0",
+                           "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
+                           "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32", "--train.g_lr=0.0025",
+                           "--train.d_lr=0.0025"],
     # the official cifar config's remaining settings at the CPU width: no style mixing, minibatch-std groups of
     # 32, G's Adam as its lazy interval leaves it (0.002, beta2 0.99^0.8)
     "stylegan2_cpu_cifar": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
@@ -100,10 +111,31 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
                             "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32", "--stylegan2.style_mixing=0",
                             "--stylegan2.mbstd_group=32", "--train.g_lr=0.002", "--train.g_betas=[0, 0.9919919678]",
                             "--train.d_lr=0.0025"],
-    "stylegan2_cpu_r1_1": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=1.0",
-                           "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
-                           "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32", "--train.g_lr=0.0025",
-                           "--train.d_lr=0.0025"],
+    # and with ADA, p moving 5 times as fast as its default (augment.kimg 100: a short CPU run)
+    "stylegan2_cpu_cifar_ada": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
+                                "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
+                                "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32",
+                                "--stylegan2.style_mixing=0", "--stylegan2.mbstd_group=32", "--train.g_lr=0.002",
+                                "--train.g_betas=[0, 0.9919919678]", "--train.d_lr=0.0025", "--augment.kind=ada",
+                                "--augment.kimg=100"],
+    # and twice as wide (64 channels at every resolution)
+    "stylegan2_cpu64_cifar": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
+                              "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
+                              "--stylegan2.channel_base=2048", "--stylegan2.channel_max=64",
+                              "--stylegan2.style_mixing=0", "--stylegan2.mbstd_group=32", "--train.g_lr=0.002",
+                              "--train.g_betas=[0, 0.9919919678]", "--train.d_lr=0.0025"],
+    # and at a quarter and two fifths of its learning rates (equalized lr: a narrow layer's weights move
+    # more per step)
+    "stylegan2_cpu_cifar_lr0.0005": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
+                                     "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
+                                     "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32",
+                                     "--stylegan2.style_mixing=0", "--stylegan2.mbstd_group=32", "--train.g_lr=0.0005",
+                                     "--train.g_betas=[0, 0.9919919678]", "--train.d_lr=0.000625"],
+    "stylegan2_cpu_cifar_lr0.001": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
+                                    "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
+                                    "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32",
+                                    "--stylegan2.style_mixing=0", "--stylegan2.mbstd_group=32", "--train.g_lr=0.0008",
+                                    "--train.g_betas=[0, 0.9919919678]", "--train.d_lr=0.001"],
 }
 
 
@@ -294,6 +326,12 @@ def main():
                                                         classifier), runs))
 
 
+def _log_path(run_dir: Path) -> Path:
+    """RUN.log beside the run dir (not with_suffix: a name such as lr0.0005-32px has a dot of its own, and
+    two candidates would share one log)."""
+    return run_dir.parent / (run_dir.name + ".log")
+
+
 def start_candidate(name, args, manifest, classifier, work, launch):
     """`accelerate launch bigan/train.py` for one candidate, its output in RUN.log; (process, run dir, start)."""
     run_dir = work / "runs" / f"{name}-{args.resolution}px-{args.channels}ch-{args.kimg:g}kimg"
@@ -302,7 +340,7 @@ def start_candidate(name, args, manifest, classifier, work, launch):
     overrides = [f"--model.g_channels={args.channels}", f"--model.d_channels={args.channels}", *CANDIDATES[name]]
     evaluation = ([f"--eval.every_kimg={args.eval_every}", f"--eval.modes={classifier}", "--eval.metrics=",
                    f"--eval.n={args.samples}"] if args.eval_every else [])
-    log = open(run_dir.with_suffix(".log"), "w")
+    log = open(_log_path(run_dir), "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch, "bigan/train.py",
          f"--data.shards={manifest}", f"--data.resolution={args.resolution}", "--data.flip=false", f"--train.kimg={args.kimg}",
@@ -314,7 +352,7 @@ def start_candidate(name, args, manifest, classifier, work, launch):
 
 def finish_candidate(name, process, run_dir, seconds, args, classifier):
     """Score EMA-G's 26,000 samples (bigan-sample, bigan-eval); one row, plus one per in-loop evaluation."""
-    log = run_dir.with_suffix(".log").read_text()
+    log = _log_path(run_dir).read_text()
     if process.returncode != 0:
         emit({"candidate": name, "error": f"exit {process.returncode}", "log_tail": log[-1500:]}, args.out)
         return
