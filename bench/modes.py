@@ -86,6 +86,12 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
                         "--stylegan2.channel_base=2048", "--stylegan2.channel_max=128", "--stylegan2.style_mixing=0",
                         "--stylegan2.mbstd_group=32", "--train.g_lr=0.002", "--train.g_betas=[0, 0.9919919678]",
                         "--train.d_lr=0.0025"],
+    # and at a quarter of its learning rates (what kept the CPU-width model climbing, stylegan2_cpu_cifar_lr0.0005)
+    "stylegan2_cifar_lr0.0005": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
+                                 "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128",
+                                 "--stylegan2.channel_base=2048", "--stylegan2.channel_max=128",
+                                 "--stylegan2.style_mixing=0", "--stylegan2.mbstd_group=32", "--train.g_lr=0.0005",
+                                 "--train.g_betas=[0, 0.9919919678]", "--train.d_lr=0.000625"],
     "stylegan2_ada": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
                       "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128",
                       "--stylegan2.channel_base=2048", "--stylegan2.channel_max=128", "--train.g_lr=0.0025",
