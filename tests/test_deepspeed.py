@@ -57,11 +57,34 @@ def _args(run_dir, penalty, **extra):
     return [f"--{k}={v}" for k, v in {**BASE, "run.dir": run_dir, **PENALTIES[penalty], **extra}.items()]
 
 
+# A rank of a 2-process ZeRO-3 run on the CPU sometimes aborts in C++ with this line and no Python
+# traceback (measured 2026-12-02: 3 of about 50 runs, only with another DeepSpeed run beside it under
+# pytest -n 2; 0 of 8 alone; the same arguments pass on the next try), not root-caused. A step-equivalence
+# run (it starts from nothing and writes one file) is tried once more, on a fresh port and run dir; any
+# other failure, a second abort, or an abort of a training run, fails the test.
+CPU_ABORT = "terminate called without an active exception"
+
+
 def accelerate_launch(stage, script, args, env):
     """accelerate launch with the shipped DeepSpeed launch config for this ZeRO stage, 2 processes."""
-    return run([sys.executable, "-m", "accelerate.commands.launch",
-                "--config_file", f"launch_configs/accelerate/deepspeed_zero{stage}.yaml", "--num_processes", "2",
-                "--main_process_port", str(free_port()), script, *args], env)
+    def launch():
+        return run([sys.executable, "-m", "accelerate.commands.launch",
+                    "--config_file", f"launch_configs/accelerate/deepspeed_zero{stage}.yaml", "--num_processes", "2",
+                    "--main_process_port", str(free_port()), script, *args], env, check=False)
+
+    result = launch()
+    if result.returncode != 0 and CPU_ABORT in result.stderr and script.endswith("step_equivalence.py"):
+        import shutil
+
+        print(f"accelerate_launch: a rank aborted ({CPU_ABORT!r}); once more", file=sys.stderr)
+        for arg in args:
+            if arg.startswith("--run.dir="):
+                shutil.rmtree(arg.split("=", 1)[1], ignore_errors=True)
+        result = launch()
+    if result.returncode != 0:
+        raise AssertionError(f"ZeRO-{stage} {script} exited {result.returncode}\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
 
 
 @pytest.fixture(scope="session")
