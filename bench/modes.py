@@ -48,6 +48,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bigan.data import glyphs  # noqa: E402
 
+def _cifar(channel_base, channel_max, w_dim, g_lr=0.002, d_lr=0.0025, more=()):
+    """StyleGAN2 with the official 'cifar' config's settings (gamma 0.01, no path length, a 2-layer mapping, no
+    style mixing, minibatch-std groups of 32, G's Adam as its lazy interval leaves it: 0.002, beta2 0.99^0.8),
+    at a width of its own."""
+    return ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01", "--stylegan2.pl_weight=0",
+            "--stylegan2.mapping_layers=2", f"--stylegan2.w_dim={w_dim}", f"--stylegan2.channel_base={channel_base}",
+            f"--stylegan2.channel_max={channel_max}", "--stylegan2.style_mixing=0", "--stylegan2.mbstd_group=32",
+            f"--train.g_lr={g_lr}", "--train.g_betas=[0, 0.9919919678]", f"--train.d_lr={d_lr}", *more]
+
+
 SAMPLES = 26_000
 CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 2026-11-27: packs of 4)
     "default": [],
@@ -81,17 +91,9 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
                        "--train.d_lr=0.0025"],  # (gamma 1 peaked at 3x the modes of 0.01 at the CPU width)
     # the same with the official cifar config's remaining settings (no style mixing, minibatch-std groups of 32,
     # G's Adam 0.002 with beta2 0.99^0.8): what its CPU-width twin stylegan2_cpu_cifar did best with
-    "stylegan2_cifar": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
-                        "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128",
-                        "--stylegan2.channel_base=2048", "--stylegan2.channel_max=128", "--stylegan2.style_mixing=0",
-                        "--stylegan2.mbstd_group=32", "--train.g_lr=0.002", "--train.g_betas=[0, 0.9919919678]",
-                        "--train.d_lr=0.0025"],
+    "stylegan2_cifar": _cifar(2048, 128, 128),
     # and at a quarter of its learning rates (what kept the CPU-width model climbing, stylegan2_cpu_cifar_lr0.0005)
-    "stylegan2_cifar_lr0.0005": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
-                                 "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128",
-                                 "--stylegan2.channel_base=2048", "--stylegan2.channel_max=128",
-                                 "--stylegan2.style_mixing=0", "--stylegan2.mbstd_group=32", "--train.g_lr=0.0005",
-                                 "--train.g_betas=[0, 0.9919919678]", "--train.d_lr=0.000625"],
+    "stylegan2_cifar_lr0.0005": _cifar(2048, 128, 128, g_lr=0.0005, d_lr=0.000625),
     "stylegan2_ada": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
                       "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=128",
                       "--stylegan2.channel_base=2048", "--stylegan2.channel_max=128", "--train.g_lr=0.0025",
@@ -112,36 +114,15 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
                            "--train.d_lr=0.0025"],
     # the official cifar config's remaining settings at the CPU width: no style mixing, minibatch-std groups of
     # 32, G's Adam as its lazy interval leaves it (0.002, beta2 0.99^0.8)
-    "stylegan2_cpu_cifar": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
-                            "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
-                            "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32", "--stylegan2.style_mixing=0",
-                            "--stylegan2.mbstd_group=32", "--train.g_lr=0.002", "--train.g_betas=[0, 0.9919919678]",
-                            "--train.d_lr=0.0025"],
+    "stylegan2_cpu_cifar": _cifar(1024, 32, 64),
     # and with ADA, p moving 5 times as fast as its default (augment.kimg 100: a short CPU run)
-    "stylegan2_cpu_cifar_ada": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
-                                "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
-                                "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32",
-                                "--stylegan2.style_mixing=0", "--stylegan2.mbstd_group=32", "--train.g_lr=0.002",
-                                "--train.g_betas=[0, 0.9919919678]", "--train.d_lr=0.0025", "--augment.kind=ada",
-                                "--augment.kimg=100"],
+    "stylegan2_cpu_cifar_ada": _cifar(1024, 32, 64, more=("--augment.kind=ada", "--augment.kimg=100")),
     # and twice as wide (64 channels at every resolution)
-    "stylegan2_cpu64_cifar": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
-                              "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
-                              "--stylegan2.channel_base=2048", "--stylegan2.channel_max=64",
-                              "--stylegan2.style_mixing=0", "--stylegan2.mbstd_group=32", "--train.g_lr=0.002",
-                              "--train.g_betas=[0, 0.9919919678]", "--train.d_lr=0.0025"],
+    "stylegan2_cpu64_cifar": _cifar(2048, 64, 64),
     # and at a quarter and two fifths of its learning rates (equalized lr: a narrow layer's weights move
     # more per step)
-    "stylegan2_cpu_cifar_lr0.0005": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
-                                     "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
-                                     "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32",
-                                     "--stylegan2.style_mixing=0", "--stylegan2.mbstd_group=32", "--train.g_lr=0.0005",
-                                     "--train.g_betas=[0, 0.9919919678]", "--train.d_lr=0.000625"],
-    "stylegan2_cpu_cifar_lr0.001": ["--model.arch=stylegan2", "--loss.pack=1", "--loss.name=bce", "--loss.r1=0.01",
-                                    "--stylegan2.pl_weight=0", "--stylegan2.mapping_layers=2", "--stylegan2.w_dim=64",
-                                    "--stylegan2.channel_base=1024", "--stylegan2.channel_max=32",
-                                    "--stylegan2.style_mixing=0", "--stylegan2.mbstd_group=32", "--train.g_lr=0.0008",
-                                    "--train.g_betas=[0, 0.9919919678]", "--train.d_lr=0.001"],
+    "stylegan2_cpu_cifar_lr0.0005": _cifar(1024, 32, 64, g_lr=0.0005, d_lr=0.000625),
+    "stylegan2_cpu_cifar_lr0.001": _cifar(1024, 32, 64, g_lr=0.0008, d_lr=0.001),
 }
 
 

@@ -608,7 +608,9 @@ def test_fake_classes_are_drawn_as_often_as_the_shards_hold_them(tmp_path, env):
     training image's label), not a uniform draw that would show G the rare class five times as often as D's
     reals; and evaluation labels its samples in the reference set's proportions."""
     from bigan.data import shards as shards_mod
-    from bigan.families.noise import reference_label_counts
+    from bigan import families
+    from bigan.config import load_config
+    from bigan.data.stream import DataError
     from bigan.metrics.evaluate import generated_labels
 
     for name, n, color in (("common", 30, (200, 40, 40)), ("rare", 6, (40, 40, 200))):
@@ -620,14 +622,20 @@ def test_fake_classes_are_drawn_as_often_as_the_shards_hold_them(tmp_path, env):
                             "--workers", "1", "--no-progress"]) == 0
     draws = tmp_path / "draws"
     draws.mkdir()
-    run([sys.executable, str(HELPERS / "trainer_draws.py"), str(draws),
-         *tiny_args(shards, tmp_path / "run", **{"model.num_classes": 2, "loss.pack": 1, "train.kimg": 0.4,
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch_configs/accelerate/cpu_multi.yaml",
+         "--num_processes", "2", "--main_process_port", str(free_port()), str(HELPERS / "trainer_draws.py"), str(draws),
+         *tiny_args(shards, tmp_path / "run", **{"model.num_classes": 2, "loss.pack": 1, "train.kimg": 0.8,
                                                  "data.workers": 0})], env)
-    (steps,) = [torch.load(draws / "draws_rank0.pt", weights_only=False)]
-    for key in ("d_latents", "g_latents"):
-        y = torch.cat([pair[1] for step in steps for pair in step[key]])
-        assert len(y) == 400 and 0.09 < y.float().mean() < 0.26, (key, y.float().mean())  # 1/6 rare; uniform: 1/2
-    assert reference_label_counts(str(shards), 2) == [30, 6]
+    ranks = [torch.load(draws / f"draws_rank{r}.pt", weights_only=False) for r in range(2)]
+    for key in ("d_latents", "g_latents"):  # 2 ranks x 50 iterations x 8: each rank its own draws, both as the data
+        y = [torch.cat([pair[1] for step in steps for pair in step[key]]) for steps in ranks]
+        assert not torch.equal(y[0], y[1]), f"both ranks drew the same {key} classes"
+        for rank in y:
+            assert len(rank) == 400 and 0.09 < rank.float().mean() < 0.26, (key, rank.float().mean())  # 1/6; uniform 1/2
+    family = families.build(load_config(None, ["--model.num_classes=2", "--loss.pack=1"]))
+    assert family.reference_label_counts(str(shards)) == [30, 6]
+    with pytest.raises(DataError, match="holds labels up to 1, and the model has model.num_classes=1"):
+        families.build(load_config(None, ["--model.num_classes=1", "--loss.pack=1"])).reference_label_counts(str(shards))
     # evaluation: exact proportions, and every stretch of indices mixed as the whole (IS scores 10 splits
     # apart, KID and pr keep the first 10,000 of 50,000)
     y = generated_labels(torch.arange(50_000), 50_000, 3, [30, 6, 24])

@@ -33,18 +33,6 @@ def class_weights(label_counts, num_classes: int) -> torch.Tensor:
     return weights
 
 
-def reference_label_counts(data, num_classes: int) -> list | None:
-    """The samples per class of the reference shards `data` (their manifest's), None if it does not say;
-    refused (DataError) if they hold classes the model has not."""
-    from bigan.data.stream import DataError, resolve_shards
-
-    counts = resolve_shards(data).label_counts
-    if counts is not None and len(counts) > num_classes:
-        raise DataError(f"{data}: its shards hold labels up to {len(counts) - 1}, and the model has "
-                        f"model.num_classes={num_classes}")
-    return counts
-
-
 def lazy_r1_interval(loss) -> int:
     """D steps per Dreg step: Dreg runs every loss.r1_interval iterations, each of loss.d_steps D steps; R1's gain
     and the Adam correction take this, so that gamma is per D step whatever loss.d_steps is."""
@@ -219,10 +207,21 @@ class NoiseFamily(Family):
         from bigan.metrics.evaluate import evaluate, generated_images
 
         m = self.config.model
-        counts = reference_label_counts(data, m.num_classes) if m.num_classes and data else None
+        counts = self.reference_label_counts(data) if m.num_classes and data else None
         blocks = generated_images(g, m.z_dim, m.num_classes, accelerator, n, seed, batch, counts)
         return evaluate(blocks, data if wanted else None, self.config.data.resolution, extractor, accelerator, n,
                         wanted, batch, classifier=classifier)
+
+    def reference_label_counts(self, data) -> list | None:
+        """The samples per class of the reference shards `data` (their manifest's), None if it does not say;
+        refused (DataError) as check_data refuses them (classes the model has not)."""
+        from bigan.data.stream import DataError, resolve_shards
+
+        shard_set = resolve_shards(data)
+        why = self.check_data(shard_set, "data", data)
+        if why:
+            raise DataError(why)
+        return shard_set.label_counts
 
     def sample(self, g, args, device) -> Samples:
         from bigan.sample import generate, latents, slerp

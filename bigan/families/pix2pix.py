@@ -67,9 +67,8 @@ class Pix2Pix(NoiseFamily):
         still judges aligned pairs; an augmentation of the image alone would misalign them."""
         if self.pipe is None:
             return images, source
-        device = source.device  # (the CPU generator is always forked; an accelerator's too)
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device],
-                                   device_type="cuda" if device.type == "cpu" else device.type):
+        accelerator = [] if source.device.type == "cpu" else [source.device]  # (the CPU's is always forked)
+        with torch.random.fork_rng(devices=accelerator, device_type=source.device.type if accelerator else "cuda"):
             source = self.augment(source)
         return self.augment(images), source
 

@@ -43,9 +43,6 @@ def build_loader(family, accelerator, start: dict | None = None, seed: int | Non
     if m.num_classes and shard_set.counts is not None and shard_set.labels is None:
         raise DataError(f"model.num_classes={m.num_classes} but the shards' manifest names no labels (write them "
                         f"with bigan-shards --labels-from-dirs or --label-column)")
-    if m.num_classes and shard_set.label_counts is not None and len(shard_set.label_counts) > m.num_classes:
-        raise DataError(f"model.num_classes={m.num_classes} but the shards hold labels up to "
-                        f"{len(shard_set.label_counts) - 1} ({source})")
     family.use_data(shard_set)
     if m.num_classes and shard_set.label_counts is None and accelerator.is_main_process and not start:
         print(f"bigan: {source} does not say how many samples each class has (no label_counts in a bigan manifest, "
