@@ -61,7 +61,7 @@ class Trainer:
         self.family = family or families.build(config)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.networks = self.family.networks()
-        self.backend = make_backend(config, accelerator, list(self.networks), self.family.phases)
+        self.backend = make_backend(config, accelerator, list(self.networks))
         adam = functools.partial(torch.optim.Adam, fused=self.backend.fused_adam or None)
         optimizers = {name: adam(net.param_groups(), betas=tuple(net.betas), eps=net.eps)
                       for name, net in self.networks.items()}

@@ -305,15 +305,20 @@ def test_two_ddp_ranks_equal_one_big_batch(tmp_path, env):
     _assert_close(reference, split, initial)
 
 
-def test_zero3_g_and_zero2_d_equal_one_big_batch(tmp_path, env):
-    """G's weights partitioned (ZeRO-3), D's optimizer states and gradients (ZeRO-2), MA-GP through the engine's
-    inner module (D on ZeRO-3 with MA-GP is refused: its phase's zero3 note, measured to fail)."""
+def test_zero3_g_and_d_equal_one_big_batch(tmp_path, env):
+    """G's and D's weights partitioned (ZeRO-3, every weight: no persistence threshold), MA-GP's double backward
+    through D's inner module with D's weights held whole for the phase (Phase.whole; without it its second-order
+    gradients meet D's released weights)."""
     pytest.importorskip("deepspeed")
+    import json
 
+    config = json.loads(open("launch_configs/deepspeed/zero3.json").read())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3_partitioned.json").write_text(json.dumps(config))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               "launch_configs/accelerate/deepspeed_zero3.yaml", "--num_processes", "2",
               "--main_process_port", str(free_port())]
     reference, split, initial = _equivalence(tmp_path, env, launch,
-                                             **{"train.deepspeed_d": "launch_configs/deepspeed/zero2.json"})
-    # (ZeRO-2 reduces D's gradients in another order: a gain that starts at 0 differs by 1e-5 of its ~1e-6)
+                                             **{"train.deepspeed": tmp_path / "zero3_partitioned.json"})
+    # (ZeRO reduces D's gradients in another order: a gain that starts at 0 differs by 1e-5 of its ~1e-6)
     _assert_close(reference, split, initial, rtol=1e-4)

@@ -5,7 +5,8 @@ network name: ``wrap({name: (module, optimizer)})``, ``autocast()``, ``backward(
 ``step(name) -> grad norm``, ``trained(name)`` (the network as the phase that trains it runs it:
 DDP or a ZeRO engine), ``module(name)`` (the bare network, for forwards that must neither sync nor
 train it), ``inference(name)`` (for forwards under no_grad: G in the D step), ``penalty(name)``
-(what gradient penalties differentiate through), ``optimizer(name)``, ``gathered(name)`` /
+(what gradient penalties differentiate through), ``whole(name)`` and ``begin_micro_batch(name)`` (for a
+phase whose second-order backward reaches the weights outside their modules: Phase.whole), ``optimizer(name)``, ``gathered(name)`` /
 ``plain_copy(name, everywhere=True)`` (full weights, on every rank or on the main process only),
 ``ema_partitioned(name)`` / ``ema(name, half_life_kimg, rampup)`` (whether the backend keeps the network's
 EMA itself, partitioned, and that EMA), ``save``/``load`` (backend state in a checkpoint).
@@ -15,10 +16,9 @@ import os
 from bigan.backends.plain import PlainBackend
 
 
-def make_backend(config, accelerator, names: list, phases: list = ()):
+def make_backend(config, accelerator, names: list):
     """DeepSpeed when train.deepspeed(_<name>) names a config or Accelerate was launched with DeepSpeed;
-    else plain. `names` are the family's networks; a phase that says it cannot step a ZeRO-3 engine
-    (Phase.zero3) is refused, naming it, before any engine is built."""
+    else plain. `names` are the family's networks."""
     t = config.train
     per_network = {"g": t.deepspeed_g, "d": t.deepspeed_d, **config.deepspeed_networks}
     unknown = sorted(n for n, path in per_network.items() if path and n not in names)
@@ -33,7 +33,7 @@ def make_backend(config, accelerator, names: list, phases: list = ()):
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if not any(paths.values()) and not launched:
         return PlainBackend(accelerator, t.precision, t.grad_clip, t.channels_last, config.model.sync_batchnorm, t.compile)
-    from bigan.backends.deepspeed import DeepSpeedBackend, DeepSpeedConfigError, load_ds_config, zero_stage
+    from bigan.backends.deepspeed import DeepSpeedBackend, DeepSpeedConfigError, load_ds_config
 
     def ds_config(name):
         source = paths[name] or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
@@ -43,9 +43,6 @@ def make_backend(config, accelerator, names: list, phases: list = ()):
         return load_ds_config(source, t.batch_size, t.grad_accum, t.grad_clip, accelerator.num_processes)
 
     configs = {n: ds_config(n) for n in names}
-    for phase in phases:
-        if phase.zero3 and zero_stage(configs[phase.trains]) == 3:
-            raise DeepSpeedConfigError(f"{phase.name}: {phase.zero3}")
     return DeepSpeedBackend(accelerator, t.precision, configs, t.channels_last, t.compile, t.zero3_shadow)
 
 

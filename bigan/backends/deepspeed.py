@@ -5,6 +5,12 @@ The traps this avoids (measured with deepspeed 0.19.8, torch 2.13):
   ``autograd.grad(create_graph=True)`` on the engine breaks ZeRO-1/2 and is wrong on ZeRO-3.
   The trainer calls ``d_module`` (the engine's inner module) for the G step and the penalty
   branch, and the D loss's gradients still reach D's engine through ``engine.backward``.
+* Under ZeRO-3 a second-order penalty's gradients reach the weights through the graph of a
+  gradient taken in the forward, outside the modules whose backward gathers them: autograd would
+  accumulate them into released (empty) weights. Such a phase (Phase.whole) holds its network's
+  weights gathered from its first forward to its last backward (``whole``). And a micro-batch whose
+  forwards all skip the engine does first what an engine forward does (``begin_micro_batch``):
+  without it ZeRO-3 overwrites the previous micro-batch's gradient partition instead of adding.
 * DeepSpeed's bf16/fp16 modes cast the whole module (BatchNorm statistics, spectral-norm
   vectors): bigan keeps the engines in fp32 and autocasts the forwards itself.
 * ``engine.forward`` switches an outer CUDA autocast *off* around the module unless the
@@ -41,6 +47,9 @@ import torch
 
 from bigan.backends.precision import DTYPES, NAMES, autocast
 from bigan.ema import EMA
+
+
+HOLD_ID = -0x6B16  # a submodule id no module has (DeepSpeed numbers them from 0): DeepSpeedBackend.whole's hold
 
 
 class DeepSpeedConfigError(Exception):
@@ -227,14 +236,45 @@ class DeepSpeedBackend:
     def optimizer(self, name: str):
         return self.engines[name].optimizer
 
-    def penalty_anchor(self, name: str, *inputs, **kwargs):
-        """0 x a forward through the ZeRO-3 engine, for a phase whose loss is a penalty alone (R1, path
-        length through the inner module): ZeRO-3 releases a module's weights after its forward and gathers
-        them again only in the backward of an engine forward, and the penalty's second-order gradients
-        reach the weights on another path; without this forward they meet released (empty) weights."""
-        if zero_stage(self.configs[name]) != 3:
-            return 0.0
-        return 0 * self.engines[name](*inputs, **kwargs).float().mean()
+    @contextlib.contextmanager
+    def whole(self, name: str):
+        """A phase's forwards and backwards with the network's weights gathered throughout, for a phase whose
+        backward reaches them outside their modules' hooks: a second-order penalty (the path length) runs its
+        backward through the graph of a gradient taken inside the forward, whose nodes belong to no module;
+        ZeRO-3 gathers a module's weights again only in that module's own backward, and autograd would
+        accumulate their gradients into released (empty) weights ("output with shape [0] doesn't match the
+        broadcast shape"). ZeRO-3 releases a weight only when no submodule holds it (ds_active_sub_modules): this
+        holds every weight for the phase, the forwards gather them as usual, the gradient hooks reduce-scatter
+        as usual, and all are partitioned again at the end. Costs a whole copy of the network per rank for the
+        phase's length (as the shadow does for G's no-grad forwards). ZeRO-1/2: nothing to do."""
+        if not self.partitioned(name):
+            yield
+            return
+        module = self.engines[name].module
+        if not all(hasattr(p, "ds_active_sub_modules") for p in module.parameters()):
+            raise RuntimeError("this DeepSpeed's ZeRO-3 weights have no ds_active_sub_modules, which bigan holds them "
+                               "whole with (tested with deepspeed 0.19.8)")
+        params = list(module.parameters())
+        for p in params:
+            p.ds_active_sub_modules.add(HOLD_ID)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.ds_active_sub_modules.discard(HOLD_ID)
+            # every weight released and the coordinator's counts reset, as after an engine's forward and backward
+            self.engines[name].optimizer.parameter_offload.partition_all_parameters()
+
+    def begin_micro_batch(self, name: str):
+        """What an engine's forward does first, for a micro-batch whose forwards skip the engine (a penalty
+        through the inner module, `penalty`): DeepSpeed (0.19.8) ends the previous backward's gradient
+        bookkeeping at the next engine forward (clear_backward_seen_flag): ZeRO-3 only then counts the
+        micro-batch (micro_step_id), and a second micro-batch's gradient partition would overwrite the first's
+        instead of adding to it; ZeRO-1/2 only then drop the last backward's grad_accum. Twice in one
+        micro-batch (here and in an engine forward) does it once."""
+        optimizer = self.engines[name].optimizer
+        if hasattr(optimizer, "clear_backward_seen_flag"):
+            optimizer.clear_backward_seen_flag()
 
     def autocast(self):
         return autocast(self.device, self.dtype)

@@ -66,13 +66,16 @@ class PlainBackend:
     def optimizer(self, name: str):
         return self.optimizers[name]
 
-    def penalty_anchor(self, name: str, *inputs, **kwargs):
-        """What a penalty-only phase adds to its loss so that the backend steps it correctly: nothing here."""
-        return 0.0
-
     @contextlib.contextmanager
     def gathered(self, name: str):
         yield self.bare[name]
+
+    def whole(self, name: str):
+        """A phase's forwards and backwards with the network's weights whole throughout: they always are here."""
+        return contextlib.nullcontext()
+
+    def begin_micro_batch(self, name: str):
+        """Before a micro-batch of a phase that runs `name` through `penalty` alone: nothing to do here."""
 
     def plain_copy(self, name: str, everywhere: bool = True):
         """The network itself: its weights are whole on every rank."""

@@ -71,7 +71,8 @@ class Phase:
     reals: str | None = "new"  # "new": fresh real micro-batches (counted as images seen), "last": the
                                # previous ones again, None: none (the loss draws what it needs)
     after: Callable | None = None  # after(step), once the optimizer step is taken (e.g. a running mean)
-    zero3: str = ""       # why this phase cannot step a network in a ZeRO-3 engine ("" = it can)
+    whole: bool = False   # its backward reaches `trains`' weights outside their modules' own backward (a
+                          # second-order penalty's graph): the backend keeps them whole for the phase (ZeRO-3)
 
 
 class Family:

@@ -99,9 +99,12 @@ class NoiseFamily(Family):
     @property
     def phases(self) -> list[Phase]:
         loss = self.config.loss
-        phases = [Phase("D", trains="d", loss=self.d_loss, repeat=loss.d_steps, after=self.update_augment)]
+        # (whole: a second-order penalty's backward reaches D's weights outside D's modules, Phase.whole)
+        second_order = (loss.r1 > 0 and loss.r1_interval == 1) or (loss.name == "wgan" and loss.gp > 0)
+        phases = [Phase("D", trains="d", loss=self.d_loss, repeat=loss.d_steps, after=self.update_augment,
+                        whole=second_order)]
         if loss.r1 > 0 and loss.r1_interval > 1:  # lazy R1: a step of its own on the reals D just saw
-            phases.append(Phase("Dreg", trains="d", loss=self.d_reg, every=loss.r1_interval, reals="last"))
+            phases.append(Phase("Dreg", trains="d", loss=self.d_reg, every=loss.r1_interval, reals="last", whole=True))
         return phases + [Phase("G", trains="g", frozen=("d",), loss=self.g_loss, reals=None)]
 
     @classmethod
@@ -183,10 +186,8 @@ class NoiseFamily(Family):
         real_logits = step.penalty("d")(*self.seen(image, condition))
         r1, stats = losses.r1_penalty(image, real_logits, c.pack)
         # (+ 0 x the logits: D's last bias then takes part in this backward too, which DDP needs of every
-        # parameter, as stylegan2-ada-pytorch adds real_logits * 0; and the backend's anchor, un-augmented: it only
-        # needs a forward, whose value it zeroes)
-        anchor = step.anchor("d", image.detach(), condition)
-        return (c.r1 / 2 * lazy_r1_interval(c)) * r1 + 0 * real_logits.float().mean() + anchor, stats
+        # parameter, as stylegan2-ada-pytorch adds real_logits * 0)
+        return (c.r1 / 2 * lazy_r1_interval(c)) * r1 + 0 * real_logits.float().mean(), stats
 
     def g_loss(self, step, real=None):
         """Fresh latents through D (frozen: gradients through it, none into it)."""

@@ -27,12 +27,6 @@ from bigan.families.noise import NoiseFamily, lazy_r1_interval
 from bigan.models import stylegan2
 
 RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
-# measured with DeepSpeed 0.19.8 (bench/RESULTS.md): ZeRO-3 empties a module's weights after its forward
-# and gathers them again in the backward of an engine forward; the path length's second-order gradients
-# reach G's weights on another path and met them empty (R1 in D's own phase works, with an anchor forward)
-ZERO3_PATH_LENGTH = ("the path-length penalty (Greg) fails inside a ZeRO-3 engine; put G on ZeRO-1 or 2 "
-                     "(train.deepspeed_g=launch_configs/deepspeed/zero2.json) or set stylegan2.pl_weight=0")
-
 
 def _f(default, doc):
     return field(default=default, metadata={"doc": doc})
@@ -175,7 +169,7 @@ class StyleGAN2(NoiseFamily):
         g_phases = [Phase("Gmain", trains="g", frozen=("d",), loss=self.g_main, reals=None, after=self.track_w_avg)]
         if o.pl_weight > 0:
             g_phases.append(Phase("Greg", trains="g", loss=self.g_reg, every=o.pl_interval, reals=None,
-                                  after=self.update_pl_mean, zero3=ZERO3_PATH_LENGTH))
+                                  after=self.update_pl_mean, whole=True))
         return g_phases + [p for p in super().phases if p.trains == "d"]
 
     def state(self) -> dict:
@@ -212,8 +206,8 @@ class StyleGAN2(NoiseFamily):
         # against the running mean as it stood before this step (the official code moves it by each
         # micro-batch first): so a step does not depend on how its batch is split
         penalty = (lengths - self.path_length.mean).square().mean()
-        # (+ 0 x a pixel: the toRGB biases take part in this backward too, as DDP needs of every parameter; no
-        # ZeRO-3 anchor: Greg is refused on a ZeRO-3 G, Phase.zero3)
+        # (+ 0 x a pixel: the toRGB biases take part in this backward too, as DDP needs of every parameter; on
+        # ZeRO-3 the phase holds G's weights whole, Phase.whole, so no anchor forward is needed)
         loss = penalty * (o.pl_weight * o.pl_interval) + 0 * images[:, 0, 0, 0].float().mean()
         return loss, {"Penalty/PL": penalty.detach(), "PL/length": lengths.detach().mean()}
 

@@ -80,10 +80,6 @@ class DFGANOptions:
                        "transformers' CLIPModel and CLIPProcessor; nothing is downloaded)")
 
 
-# measured with DeepSpeed 0.19.8 on 2 CPU ranks (tests/test_text2image.py): G on ZeRO-3 and D on ZeRO-1/2 match the
-# plain path, and so does D on ZeRO-3 without MA-GP; with it, its second-order terms meet D's released weights
-ZERO3_MA_GP = ("MA-GP (dfgan.ma_gp) fails with D inside a ZeRO-3 engine; put D on ZeRO-1 or 2 "
-               "(train.deepspeed_d=launch_configs/deepspeed/zero2.json) or set dfgan.ma_gp=0")
 # what the weights' shapes depend on, of the section above (architecture.json; bigan-sample rebuilds from it)
 ARCHITECTURE_KEYS = ("depth", "cond_dim", "text_width", "text_depth", "text_heads", "max_words", "vocabulary",
                      "text_encoder")
@@ -235,9 +231,10 @@ class DFGAN(Family):
 
     @property
     def phases(self) -> list[Phase]:
-        zero3 = ZERO3_MA_GP if self.config.family_options.ma_gp > 0 else ""
+        # (whole: MA-GP's second-order backward reaches D's weights outside D's modules, Phase.whole)
+        whole = self.config.family_options.ma_gp > 0
         after = self.copy_text_encoder if self.config.family_options.text_encoder == "joint" else None
-        return [Phase("D", trains="d", loss=self.d_loss, repeat=self.config.loss.d_steps, after=after, zero3=zero3),
+        return [Phase("D", trains="d", loss=self.d_loss, repeat=self.config.loss.d_steps, after=after, whole=whole),
                 Phase("G", trains="g", frozen=("d",), loss=self.g_loss, reals="last")]  # the captions D just saw
 
     def draw(self, n: int, device) -> tuple:

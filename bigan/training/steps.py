@@ -11,6 +11,7 @@ wait finds nothing half-done. Nothing here reads the device from the host (bigan
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -48,11 +49,6 @@ class StepContext:
     def penalty(self, name: str):
         """The trained network as gradient penalties (double backward) differentiate through it."""
         return self.backend.penalty(name)
-
-    def anchor(self, name: str, *inputs, **kwargs):
-        """To add to the loss of a phase that is a penalty alone: what its backend needs (ZeRO-3: 0 x a
-        forward through the engine on these inputs; elsewhere 0)."""
-        return self.backend.penalty_anchor(name, *inputs, **kwargs)
 
 
 class Steps:
@@ -98,13 +94,16 @@ class Steps:
         for name in phase.frozen:
             b.module(name).requires_grad_(False)
         micro = reals if reals is not None else [None] * self.grad_accum
-        for i, real in enumerate(micro):
-            with b.autocast():
-                loss, stats = phase.loss(step, real)
-            b.backward(loss / len(micro), phase.trains, sync=i == len(micro) - 1)
-            self.stats.add(stats, 1 / len(micro))
-            if phase.reals == "new":
-                self.state.images_seen += self.micro_batch_images
+        with b.whole(phase.trains) if phase.whole else contextlib.nullcontext():
+            for i, real in enumerate(micro):
+                if phase.whole:  # (its forwards may all skip the engine: penalty)
+                    b.begin_micro_batch(phase.trains)
+                with b.autocast():
+                    loss, stats = phase.loss(step, real)
+                b.backward(loss / len(micro), phase.trains, sync=i == len(micro) - 1)
+                self.stats.add(stats, 1 / len(micro))
+                if phase.reals == "new":
+                    self.state.images_seen += self.micro_batch_images
         for name in phase.frozen:
             b.module(name).requires_grad_(True)
         grad_norm = torch.as_tensor(b.step(phase.trains), device=self.device)
