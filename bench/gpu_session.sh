@@ -18,7 +18,8 @@
 #           iteration's time goes, ZeRO beside the yardstick, the step alone
 #   sg2     (~6 min) StyleGAN2 (issue 26): bench/stylegan2_speed.py (img/s, s/kimg, peak memory at 64, 128, 256 px,
 #           bf16, with and without compile: the 'paper' case is the issue's FFHQ-U 256 reference, goal >= 170 img/s),
-#           then StyleGAN2 with ADA on DeepSpeed ZeRO-2 bf16 from shards as users launch it
+#           then StyleGAN2 with ADA on DeepSpeed ZeRO-2 and on ZeRO-3 (path length and R1 on partitioned weights),
+#           bf16, from shards as users launch it
 #   all     checks, then speed, then sg2 (what the next session should run first: speed is still unmeasured)
 # Results land in $OUT (machine.txt, *.json, *.jsonl, *.log; at most 8 files come back per call):
 # copy the figures into bench/RESULTS.md. DEVICE=cpu PYTHON=.venv/bin/python rehearses on a CPU.
@@ -101,6 +102,13 @@ sg2() {
     --config launch_configs/experiments/stylegan2-auto.yaml --data.shards=demo --data.demo_images=2000 \
     --data.resolution=64 --train.kimg="${DS_KIMG:-6}" --data.workers=4 ${SG2_TINY:+--stylegan2.channel_base=256 --stylegan2.channel_max=16 --train.batch_size=8} \
     --run.dir=/tmp/sg2-run --run.progress=false --run.log_every=10
+  # both networks on ZeRO-3 (their large weights partitioned): the path length (Greg) and R1 (Dreg) hold the
+  # weights whole for their phase (Phase.whole), measured on 2 CPU ranks only so far
+  step stylegan2_zero3_bf16 80 "$PYTHON" -m accelerate.commands.launch \
+    --config_file launch_configs/accelerate/deepspeed_zero3.yaml --num_processes 1 bigan/train.py \
+    --config launch_configs/experiments/stylegan2-auto.yaml --data.shards=demo --data.demo_images=2000 \
+    --data.resolution=64 --train.kimg="${DS_KIMG:-6}" --data.workers=4 ${SG2_TINY:+--stylegan2.channel_base=256 --stylegan2.channel_max=16 --train.batch_size=8} \
+    --run.dir=/tmp/sg2-run-zero3 --run.progress=false --run.log_every=10
 }
 case "${1:-all}" in
   first)
