@@ -150,8 +150,8 @@ def test_stylegan2_on_zero_matches_the_plain_path(stage, references, tmp_path, e
     averaged over ranks (tolerances as test_trainer.py's DDP twin: float noise of the double backward)."""
     target = tmp_path / "zero.pt"
     extra = {}
-    if stage == 3:  # every weight partitioned (as test_zero_stages_...): Greg's second-order backward through G's
-        # partitioned weights (Phase.whole holds them), Dreg's through D's (the anchor forward)
+    if stage == 3:  # every weight partitioned (as test_zero_stages_...): Greg's and Dreg's second-order backwards
+        # through G's and D's partitioned weights (Phase.whole holds them), with accumulation (begin_micro_batch)
         config = json.loads(open("launch_configs/deepspeed/zero3.json").read())
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         (tmp_path / "zero3_partitioned.json").write_text(json.dumps(config))

@@ -262,7 +262,8 @@ class DeepSpeedBackend:
         finally:
             for p in params:
                 p.ds_active_sub_modules.discard(HOLD_ID)
-            # every weight released and the coordinator's counts reset, as after an engine's forward and backward
+            # every weight released (what stage3.step() also does at each step): ds_active_sub_modules cleared,
+            # in-flight gathers waited for
             self.engines[name].optimizer.parameter_offload.partition_all_parameters()
 
     def begin_micro_batch(self, name: str):
@@ -270,8 +271,8 @@ class DeepSpeedBackend:
         through the inner module, `penalty`): DeepSpeed (0.19.8) ends the previous backward's gradient
         bookkeeping at the next engine forward (clear_backward_seen_flag): ZeRO-3 only then counts the
         micro-batch (micro_step_id), and a second micro-batch's gradient partition would overwrite the first's
-        instead of adding to it; ZeRO-1/2 only then drop the last backward's grad_accum. Twice in one
-        micro-batch (here and in an engine forward) does it once."""
+        instead of adding to it; ZeRO-1/2 only then drop the last backward's grad_accum. Called before every
+        micro-batch of every phase; twice in one micro-batch (here and in an engine forward) does it once."""
         optimizer = self.engines[name].optimizer
         if hasattr(optimizer, "clear_backward_seen_flag"):
             optimizer.clear_backward_seen_flag()
@@ -315,7 +316,8 @@ class DeepSpeedBackend:
         ignored += " (train.compile ignored: not supported inside DeepSpeed engines)" if self.compile_ignored else ""
         scaling = ", loss scale per engine" if self.dtype == torch.float16 else ""
         if not self.shadow and any(self.partitioned(n) for n in self.configs):
-            ignored += " (train.zero3_shadow=false: no whole copy of a ZeRO-3 network on any rank)"
+            ignored += (" (train.zero3_shadow=false: no whole copy of a ZeRO-3 network on any rank, but in a phase"
+                        " with a second-order penalty, which holds its network whole)")
         engines = ", ".join(f"{name.upper()} {one(name)}" for name in self.configs)
         return f"DeepSpeed engines: {engines}; {NAMES[self.dtype]}{scaling}, fp32 weights{ignored}"
 

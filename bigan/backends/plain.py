@@ -75,7 +75,7 @@ class PlainBackend:
         return contextlib.nullcontext()
 
     def begin_micro_batch(self, name: str):
-        """Before a micro-batch of a phase that runs `name` through `penalty` alone: nothing to do here."""
+        """Before each micro-batch of a phase that trains `name`: nothing to do here."""
 
     def plain_copy(self, name: str, everywhere: bool = True):
         """The network itself: its weights are whole on every rank."""

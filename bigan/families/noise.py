@@ -99,10 +99,9 @@ class NoiseFamily(Family):
     @property
     def phases(self) -> list[Phase]:
         loss = self.config.loss
-        # (whole: a second-order penalty's backward reaches D's weights outside D's modules, Phase.whole)
-        second_order = (loss.r1 > 0 and loss.r1_interval == 1) or (loss.name == "wgan" and loss.gp > 0)
-        phases = [Phase("D", trains="d", loss=self.d_loss, repeat=loss.d_steps, after=self.update_augment,
-                        whole=second_order)]
+        # (R1 or WGAN-GP in the D step need no hold of D's ZeRO-3 weights: its engine forward on the fakes gathers
+        # them again in the same backward, measured equal to the plain path; lazy R1 alone does, Phase.whole)
+        phases = [Phase("D", trains="d", loss=self.d_loss, repeat=loss.d_steps, after=self.update_augment)]
         if loss.r1 > 0 and loss.r1_interval > 1:  # lazy R1: a step of its own on the reals D just saw
             phases.append(Phase("Dreg", trains="d", loss=self.d_reg, every=loss.r1_interval, reals="last", whole=True))
         return phases + [Phase("G", trains="g", frozen=("d",), loss=self.g_loss, reals=None)]

@@ -96,8 +96,7 @@ class Steps:
         micro = reals if reals is not None else [None] * self.grad_accum
         with b.whole(phase.trains) if phase.whole else contextlib.nullcontext():
             for i, real in enumerate(micro):
-                if phase.whole:  # (its forwards may all skip the engine: penalty)
-                    b.begin_micro_batch(phase.trains)
+                b.begin_micro_batch(phase.trains)  # (a phase's forwards may all skip the engine: penalty)
                 with b.autocast():
                     loss, stats = phase.loss(step, real)
                 b.backward(loss / len(micro), phase.trains, sync=i == len(micro) - 1)
