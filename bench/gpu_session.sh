@@ -97,18 +97,16 @@ sg2() {
   # the 'paper' case (FFHQ-U 256's channels and batch) at 64/128/256 px, uncompiled then compiled
   step stylegan2_speed 300 "$PYTHON" bench/stylegan2_speed.py --device "$DEVICE" --iterations "${SG2_ITERATIONS:-32}" \
     --case paper ${SG2_TINY:+--tiny} --out "$OUT/stylegan2_speed.jsonl"
-  step stylegan2_zero2_bf16 80 "$PYTHON" -m accelerate.commands.launch \
-    --config_file launch_configs/accelerate/deepspeed_zero2.yaml --num_processes 1 bigan/train.py \
-    --config launch_configs/experiments/stylegan2-auto.yaml --data.shards=demo --data.demo_images=2000 \
-    --data.resolution=64 --train.kimg="${DS_KIMG:-6}" --data.workers=4 ${SG2_TINY:+--stylegan2.channel_base=256 --stylegan2.channel_max=16 --train.batch_size=8} \
-    --run.dir=/tmp/sg2-run --run.progress=false --run.log_every=10
-  # both networks on ZeRO-3 (their large weights partitioned): the path length (Greg) and R1 (Dreg) hold the
-  # weights whole for their phase (Phase.whole), measured on 2 CPU ranks only so far
-  step stylegan2_zero3_bf16 80 "$PYTHON" -m accelerate.commands.launch \
-    --config_file launch_configs/accelerate/deepspeed_zero3.yaml --num_processes 1 bigan/train.py \
-    --config launch_configs/experiments/stylegan2-auto.yaml --data.shards=demo --data.demo_images=2000 \
-    --data.resolution=64 --train.kimg="${DS_KIMG:-6}" --data.workers=4 ${SG2_TINY:+--stylegan2.channel_base=256 --stylegan2.channel_max=16 --train.batch_size=8} \
-    --run.dir=/tmp/sg2-run-zero3 --run.progress=false --run.log_every=10
+  # then from shards as users launch it, on ZeRO-2 and with both networks on ZeRO-3 (their large weights
+  # partitioned: the path length (Greg) and R1 (Dreg) hold them whole for their phase, Phase.whole; measured on 2
+  # CPU ranks only so far)
+  for stage in 2 3; do
+    step "stylegan2_zero${stage}_bf16" 80 "$PYTHON" -m accelerate.commands.launch \
+      --config_file "launch_configs/accelerate/deepspeed_zero$stage.yaml" --num_processes 1 bigan/train.py \
+      --config launch_configs/experiments/stylegan2-auto.yaml --data.shards=demo --data.demo_images=2000 \
+      --data.resolution=64 --train.kimg="${DS_KIMG:-6}" --data.workers=4 ${SG2_TINY:+--stylegan2.channel_base=256 --stylegan2.channel_max=16 --train.batch_size=8} \
+      --run.dir="/tmp/sg2-run-zero$stage" --run.progress=false --run.log_every=10
+  done
 }
 case "${1:-all}" in
   first)

@@ -111,6 +111,18 @@ def train(args, env, check=True):
     return run([sys.executable, "-m", "bigan.train", *args], env, check=check)
 
 
+def zero3_partitioned(tmp_path) -> Path:
+    """The shipped zero3.json with every weight partitioned and released after use (it keeps weights under 1e5
+    elements whole on every rank: all of the tests' tiny networks'); the path of the copy."""
+    import json
+
+    config = json.loads((ROOT / "launch_configs/deepspeed/zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / "zero3_partitioned.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

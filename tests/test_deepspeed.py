@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-from conftest import HELPERS, PIX2PIX, free_port, run, tiny_args  # noqa: E402
+from conftest import HELPERS, PIX2PIX, free_port, run, tiny_args, zero3_partitioned  # noqa: E402
 from test_trainer import STYLEGAN2, _assert_close, _params, ranks_draw_their_own_and_match_one_big_batch  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("deepspeed")  # one worker computes the plain-path references once
@@ -122,12 +122,8 @@ def references(tmp_path_factory, env):
 def test_zero_stages_match_the_plain_path(stage, penalty, accum, shadow, references, tmp_path, env):
     target = tmp_path / "zero.pt"
     extra = {}
-    if stage == 3:  # every weight partitioned and released after use: the shipped JSON keeps weights under 1e5
-        # elements whole on every rank (all of these tiny networks'), and a 3-element one is padded on 2 ranks
-        config = json.loads(open("launch_configs/deepspeed/zero3.json").read())
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        (tmp_path / "zero3_partitioned.json").write_text(json.dumps(config))
-        extra["train.deepspeed"] = tmp_path / "zero3_partitioned.json"
+    if stage == 3:  # every weight partitioned and released after use (a 3-element one is padded on 2 ranks)
+        extra["train.deepspeed"] = zero3_partitioned(tmp_path)
     accelerate_launch(stage, str(HELPERS / "step_equivalence.py"),
                       [str(target), *_args(tmp_path / "run", penalty, **{"train.batch_size": 8 // (2 * accum),
                                                                           "train.grad_accum": accum,
@@ -150,12 +146,9 @@ def test_stylegan2_on_zero_matches_the_plain_path(stage, references, tmp_path, e
     averaged over ranks (tolerances as test_trainer.py's DDP twin: float noise of the double backward)."""
     target = tmp_path / "zero.pt"
     extra = {}
-    if stage == 3:  # every weight partitioned (as test_zero_stages_...): Greg's and Dreg's second-order backwards
-        # through G's and D's partitioned weights (Phase.whole holds them), with accumulation (begin_micro_batch)
-        config = json.loads(open("launch_configs/deepspeed/zero3.json").read())
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        (tmp_path / "zero3_partitioned.json").write_text(json.dumps(config))
-        extra["train.deepspeed"] = tmp_path / "zero3_partitioned.json"
+    if stage == 3:  # every weight partitioned: Greg's and Dreg's second-order backwards through G's and D's
+        # partitioned weights (Phase.whole holds them), with accumulation (begin_micro_batch)
+        extra["train.deepspeed"] = zero3_partitioned(tmp_path)
     accelerate_launch(stage, str(HELPERS / "step_equivalence.py"),
                       [str(target), *_args(tmp_path / "run", "none", **STYLEGAN2, **extra,
                                            **{"train.batch_size": 2, "train.grad_accum": 2})], env)
@@ -268,10 +261,7 @@ def test_per_model_stages_train_resume_identically_and_export_from_zero3(shadow,
               "data.workers": 1, "train.ema_kimg": 0.01, "train.precision": "fp16",
               "train.channels_last": "true"}  # DeepSpeed's start-up broadcast crashed on channels_last weights
     if not shadow:
-        config = json.loads(open("launch_configs/deepspeed/zero3.json").read())
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        (tmp_path / "zero3_partitioned.json").write_text(json.dumps(config))
-        stages.update({"train.zero3_shadow": "false", "train.deepspeed_g": tmp_path / "zero3_partitioned.json"})
+        stages.update({"train.zero3_shadow": "false", "train.deepspeed_g": zero3_partitioned(tmp_path)})
     straight = _straight_and_resumed(3, stages, tiny_shards, tmp_path, env)
     assert "bigan: DeepSpeed engines: G ZeRO-3, D ZeRO-2; fp16" in straight.stdout
     assert "channels_last ignored" in straight.stdout

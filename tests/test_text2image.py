@@ -13,7 +13,7 @@ from bigan.config import ConfigError, load_config
 from bigan.data import captions as C
 from bigan.models import dfgan
 from bigan.models.text import words
-from conftest import HELPERS, free_port, run, tiny_args
+from conftest import HELPERS, free_port, run, tiny_args, zero3_partitioned
 from test_trainer import _assert_close, _events, assert_same_checkpoint
 
 TINY = {"model.arch": "dfgan", "dfgan.text_encoder": "joint", "data.shards": "demo_captions", "data.demo_images": 96,
@@ -310,15 +310,10 @@ def test_zero3_g_and_d_equal_one_big_batch(tmp_path, env):
     through D's inner module with D's weights held whole for the phase (Phase.whole; without it its second-order
     gradients meet D's released weights)."""
     pytest.importorskip("deepspeed")
-    import json
-
-    config = json.loads(open("launch_configs/deepspeed/zero3.json").read())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "zero3_partitioned.json").write_text(json.dumps(config))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               "launch_configs/accelerate/deepspeed_zero3.yaml", "--num_processes", "2",
               "--main_process_port", str(free_port())]
     reference, split, initial = _equivalence(tmp_path, env, launch,
-                                             **{"train.deepspeed": tmp_path / "zero3_partitioned.json"})
+                                             **{"train.deepspeed": zero3_partitioned(tmp_path)})
     # (ZeRO reduces D's gradients in another order: a gain that starts at 0 differs by 1e-5 of its ~1e-6)
     _assert_close(reference, split, initial, rtol=1e-4)

@@ -250,11 +250,10 @@ class DeepSpeedBackend:
         if not self.partitioned(name):
             yield
             return
-        module = self.engines[name].module
-        if not all(hasattr(p, "ds_active_sub_modules") for p in module.parameters()):
+        params = list(self.engines[name].module.parameters())
+        if not all(hasattr(p, "ds_active_sub_modules") for p in params):
             raise RuntimeError("this DeepSpeed's ZeRO-3 weights have no ds_active_sub_modules, which bigan holds them "
                                "whole with (tested with deepspeed 0.19.8)")
-        params = list(module.parameters())
         for p in params:
             p.ds_active_sub_modules.add(HOLD_ID)
         try:

@@ -206,8 +206,7 @@ class StyleGAN2(NoiseFamily):
         # against the running mean as it stood before this step (the official code moves it by each
         # micro-batch first): so a step does not depend on how its batch is split
         penalty = (lengths - self.path_length.mean).square().mean()
-        # (+ 0 x a pixel: the toRGB biases take part in this backward too, as DDP needs of every parameter; on
-        # ZeRO-3 the phase holds G's weights whole, Phase.whole, so no anchor forward is needed)
+        # (+ 0 x a pixel: the toRGB biases take part in this backward too, as DDP needs of every parameter)
         loss = penalty * (o.pl_weight * o.pl_interval) + 0 * images[:, 0, 0, 0].float().mean()
         return loss, {"Penalty/PL": penalty.detach(), "PL/length": lengths.detach().mean()}
 

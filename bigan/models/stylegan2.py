@@ -167,10 +167,6 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, resample_filter=N
     """
     n, _, h, w = x.shape
     padding = weight.shape[-1] // 2
-    # a tensor of its own, not the parameter, is what the graph saves (the convs, square() keep it for
-    # the backward): DeepSpeed ZeRO-3 empties a module's parameters after its forward, and a second-order
-    # backward (the path-length penalty) would meet them empty
-    weight = weight * 1
     # modulation and demodulation in fp32: under autocast the `@` in demodulation() would run in bf16
     # and give every channel's scale d bf16's rounding (up to 2^-9), on top of the conv's own
     device = x.device.type
