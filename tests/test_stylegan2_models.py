@@ -288,6 +288,27 @@ def test_minibatch_stddev_refuses_an_indivisible_batch():
         d(torch.randn(6, 3, 32, 32))
 
 
+def test_a_packed_d_judges_packs_of_consecutive_samples():
+    """loss.pack=4 (PacGAN) on StyleGAN2's D: one logit per 4 consecutive images, which it reads together
+    (changing one image moves only its pack's logit); minibatch stddev then groups packs."""
+    torch.manual_seed(0)
+    d = small_d(pack=4, mbstd_group_size=2)
+    assert d.b32.fromrgb.weight.shape[1] == 12
+    x = torch.randn(8, 3, 32, 32)
+    out = d(x)
+    assert out.shape == (2, 1)
+    y = x.clone()
+    y[5] = torch.randn(3, 32, 32)
+    moved = d(y)
+    # (mbstd: the std over the group of 2 packs feeds both logits; without it only pack 1's would move)
+    d_no_std = small_d(pack=4, mbstd_group_size=2, mbstd_num_channels=0)
+    a, b = d_no_std(x), d_no_std(y)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+    assert not torch.equal(out[1], moved[1])
+    with pytest.raises(ValueError, match="pack"):
+        small_d(pack=2, num_classes=3)
+
+
 # ------------------------------------------------ training-time behaviours
 
 def test_mix_styles_takes_a_tail_of_ws_from_a_second_latent():

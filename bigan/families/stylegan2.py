@@ -77,13 +77,13 @@ class StyleGAN2(NoiseFamily):
 
     @classmethod
     def checks(cls, config) -> list[tuple]:
-        o, batch = config.family_options, config.train.batch_size
+        o, batch, pack = config.family_options, config.train.batch_size, max(config.loss.pack, 1)
         return [*super().checks(config),
-                ("loss.pack", config.loss.pack == 1, "StyleGAN2's D has minibatch statistics instead; set loss.pack=1"),
                 ("loss.name", config.loss.name == "bce",
                  "model.arch=stylegan2 trains with the non-saturating logistic loss; set loss.name=bce"),
-                ("stylegan2.mbstd_group", batch % min(o.mbstd_group, batch) == 0,
-                 f"must divide train.batch_size ({batch}) (D's minibatch-std groups)"),
+                ("stylegan2.mbstd_group", (batch // pack) % min(o.mbstd_group, batch // pack) == 0,
+                 f"must divide train.batch_size ({batch})" + (f" / loss.pack ({pack}), the packs D judges"
+                                                              if pack > 1 else "") + " (D's minibatch-std groups)"),
                 ("stylegan2.w_dim", o.w_dim >= 1, "must be >= 1"),
                 ("stylegan2.mapping_layers", o.mapping_layers >= 1, "must be >= 1"),
                 ("stylegan2.mapping_lr", o.mapping_lr > 0, "must be positive"),
@@ -150,8 +150,9 @@ class StyleGAN2(NoiseFamily):
         clamp = o.conv_clamp or None
         g = stylegan2.Generator(m.z_dim, m.num_classes, res, o.w_dim, o.mapping_layers, o.channel_base,
                                 o.channel_max, clamp, o.mapping_lr)
+        pack = self.config.loss.pack
         d = stylegan2.Discriminator(res, m.num_classes, o.channel_base, o.channel_max,
-                                    min(o.mbstd_group, self.config.train.batch_size), 1, clamp)
+                                    min(o.mbstd_group, self.config.train.batch_size // pack), 1, clamp, pack)
         return g, d
 
     def networks(self) -> dict[str, Network]:

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bigan.models.layers import pack_samples
+
 LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2)        # bias_act's def_gain: He et al.'s factor keeps the 2nd moment through lrelu
 RESIDUAL_GAIN = math.sqrt(0.5)   # two unit-variance branches summed stay unit-variance
@@ -474,14 +476,19 @@ class Discriminator(nn.Module):
     """StyleGAN2's 'resnet' D: D(img, y) -> logits (N, 1); classes through a mapping of the label (cmap)."""
 
     def __init__(self, resolution, num_classes=0, channel_base=32768, channel_max=512, mbstd_group_size=4,
-                 mbstd_num_channels=1, conv_clamp=256):
+                 mbstd_num_channels=1, conv_clamp=256, pack=1):
+        """pack: samples judged together (PacGAN, not in the official code): fromRGB reads `pack` images
+        stacked on channels, one logit per pack; minibatch stddev then groups packs."""
         super().__init__()
-        self.num_classes = num_classes
+        if pack > 1 and num_classes:
+            raise ValueError("a packed D has no one label per pack: pack=1 with classes")
+        self.num_classes, self.pack = num_classes, pack
         self.resolutions = [2**i for i in range(_resolution_log2(resolution), 2, -1)]
         channels = {res: min(channel_base // res, channel_max) for res in self.resolutions + [4]}
         for res in self.resolutions:
             cin = channels[res] if res < resolution else 0
-            setattr(self, f"b{res}", DiscriminatorBlock(cin, channels[res], channels[res // 2], conv_clamp))
+            setattr(self, f"b{res}", DiscriminatorBlock(cin, channels[res], channels[res // 2], conv_clamp,
+                                                        img_channels=3 * pack))
         cmap_dim = channels[4] if num_classes else 0
         if num_classes:
             self.mapping = MappingNetwork(0, num_classes, cmap_dim, num_ws=None)
@@ -489,7 +496,7 @@ class Discriminator(nn.Module):
                                         conv_clamp)
 
     def forward(self, img, y=None):
-        x = None
+        x, img = None, pack_samples(img, self.pack)
         for res in self.resolutions:
             x = getattr(self, f"b{res}")(x, img)
         return self.b4(x, self.mapping(None, y) if self.num_classes else None)
