@@ -35,6 +35,7 @@ PENALTIES = {
     "gp": {"loss.name": "wgan", "loss.gp": 10.0, "loss.r1": 0},
 }
 PACKED = {"loss.pack": 2}  # PacGAN: D judges pairs
+D_STEPS_2 = {"loss.d_steps": 2}
 # loss.pack=1: the default (auto) packs by micro-batch size, and these runs split one batch of 8 into
 # micro-batches of 2 (packs of 2) that the plain reference sees whole (packs of 4); PACKED fixes it at 2
 BASE = {"model.arch": "resnet", "data.resolution": 32, "model.g_channels": 4, "model.d_channels": 4,
@@ -101,7 +102,8 @@ def references(tmp_path_factory, env):
                                             ("bf16_r1", "r1", bf16_split, {}),
                                             ("r1_packed", "r1", {**whole, **PACKED}, {}),
                                             ("pix2pix", "none", {**whole, **PAIRED}, {}),
-                                            ("stylegan2", "none", {**whole, **STYLEGAN2}, {})]:
+                                            ("stylegan2", "none", {**whole, **STYLEGAN2}, {}),
+                                            ("stylegan2_d2", "none", {**whole, **STYLEGAN2, **D_STEPS_2}, {})]:
         target = out / f"{name}.pt"
         run([sys.executable, str(HELPERS / "step_equivalence.py"), str(target),
              *_args(out / "run", penalty, **extra)], {**env, **extra_env})
@@ -153,6 +155,19 @@ def test_stylegan2_on_zero_matches_the_plain_path(stage, references, tmp_path, e
                       [str(target), *_args(tmp_path / "run", "none", **STYLEGAN2, **extra,
                                            **{"train.batch_size": 2, "train.grad_accum": 2})], env)
     reference, initial = references["stylegan2"]
+    _assert_close(reference, _params(target), initial, rtol=1e-2, update_rtol=2e-3, per_network=True)
+
+
+def test_stylegan2_d_steps_on_zero3_match_the_plain_path(references, tmp_path, env):
+    """loss.d_steps=2: two D steps per iteration, each on new reals, then Dreg (lazy R1, D held whole) on the
+    last D step's reals, on ZeRO-3 with every weight partitioned, 2 ranks x 2 accumulated micro-batches."""
+    target = tmp_path / "zero.pt"
+    accelerate_launch(3, str(HELPERS / "step_equivalence.py"),
+                      [str(target), *_args(tmp_path / "run", "none", **STYLEGAN2, **D_STEPS_2,
+                                           **{"train.deepspeed": zero3_partitioned(tmp_path),
+                                              "train.batch_size": 2, "train.grad_accum": 2})], env)
+    reference, initial = references["stylegan2_d2"]
+    assert not torch.equal(reference["D.b4.out.weight"], references["stylegan2"][0]["D.b4.out.weight"])
     _assert_close(reference, _params(target), initial, rtol=1e-2, update_rtol=2e-3, per_network=True)
 
 

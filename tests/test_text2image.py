@@ -2,6 +2,7 @@
 evaluation, exact resume, prompts in bigan-sample, the config's refusals, MA-GP and the mismatched pairs.
 (The networks, tokenizer, encoders and classifier alone: test_text_parts.py.)"""
 import json
+import math
 import sys
 
 import pytest
@@ -278,8 +279,8 @@ def test_g_copies_the_text_encoder_after_each_d_step_and_encodes_prompts_with_it
 
 def _equivalence(tmp_path, env, launcher, common=(), split_env=None, **extra):
     """(one process on the batch of 8, `launcher` on 2 ranks x 4, initial parameters) after three iterations of
-    tests/helpers/step_equivalence.py (captions repeat every 4 samples: the mismatched pairs are the same on
-    both splits); `common`: settings of both, `extra`: of the split run."""
+    tests/helpers/step_equivalence.py (captions repeat every 4 samples, or 2 for a split into micro-batches of 2:
+    the mismatched pairs are the same on both splits); `common`: settings of both, `extra`: of the split run."""
     vocabulary = sorted({w for text in ("a red sun over still water", "three ridges under a white moon",
                                         "a meadow at dusk, no trees", "a golden sun above two ridges, woods")
                          for w in words(text)})
@@ -288,10 +289,13 @@ def _equivalence(tmp_path, env, launcher, common=(), split_env=None, **extra):
                 "train.d_lr": 0.01, "run.dir": tmp_path / "r", **dict(common)}
     base = [f"--{k}={v}" for k, v in settings.items()]
     helper = str(HELPERS / "step_equivalence.py")
+    # (captions repeat with a period that divides the split's micro-batch, in both runs: see the helper)
+    period = {"BIGAN_TEST_CAPTION_PERIOD": str(math.gcd(4, int(extra.get("train.batch_size", 4))))}
+    env, split_env = {**env, **period}, {**(split_env or env), **period}
     run([sys.executable, helper, str(tmp_path / "big.pt"), *base, "--train.batch_size=8"], env)
     reference, initial = torch.load(tmp_path / "big.pt"), torch.load(tmp_path / "initial.pt")
     extra = [f"--{k}={v}" for k, v in extra.items()]
-    run([*launcher, helper, str(tmp_path / "split.pt"), *base, *extra, "--train.batch_size=4"], split_env or env)
+    run([*launcher, helper, str(tmp_path / "split.pt"), *base, "--train.batch_size=4", *extra], split_env)
     return reference, torch.load(tmp_path / "split.pt"), initial
 
 
@@ -308,12 +312,13 @@ def test_two_ddp_ranks_equal_one_big_batch(tmp_path, env):
 def test_zero3_g_and_d_equal_one_big_batch(tmp_path, env):
     """G's and D's weights partitioned (ZeRO-3, every weight: no persistence threshold), MA-GP's double backward
     through D's inner module with D's weights held whole for the phase (Phase.whole; without it its second-order
-    gradients meet D's released weights)."""
+    gradients meet D's released weights), over accumulated micro-batches (begin_micro_batch)."""
     pytest.importorskip("deepspeed")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               "launch_configs/accelerate/deepspeed_zero3.yaml", "--num_processes", "2",
               "--main_process_port", str(free_port())]
-    reference, split, initial = _equivalence(tmp_path, env, launch,
-                                             **{"train.deepspeed": zero3_partitioned(tmp_path)})
+    reference, split, initial = _equivalence(tmp_path, env, launch,  # (2 ranks x 2 accumulated micro-batches of 2)
+                                             **{"train.deepspeed": zero3_partitioned(tmp_path),
+                                                "train.batch_size": 2, "train.grad_accum": 2})
     # (ZeRO reduces D's gradients in another order: a gain that starts at 0 differs by 1e-5 of its ~1e-6)
     _assert_close(reference, split, initial, rtol=1e-4)

@@ -113,16 +113,22 @@ def draw(n, device):
 trainer.steps.run, trainer.family.draw = run, draw
 if hasattr(trainer.family, "path_noise"):  # StyleGAN2's path-length noise: from each image's own pixels
     trainer.family.path_noise = lambda images: torch.sin(images.detach() * 1000) / images.shape[-1]
-# text-to-image: captions repeating every 4 samples (a divisor of each rank's micro-batch), so that the batch's
-# captions rolled by one (the mismatched pairs) are the same whatever the split
+# text-to-image: captions repeating every BIGAN_TEST_CAPTION_PERIOD (default 4) samples, a divisor of each rank's
+# micro-batch in both runs compared, so that the batch's captions rolled by one (the mismatched pairs, drawn per
+# micro-batch) are the same whatever the split
+period = int(os.environ.get("BIGAN_TEST_CAPTION_PERIOD", "4"))
+assert b % period == 0, f"BIGAN_TEST_CAPTION_PERIOD={period} must divide the micro-batch of {b}"
 CAPTIONS = ["a red sun over still water", "three ridges under a white moon", "a meadow at dusk, no trees",
-            "a golden sun above two ridges, woods"]
+            "a golden sun above two ridges, woods"][:period]
+# loss.d_steps D steps per iteration, each on a global batch of its own (the same latents: they are drawn per phase)
+d_steps = config.loss.d_steps
 for step in range(3):
     current["iteration"] = step
-    reals = torch.rand(total, 3, res, res, generator=data) * 2 - 1
-    inputs = torch.rand(total, 3, res, res, generator=data) * 2 - 1  # pix2pix: its input beside each real
-    # micro-batch i of rank r holds global samples [(i * world + r) * b, ... + b)
-    parts = [slice((i * world + rank) * b, (i * world + rank + 1) * b) for i in range(k)]
+    reals = torch.rand(total * d_steps, 3, res, res, generator=data) * 2 - 1
+    inputs = torch.rand(total * d_steps, 3, res, res, generator=data) * 2 - 1  # pix2pix: its input beside each real
+    # micro-batch i of rank r in D step j holds global samples [((j * k + i) * world + r) * b, ... + b)
+    parts = [slice(((j * k + i) * world + rank) * b, ((j * k + i) * world + rank + 1) * b)
+             for j in range(d_steps) for i in range(k)]
     batches = [{"image": reals[p], "label": None, "source": inputs[p] if trainer.family.paired else None,
                 "caption": [CAPTIONS[j % len(CAPTIONS)] for j in range(p.start, p.stop)]} for p in parts]
     trainer.steps.iteration(iter(batches))
