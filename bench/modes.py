@@ -127,6 +127,7 @@ CANDIDATES = {  # overrides on top of bigan's defaults (since the H200 run of 20
     # minibatch std then groups min(32, 64 / 4) = 16 packs
     "stylegan2_cpu_cifar_pack4": _cifar(1024, 32, 64, more=("--loss.pack=4",)),
     "stylegan2_cpu_cifar_lr0.0005_pack4": _cifar(1024, 32, 64, g_lr=0.0005, d_lr=0.000625, more=("--loss.pack=4",)),
+    "stylegan2_cpu64_cifar_pack4": _cifar(2048, 64, 64, more=("--loss.pack=4",)),
     "stylegan2_cifar_pack4": _cifar(2048, 128, 128, more=("--loss.pack=4",)),
 }
 

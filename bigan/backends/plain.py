@@ -109,9 +109,9 @@ class PlainBackend:
         """
         scaler, optimizer, params = self.scalers[name], self.optimizers[name], self.params[name]
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = total_norm([p.grad for p in params if p.grad is not None])
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+            clip_with_norm_(params, self.grad_clip, norm)
         if scaler.is_enabled():
             scaler.step(optimizer)  # passes its found_inf to fused Adam
             scaler.update()
@@ -139,3 +139,22 @@ class PlainBackend:
     def load_state_dict(self, state):
         for k, s in self.scalers.items():
             s.load_state_dict(state[k])
+
+
+def total_norm(grads: list) -> torch.Tensor:
+    """The 2-norm of all the gradients together, on their device (no host read): torch's get_total_norm
+    (torch >= 2.6), or the same from per-tensor norms on the pyproject's older torch."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads)
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
+def clip_with_norm_(params, max_norm: float, norm: torch.Tensor):
+    """Scales the gradients by min(1, max_norm / (norm + 1e-6)), as torch's clip_grads_with_norm_ (torch >= 2.6)."""
+    if hasattr(torch.nn.utils, "clip_grads_with_norm_"):
+        return torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device))
