@@ -330,3 +330,27 @@ def test_every_kind_of_draw_differs_between_ranks_and_repeats_on_the_same_rank()
     first, again, other = draws(0), draws(0), draws(1)
     for a, b, c in zip(first, again, other):
         assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+
+def test_gradient_norm_and_clip_fall_back_on_torch_before_2_6(monkeypatch):
+    """torch < 2.6 (the pyproject allows 2.4) has no get_total_norm / clip_grads_with_norm_: the fallbacks
+    give torch's own norm and clipped gradients."""
+    from bigan.backends import plain
+
+    params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(3)]
+    grads = [torch.randn(3, 4) * 10 for _ in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    want_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    torch.nn.utils.clip_grads_with_norm_(params, 1.0, want_norm)
+    clipped = [p.grad.clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    monkeypatch.delattr(torch.nn.utils, "clip_grads_with_norm_")
+    norm = plain.total_norm([p.grad for p in params])
+    torch.testing.assert_close(norm, want_norm)
+    plain.clip_with_norm_(params, 1.0, norm)
+    for p, c in zip(params, clipped):
+        torch.testing.assert_close(p.grad, c)
