@@ -19,10 +19,24 @@ from conftest import ROOT, run, tiny_args
 
 
 def start(args, env, log: Path):
-    """python -m bigan.train in a new session (its own process group), output to a file."""
+    """python -m bigan.train in a new session (its own process group), output to a file; with Python's
+    fault handler on, so that a stalled run can be asked where it stands (stacks())."""
     out = open(log, "w")
-    return subprocess.Popen([sys.executable, "-m", "bigan.train", *args], cwd=ROOT, env=env, stdout=out,
+    return subprocess.Popen([sys.executable, "-m", "bigan.train", *args], cwd=ROOT,
+                            env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stacks(process, log: Path) -> str:
+    """A stalled run's last output with every thread's stack: SIGABRT makes the fault handler print
+    them (and end the process)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGABRT)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return log.read_text()[-8000:]
 
 
 def wait_for(log: Path, text: str, process, stall_s=120):
@@ -33,8 +47,7 @@ def wait_for(log: Path, text: str, process, stall_s=120):
         if log.stat().st_size != size:
             size, progress_at = log.stat().st_size, time.time()
         if time.time() - progress_at > stall_s:
-            process.kill()
-            raise AssertionError(f"no {text!r}, and no output for {stall_s} s:\n{log.read_text()[-3000:]}")
+            raise AssertionError(f"no {text!r}, and no output for {stall_s} s:\n{stacks(process, log)}")
         time.sleep(0.2)
 
 
@@ -44,7 +57,8 @@ def exit_code(process, log: Path, stall_s=120) -> int:
     while process.poll() is None:
         if log.stat().st_size != size:
             size, progress_at = log.stat().st_size, time.time()
-        assert time.time() - progress_at < stall_s, f"no exit and no output for {stall_s} s:\n{log.read_text()[-3000:]}"
+        if time.time() - progress_at > stall_s:
+            raise AssertionError(f"no exit and no output for {stall_s} s:\n{stacks(process, log)}")
         time.sleep(0.2)
     return process.returncode
 
