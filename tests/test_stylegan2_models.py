@@ -304,7 +304,7 @@ def test_a_packed_d_judges_packs_of_consecutive_samples():
     d_no_std = small_d(pack=4, mbstd_group_size=2, mbstd_num_channels=0)
     a, b = d_no_std(x), d_no_std(y)
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
-    assert not torch.equal(out[1], moved[1])
+    assert not torch.equal(out[1], moved[1]) and not torch.equal(out[0], moved[0]), "mbstd couples the group"
     with pytest.raises(ValueError, match="pack"):
         small_d(pack=2, num_classes=3)
 

@@ -333,24 +333,40 @@ def test_every_kind_of_draw_differs_between_ranks_and_repeats_on_the_same_rank()
 
 
 
-def test_gradient_norm_and_clip_fall_back_on_torch_before_2_6(monkeypatch):
+@pytest.mark.parametrize("case", ["above", "below", "inf", "nan", "a None grad", "no grads"])
+def test_gradient_norm_and_clip_fall_back_on_torch_before_2_6(monkeypatch, case):
     """torch < 2.6 (the pyproject allows 2.4) has no get_total_norm / clip_grads_with_norm_: the fallbacks
-    give torch's own norm and clipped gradients."""
+    give the norm and clipped gradients of clip_grad_norm_ (in every torch), whether the norm is above
+    max_norm (scaled down), below it (left as they are), non-finite, or there is nothing to clip."""
     from bigan.backends import plain
 
     params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(3)]
-    grads = [torch.randn(3, 4) * 10 for _ in params]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    want_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    torch.nn.utils.clip_grads_with_norm_(params, 1.0, want_norm)
-    clipped = [p.grad.clone() for p in params]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    monkeypatch.delattr(torch.nn.utils, "get_total_norm")
-    monkeypatch.delattr(torch.nn.utils, "clip_grads_with_norm_")
-    norm = plain.total_norm([p.grad for p in params])
-    torch.testing.assert_close(norm, want_norm)
+    scale = {"above": 10.0, "below": 0.01}.get(case, 1.0)
+    grads = [torch.randn(3, 4) * scale for _ in params]
+    if case in ("inf", "nan"):
+        grads[1][0, 2] = float(case)
+    if case == "a None grad":
+        grads[2] = None
+    if case == "no grads":
+        grads = [None] * len(params)
+
+    def fresh():
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+
+    fresh()
+    want_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    clipped = [None if p.grad is None else p.grad.clone() for p in params]
+    fresh()
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
+    monkeypatch.delattr(torch.nn.utils, "clip_grads_with_norm_", raising=False)
+    norm = plain.total_norm([p.grad for p in params if p.grad is not None])
+    torch.testing.assert_close(norm, want_norm, equal_nan=True)
     plain.clip_with_norm_(params, 1.0, norm)
     for p, c in zip(params, clipped):
-        torch.testing.assert_close(p.grad, c)
+        if c is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, c, equal_nan=True)
+    if case == "below":
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads)), "a norm under max_norm scales nothing"

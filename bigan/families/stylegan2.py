@@ -40,7 +40,8 @@ class StyleGAN2Options:
     channel_base: int = _f(32768, "channels at resolution r are min(channel_base / r, channel_max) (16384: 'paper256')")
     channel_max: int = _f(512, "channels at most, in G and D")
     conv_clamp: float = _f(256.0, "clamp of conv outputs, as the official fp16 layers (0 = off)")
-    mbstd_group: int = _f(4, "minibatch-standard-deviation group in D (at most the per-rank batch)")
+    mbstd_group: int = _f(4, "minibatch-standard-deviation group in D (at most the packs D judges per rank: "
+                                    "the per-rank batch, or batch / loss.pack)")
     style_mixing: float = _f(0.9, "probability of mixing two latents' styles in a training batch")
     pl_weight: float = _f(2.0, "path-length regularization weight (0 = off)")
     pl_interval: int = _f(4, "Greg every N iterations (lazy regularization)")
@@ -78,10 +79,11 @@ class StyleGAN2(NoiseFamily):
     @classmethod
     def checks(cls, config) -> list[tuple]:
         o, batch, pack = config.family_options, config.train.batch_size, max(config.loss.pack, 1)
+        packs = max(batch // pack, 1)  # (a pack that does not divide the batch is the base checks' to refuse)
         return [*super().checks(config),
                 ("loss.name", config.loss.name == "bce",
                  "model.arch=stylegan2 trains with the non-saturating logistic loss; set loss.name=bce"),
-                ("stylegan2.mbstd_group", (batch // pack) % min(o.mbstd_group, batch // pack) == 0,
+                ("stylegan2.mbstd_group", packs % min(o.mbstd_group, packs) == 0,
                  f"must divide train.batch_size ({batch})" + (f" / loss.pack ({pack}), the packs D judges"
                                                               if pack > 1 else "") + " (D's minibatch-std groups)"),
                 ("stylegan2.w_dim", o.w_dim >= 1, "must be >= 1"),
@@ -125,8 +127,10 @@ class StyleGAN2(NoiseFamily):
             t.ema_kimg = total * 10 / 32
         if "train.ema_rampup" not in given:
             t.ema_rampup = 0.05
-        if "stylegan2.mbstd_group" not in given:  # (the largest group of at most 4 that divides the batch)
-            config.family_options.mbstd_group = max(g for g in range(1, min(t.batch_size, 4) + 1) if t.batch_size % g == 0)
+        if "stylegan2.mbstd_group" not in given:  # (the largest group of at most 4 that divides the packs D
+            # judges: the per-rank batch, or batch / loss.pack with packs; pack 0 is auto, 1 for StyleGAN2)
+            packs = max(t.batch_size // max(config.loss.pack, 1), 1)
+            config.family_options.mbstd_group = max(g for g in range(1, min(packs, 4) + 1) if packs % g == 0)
         if "stylegan2.channel_base" not in given:  # fmaps 1 at 512 px and up, else 0.5
             config.family_options.channel_base = 32768 if res >= 512 else 16384
         for key in ("g_lr", "d_lr"):  # (each on its own: one given leaves the other to the rule)
