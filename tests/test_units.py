@@ -370,3 +370,34 @@ def test_gradient_norm_and_clip_fall_back_on_torch_before_2_6(monkeypatch, case)
             torch.testing.assert_close(p.grad, c, equal_nan=True)
     if case == "below":
         assert all(torch.equal(p.grad, g) for p, g in zip(params, grads)), "a norm under max_norm scales nothing"
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "stylegan2"])
+def test_each_d_step_takes_new_reals_and_lazy_r1_the_last_d_steps(arch):
+    """loss.d_steps=2 with lazy R1: the iteration takes every micro-batch it needs from the stream up front, each D
+    step gets its own grad_accum fresh micro-batches, Dreg the last D step's, the G phases none; on iterations
+    where Dreg is not due it takes only the D steps' batches."""
+    from types import SimpleNamespace
+
+    from bigan import families
+    from bigan.training.steps import Steps
+
+    family = families.build(load_config(None, [f"--model.arch={arch}", "--data.resolution=32", "--loss.d_steps=2",
+                                               "--loss.r1=1", "--loss.r1_interval=2", "--train.grad_accum=2"]))
+    steps = Steps.__new__(Steps)
+    steps.phases, steps.grad_accum, steps.micro_batch_images = family.phases, 2, 1
+    steps.state = SimpleNamespace(step=0)
+    steps.nonfinite = SimpleNamespace(end_iteration=lambda: None)
+    ran, counted = [], []
+    steps.run = lambda phase, reals: ran.append((phase.name, reals))
+    steps._update_emas = counted.append
+    steps._next_batch = next
+    stream = iter(range(100))
+    for _ in range(2):
+        steps.iteration(stream)
+    g = [name for name, _ in ran if name.startswith("G")]
+    assert g and all(reals is None for name, reals in ran if name.startswith("G"))
+    assert [(n, r) for n, r in ran if not n.startswith("G")] == [
+        ("D", [0, 1]), ("D", [2, 3]), ("Dreg", [2, 3]),  # iteration 0: Dreg due, on the second D step's reals
+        ("D", [4, 5]), ("D", [6, 7])]                    # iteration 1: not due
+    assert counted == [4, 4], "images seen: the D steps' micro-batches (Dreg's are the same ones)"
