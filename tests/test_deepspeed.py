@@ -105,7 +105,8 @@ def references(tmp_path_factory, env):
                                             ("r1_packed", "r1", {**whole, **PACKED}, {}),
                                             ("pix2pix", "none", {**whole, **PAIRED}, {}),
                                             ("stylegan2", "none", {**whole, **STYLEGAN2}, {}),
-                                            ("stylegan2_d2", "none", {**whole, **STYLEGAN2, **D_STEPS_2}, {})]:
+                                            ("stylegan2_d2", "none", {**whole, **STYLEGAN2, **D_STEPS_2}, {}),
+                                            ("stylegan2_packed", "none", {**whole, **STYLEGAN2, **PACKED}, {})]:
         target = out / f"{name}.pt"
         run([sys.executable, str(HELPERS / "step_equivalence.py"), str(target),
              *_args(out / "run", penalty, **extra)], {**env, **extra_env})
@@ -143,20 +144,21 @@ def test_zero_stages_match_the_plain_path(stage, penalty, accum, shadow, referen
         assert result["zero3_trace_complete.g"], "G's ZeRO-3 module trace is re-recorded at every forward"
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_stylegan2_on_zero_matches_the_plain_path(stage, references, tmp_path, env):
+@pytest.mark.parametrize("stage, packed", [(1, False), (2, False), (3, False), (3, True)])
+def test_stylegan2_on_zero_matches_the_plain_path(stage, packed, references, tmp_path, env):
     """StyleGAN2's four phases in ZeRO engines, 2 ranks x 2 accumulated micro-batches of 2: R1 and the path
     length differentiate through the engines' inner modules, w_avg, the path-length mean and ADA's p are
-    averaged over ranks (tolerances as test_trainer.py's DDP twin: float noise of the double backward)."""
+    averaged over ranks (tolerances as test_trainer.py's DDP twin: float noise of the double backward); and its
+    D judging pairs (loss.pack=2: one pack per micro-batch, R1 over it) on partitioned weights."""
     target = tmp_path / "zero.pt"
-    extra = {}
+    extra = dict(PACKED) if packed else {}
     if stage == 3:  # every weight partitioned: Greg's and Dreg's second-order backwards through G's and D's
         # partitioned weights (Phase.whole holds them), with accumulation (begin_micro_batch)
         extra["train.deepspeed"] = zero3_partitioned(tmp_path)
     accelerate_launch(stage, str(HELPERS / "step_equivalence.py"),
-                      [str(target), *_args(tmp_path / "run", "none", **STYLEGAN2, **extra,
-                                           **{"train.batch_size": 2, "train.grad_accum": 2})], env)
-    reference, initial = references["stylegan2"]
+                      [str(target), *_args(tmp_path / "run", "none", **{**STYLEGAN2, **extra, "train.batch_size": 2,
+                                                                       "train.grad_accum": 2})], env)
+    reference, initial = references["stylegan2_packed" if packed else "stylegan2"]
     _assert_close(reference, _params(target), initial, rtol=1e-2, update_rtol=2e-3, per_network=True)
 
 
