@@ -15,7 +15,6 @@ final loss scales, the number of skipped steps, the dtype G's and D's convolutio
 layers computed in during the steps (``compute_dtype.g``/``.d``: inside DeepSpeed's engines
 too) and, under ZeRO-3, whether each engine's module trace is complete.
 """
-import math
 import os
 import sys
 
@@ -114,10 +113,13 @@ def draw(n, device):
 trainer.steps.run, trainer.family.draw = run, draw
 if hasattr(trainer.family, "path_noise"):  # StyleGAN2's path-length noise: from each image's own pixels
     trainer.family.path_noise = lambda images: torch.sin(images.detach() * 1000) / images.shape[-1]
-# text-to-image: captions repeating every BIGAN_TEST_CAPTION_PERIOD (default 4) samples, a divisor of each rank's
-# micro-batch in both runs compared, so that the batch's captions rolled by one (the mismatched pairs, drawn per
-# micro-batch) are the same whatever the split
-period = int(os.environ.get("BIGAN_TEST_CAPTION_PERIOD", math.gcd(4, b)))
+# text-to-image: captions repeating every BIGAN_TEST_CAPTION_PERIOD samples, a divisor of each rank's micro-batch
+# in both runs compared, so that the batch's captions rolled by one (the mismatched pairs, drawn per micro-batch)
+# are the same whatever the split. The runs compared set it alike: a default from each run's own micro-batch
+# would give two splits different captions. Other families read no captions.
+if config.model.arch == "dfgan":
+    assert "BIGAN_TEST_CAPTION_PERIOD" in os.environ, "text-to-image: set BIGAN_TEST_CAPTION_PERIOD in both runs"
+period = int(os.environ.get("BIGAN_TEST_CAPTION_PERIOD", 1))
 assert b % period == 0, f"BIGAN_TEST_CAPTION_PERIOD={period} must divide the micro-batch of {b}"
 CAPTIONS = ["a red sun over still water", "three ridges under a white moon", "a meadow at dusk, no trees",
             "a golden sun above two ridges, woods"][:period]
