@@ -6,6 +6,7 @@ Preemption, `scancel`, time limits and supervisors signal every process of a job
 """
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -23,20 +24,31 @@ def start(args, env, log: Path):
     fault handler on, so that a stalled run can be asked where it stands (stacks())."""
     out = open(log, "w")
     return subprocess.Popen([sys.executable, "-m", "bigan.train", *args], cwd=ROOT,
-                            env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True,  # (no core files from stacks()' SIGABRT)
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+
+
+def signal_group(process, signum):
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:  # (the group is gone)
+        pass
 
 
 def stacks(process, log: Path) -> str:
-    """A stalled run's last output with every thread's stack: SIGABRT makes the fault handler print
-    them (and end the process)."""
+    """A stalled run's last output with every thread's stack, of the trainer and its DataLoader workers (they
+    inherit the fault handler and the log): SIGABRT to the group makes the handler print them and end each
+    process; what is left of the group is then killed."""
     if process.poll() is None:
-        process.send_signal(signal.SIGABRT)
+        signal_group(process, signal.SIGABRT)
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
-    return log.read_text()[-8000:]
+    time.sleep(1)  # (the workers' stacks)
+    signal_group(process, signal.SIGKILL)
+    return log.read_text()[-12000:]
 
 
 def wait_for(log: Path, text: str, process, stall_s=120):
@@ -104,10 +116,14 @@ def test_group_signal_checkpoints_exits_zero_and_resume_continues(signum, long_r
     stopped_at = int(checkpoints[-1].name.split("-")[1])
     resumed_log = tmp_path / "resumed.log"
     resumed = start([*args, "--run.resume=latest"], env, resumed_log)
-    wait_for(resumed_log, f"resuming from {checkpoints[-1]}", resumed)
-    time.sleep(2)
-    os.killpg(resumed.pid, signal.SIGTERM)
-    assert exit_code(resumed, resumed_log) == 0
+    try:
+        wait_for(resumed_log, f"resuming from {checkpoints[-1]}", resumed)
+        time.sleep(2)
+        os.killpg(resumed.pid, signal.SIGTERM)
+        assert exit_code(resumed, resumed_log) == 0, resumed_log.read_text()[-3000:]
+    finally:
+        signal_group(resumed, signal.SIGKILL)  # (whatever a failure left of its group)
+        resumed.wait()
     assert int(sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1].name.split("-")[1]) > stopped_at
 
 
