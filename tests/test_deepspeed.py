@@ -106,6 +106,8 @@ def references(tmp_path_factory, env):
                                             ("pix2pix", "none", {**whole, **PAIRED}, {}),
                                             ("stylegan2", "none", {**whole, **STYLEGAN2}, {}),
                                             ("stylegan2_d2", "none", {**whole, **STYLEGAN2, **D_STEPS_2}, {}),
+                                            ("stylegan2_d1", "none", {**whole, **STYLEGAN2, **D_STEPS_2,
+                                                                      "loss.d_steps": 1}, {}),
                                             ("stylegan2_packed", "none", {**whole, **STYLEGAN2, **PACKED}, {})]:
         target = out / f"{name}.pt"
         run([sys.executable, str(HELPERS / "step_equivalence.py"), str(target),
@@ -167,11 +169,11 @@ def test_stylegan2_d_steps_on_zero3_match_the_plain_path(references, tmp_path, e
     last D step's reals, on ZeRO-3 with every weight partitioned, 2 ranks x 2 accumulated micro-batches."""
     target = tmp_path / "zero.pt"
     accelerate_launch(3, str(HELPERS / "step_equivalence.py"),
-                      [str(target), *_args(tmp_path / "run", "none", **{**STYLEGAN2, **D_STEPS_2,
-                                           "train.deepspeed": zero3_partitioned(tmp_path),
-                                           "train.batch_size": 2, "train.grad_accum": 2})], env)
+                      [str(target), *_args(tmp_path / "run", "none", **{
+                          **STYLEGAN2, **D_STEPS_2, "train.deepspeed": zero3_partitioned(tmp_path),
+                          "train.batch_size": 2, "train.grad_accum": 2})], env)
     reference, initial = references["stylegan2_d2"]
-    assert not torch.equal(reference["D.b4.out.weight"], references["stylegan2"][0]["D.b4.out.weight"])
+    assert not torch.equal(reference["D.b4.out.weight"], references["stylegan2_d1"][0]["D.b4.out.weight"])
     _assert_close(reference, _params(target), initial, rtol=1e-2, update_rtol=2e-3, per_network=True)
 
 

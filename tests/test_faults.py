@@ -22,32 +22,40 @@ from conftest import ROOT, run, tiny_args
 def start(args, env, log: Path):
     """python -m bigan.train in a new session (its own process group), output to a file; with Python's
     fault handler on, so that a stalled run can be asked where it stands (stacks())."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    if soft != 0:  # (no core files from stacks()' SIGABRT: the children inherit the limit)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
     out = open(log, "w")
     return subprocess.Popen([sys.executable, "-m", "bigan.train", *args], cwd=ROOT,
-                            env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True,  # (no core files from stacks()' SIGABRT)
-                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+                            env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def signal_group(process, signum):
-    try:
-        os.killpg(process.pid, signum)
-    except ProcessLookupError:  # (the group is gone)
-        pass
+def exited(process) -> bool:
+    """Whether the process has ended, without reaping it: while it is not reaped its pid, and so its process
+    group's id, cannot be given to another process, and the group can be signalled safely."""
+    return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def kill_group(process, first=signal.SIGKILL):
+    """`first` to the process's group, SIGKILL to what is left of it a second after the leader ends (at most
+    10 s), then reap the leader. Only for a process not yet reaped (returncode None)."""
+    assert process.returncode is None
+    os.killpg(process.pid, first)
+    deadline = time.time() + 10
+    while not exited(process) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)  # (the workers' stacks, after SIGABRT)
+    os.killpg(process.pid, signal.SIGKILL)  # (the unreaped leader keeps the group's id ours)
+    process.wait()
 
 
 def stacks(process, log: Path) -> str:
     """A stalled run's last output with every thread's stack, of the trainer and its DataLoader workers (they
     inherit the fault handler and the log): SIGABRT to the group makes the handler print them and end each
     process; what is left of the group is then killed."""
-    if process.poll() is None:
-        signal_group(process, signal.SIGABRT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    time.sleep(1)  # (the workers' stacks)
-    signal_group(process, signal.SIGKILL)
+    if process.returncode is None:
+        kill_group(process, signal.SIGABRT)
     return log.read_text()[-12000:]
 
 
@@ -122,8 +130,8 @@ def test_group_signal_checkpoints_exits_zero_and_resume_continues(signum, long_r
         os.killpg(resumed.pid, signal.SIGTERM)
         assert exit_code(resumed, resumed_log) == 0, resumed_log.read_text()[-3000:]
     finally:
-        signal_group(resumed, signal.SIGKILL)  # (whatever a failure left of its group)
-        resumed.wait()
+        if resumed.returncode is None:  # (whatever a failure left of its group)
+            kill_group(resumed)
     assert int(sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1].name.split("-")[1]) > stopped_at
 
 

@@ -41,7 +41,7 @@ class StyleGAN2Options:
     channel_max: int = _f(512, "channels at most, in G and D")
     conv_clamp: float = _f(256.0, "clamp of conv outputs, as the official fp16 layers (0 = off)")
     mbstd_group: int = _f(4, "minibatch-standard-deviation group in D (at most the packs D judges per rank: "
-                                    "the per-rank batch, or batch / loss.pack)")
+                             "the per-rank batch, or batch / loss.pack)")
     style_mixing: float = _f(0.9, "probability of mixing two latents' styles in a training batch")
     pl_weight: float = _f(2.0, "path-length regularization weight (0 = off)")
     pl_interval: int = _f(4, "Greg every N iterations (lazy regularization)")
@@ -128,8 +128,8 @@ class StyleGAN2(NoiseFamily):
         if "train.ema_rampup" not in given:
             t.ema_rampup = 0.05
         if "stylegan2.mbstd_group" not in given:  # (the largest group of at most 4 that divides the packs D
-            # judges: the per-rank batch, or batch / loss.pack with packs; pack 0 is auto, 1 for StyleGAN2)
-            packs = max(t.batch_size // max(config.loss.pack, 1), 1)
+            # judges: the per-rank batch, or batch / loss.pack with packs; pack 0 is auto, not yet resolved)
+            packs = max(t.batch_size // (config.loss.pack or cls.auto_pack(config)), 1)
             config.family_options.mbstd_group = max(g for g in range(1, min(packs, 4) + 1) if packs % g == 0)
         if "stylegan2.channel_base" not in given:  # fmaps 1 at 512 px and up, else 0.5
             config.family_options.channel_base = 32768 if res >= 512 else 16384
