@@ -105,9 +105,8 @@ def long_run(tiny_shards, tmp_path, env):
     log = tmp_path / "train.log"
     process = start(args, env, log)
     yield process, run_dir, log, args
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    if process.returncode is None:
+        kill_group(process)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -152,8 +151,8 @@ def test_second_ctrl_c_stops_at_once(tiny_shards, tmp_path, env):
         os.killpg(process.pid, signal.SIGINT)
         code = exit_code(process, log)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        if process.returncode is None:
+            kill_group(process)
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
     if code == 0:  # the first Ctrl-C had already stopped the run, cleanly
