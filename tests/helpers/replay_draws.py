@@ -2,8 +2,8 @@
 
     python replay_draws.py DRAWS_DIR OUT.pt [train args, with train.batch_size = W x the ranks']
 
-Step by step, the ranks' real micro-batches and latents are concatenated in rank order (the global
-batch DDP and ZeRO average over) and handed to this process's D, Dreg and G steps; OUT.pt holds G's and
+Phase by phase, as the ranks ran them, the ranks' real micro-batches and latents are concatenated in rank
+order (the global batch DDP and ZeRO average over) and handed to this process's phase of the same name; OUT.pt holds G's and
 D's weights after them, and initial.pt beside it those before.
 """
 import os
@@ -25,7 +25,7 @@ for module in trainer.backend.module("g").modules():
         module.train = lambda mode=True, m=module: m
 handed_in = []  # what the phases' next draws return
 trainer.family.draw = lambda n, device: handed_in.pop(0)
-phases = trainer.family.phases  # D, Dreg (lazy R1, every loss.r1_interval), G: only D and G draw latents
+phases = {p.name: p for p in trainer.family.phases}  # D, Dreg (lazy R1, every loss.r1_interval), G
 
 
 def weights():
@@ -38,13 +38,13 @@ def cat(parts):
 
 
 torch.save(weights(), os.path.join(os.path.dirname(out), "initial.pt"))
-for iteration, steps in enumerate(zip(*ranks)):
-    micro = range(len(steps[0]["reals"]))
-    reals = [{"image": cat([s["reals"][i]["image"] for s in steps]), "label": cat([s["reals"][i]["label"] for s in steps]),
-              "source": cat([s["reals"][i]["source"] for s in steps])} for i in micro]
-    for key in ("d_latents", "g_latents"):
-        handed_in += [tuple(cat([s[key][i][j] for s in steps]) for j in range(2)) for i in micro]
-    for phase in phases:
-        if iteration % phase.every == 0:
-            trainer.steps.run(phase, reals if phase.reals is not None else None)
+assert len({len(r) for r in ranks}) == 1, "the ranks ran different numbers of phases"
+for runs in zip(*ranks):
+    assert len({(r["phase"], r["iteration"]) for r in runs}) == 1, "the ranks ran different phases"
+    reals = None if runs[0]["reals"] is None else [
+        {key: cat([r["reals"][i][key] for r in runs]) for key in ("image", "label", "source")}
+        for i in range(len(runs[0]["reals"]))]
+    handed_in += [tuple(cat([r["latents"][i][j] for r in runs]) for j in range(2)) for i in range(len(runs[0]["latents"]))]
+    trainer.steps.run(phases[runs[0]["phase"]], reals)
+    assert not handed_in, "the phase drew fewer latents than it did on the ranks"
 torch.save(weights(), out)

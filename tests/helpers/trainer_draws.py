@@ -2,8 +2,9 @@
 
     accelerate launch ... trainer_draws.py OUT_DIR [train args]
 
-Each rank writes OUT_DIR/draws_rank{R}.pt: per iteration, the real micro-batches the D phase got from
-the data stream and the (latent, class) pairs the family drew for the D and the G phase. Rank 0 also
+Each rank writes OUT_DIR/draws_rank{R}.pt: for each phase the trainer ran, in order (D, Dreg, G; D
+loss.d_steps times an iteration), its name and iteration, the real micro-batches it got from the data
+stream (None: it takes none) and the (latent, class) pairs the family drew for it. Rank 0 also
 writes OUT_DIR/final.pt with G's and D's weights after the run (gathered on every rank). G's
 BatchNorm layers run in eval mode, so that G's output does not depend on how a batch is split
 over ranks (replay_draws.py compares the run with one process on the concatenated batch).
@@ -36,7 +37,7 @@ def init(self, family, backend, *args, **kwargs):
 
     def recorded_draw(n, device):
         pair = draw(n, device)
-        records[-1][f"{self.current}_latents"].append(tuple(clone(x) for x in pair))
+        records[-1]["latents"].append(tuple(clone(x) for x in pair))
         return pair
 
     family.draw = recorded_draw
@@ -44,10 +45,8 @@ def init(self, family, backend, *args, **kwargs):
 
 
 def run(self, phase, reals):
-    if phase.name == "D":
-        records.append({"reals": [{k: clone(v) for k, v in r.items()} for r in reals], "d_latents": [],
-                        "g_latents": []})
-    self.current = phase.name.lower()
+    records.append({"phase": phase.name, "iteration": self.state.step, "latents": [],
+                    "reals": None if reals is None else [{k: clone(v) for k, v in r.items()} for r in reals]})
     return original_run(self, phase, reals)
 
 
