@@ -136,7 +136,7 @@ class Trainer:
             print(f"bigan: {self.backend.describe()}", flush=True)
             if c.loss.pack > 1:
                 print(f"bigan: D judges packs of {c.loss.pack} samples (PacGAN; loss.pack=1 turns it off)", flush=True)
-            for note in notes:
+            for note in [*self.family.notes(), *notes]:
                 print(f"bigan: {note}", flush=True)
             print(f"bigan: {where}; run dir {self.run_dir}: TensorBoard logs in {self.run_dir / 'logs'}, "
                   f"checkpoints in {self.run_dir / 'checkpoints'}, samples in {self.run_dir / 'samples'}", flush=True)

@@ -92,6 +92,27 @@ def test_a_packed_d_trains_with_r1_through_ada(tiny_shards, tmp_path, env):
          str(tmp_path / "s.npz")], env)
 
 
+@pytest.mark.parametrize("settings, warned", [
+    (["--train.batch_size=4", "--loss.pack=4"], "train.batch_size=4 / loss.pack=4: one pack"),
+    (["--train.batch_size=1", "--stylegan2.pl_batch_shrink=1"], "train.batch_size=1: one image"),
+    (["--train.batch_size=4", "--loss.pack=4", "--stylegan2.auto=true"], "one pack"),  # (auto resolves the group to 1)
+    (["--train.batch_size=1", "--stylegan2.pl_batch_shrink=1", "--stylegan2.mbstd_group=1"], None),  # asked for
+    (["--train.batch_size=8", "--loss.pack=4"], None),
+])
+def test_a_warning_where_d_minibatch_std_groups_hold_one_sample(settings, warned):
+    from bigan import families
+
+    notes = families.build(load_config(None, ["--model.arch=stylegan2", *settings])).notes()
+    assert notes == [] if warned is None else len(notes) == 1 and warned in notes[0] and "constant" in notes[0]
+
+
+def test_the_trainer_prints_the_family_warnings_at_start_up(tiny_shards, tmp_path, env):
+    result = train(tiny_args(tiny_shards, tmp_path / "run", **{**SMALL, "train.batch_size": 4, "loss.pack": 4,
+                                                               "stylegan2.mbstd_group": 2, "train.kimg": 0.004}), env)
+    assert "bigan: warning: D's minibatch-std groups hold one sample (train.batch_size=4 / loss.pack=4: one pack" \
+        in result.stdout
+
+
 @pytest.mark.parametrize("kind", ["diffaugment", "ada"])
 def test_a_packed_d_sees_each_image_of_a_pack_augmented_on_its_own(kind):
     """Augmentation comes before packing, in D's step and its lazy R1: 8 copies of one image, packed 4 by 4, reach

@@ -193,10 +193,12 @@ def test_settings_it_cannot_train_with_are_refused_naming_the_key(override, key)
         load_config(None, [*base, override])
 
 
-def test_shards_without_captions_are_refused_at_start_up(tiny_shards, tmp_path, capsys):
+@pytest.mark.parametrize("vocabulary", ["", "a red sun"])  # (given, no caption is read to build the tokenizer)
+def test_shards_without_captions_are_refused_at_start_up(vocabulary, tiny_shards, tmp_path, capsys):
     from bigan.train import main
 
-    assert main(tiny_args(tiny_shards, tmp_path / "run", **{**TINY, "data.shards": tiny_shards})) == 2
+    args = {**TINY, "data.shards": tiny_shards, **({"dfgan.vocabulary": vocabulary} if vocabulary else {})}
+    assert main(tiny_args(tiny_shards, tmp_path / "run", **args)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("bigan: error: data.shards: model.arch=dfgan trains on captioned images") and "\n" not in err
     assert not (tmp_path / "run").exists()

@@ -83,6 +83,7 @@ class Family:
     ema = ("g",)           # networks with a moving average of their weights
     options = None         # a dataclass of the family's own config keys (config section `name`), or None
     paired = False         # its samples hold an input image beside the target (src.*)
+    captioned = False      # its samples hold a caption each (txt), which its G and D read
     metrics = ("fid", "kid", "is", "pr")  # what eval.metrics and bigan-eval --metrics may name
     data_free_metrics = ()  # those of them it measures without reference shards
     sample_flags = ()      # bigan-sample flags that apply to it, beyond --n, --out, --no-ema, --overwrite
@@ -140,6 +141,10 @@ class Family:
         """Keyword arguments of bigan.data.demo.ensure_demo_shards for data.shards=demo."""
         return {"n": self.config.data.demo_images, "seed": 0}
 
+    def notes(self) -> list[str]:
+        """Lines for the user at start-up (main process): what these settings do that may not be meant."""
+        return []
+
     def use_data(self, shard_set):
         """What the family takes from its training shards, before the first step: their samples per class
         (label_counts), which conditional families draw their fakes' classes from."""
@@ -154,6 +159,9 @@ class Family:
         if self.paired and shard_set.paired is False:
             return (f"{key}: model.arch={self.name} needs pairs, and {source} holds single images "
                     f"(write pairs with bigan-shards TARGETS OUT --src-dir INPUTS)")
+        if self.captioned and shard_set.captions is False:
+            return (f"{key}: model.arch={self.name} trains on captioned images, and {source} holds none (write "
+                    f"shards with captions, or use data.shards=demo_captions)")
         return None
 
     # -- grids, evaluation, sampling

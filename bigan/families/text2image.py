@@ -88,6 +88,7 @@ ARCHITECTURE_KEYS = ("depth", "cond_dim", "text_width", "text_depth", "text_head
 class DFGAN(Family):
     name = "dfgan"
     options = DFGANOptions
+    captioned = True
     metrics = ("attr", "rprec", "clip", "fid", "kid")
     data_free_metrics = ("attr", "rprec", "clip")  # (prompts and renders of the captioned demo's own scenes)
     sample_flags = ("seed", "truncation", "interpolate", "prompt", "prompts", "prompt_to")
@@ -152,12 +153,6 @@ class DFGAN(Family):
                 ("eval.metrics", "clip" not in wanted or o.clip, "clip needs a local CLIP model: set dfgan.clip=FOLDER"),
                 ("dfgan.clip", not o.clip or is_clip_folder(o.clip), "must be a folder holding a CLIP model "
                  "(its config.json saying model_type clip)")]
-
-    def check_data(self, shard_set, key: str, source: str) -> str | None:
-        if shard_set.captions is False:
-            return (f"{key}: model.arch=dfgan trains on captioned images, and {source} holds none (write shards with "
-                    f"captions, or use data.shards=demo_captions)")
-        return None
 
     def architecture(self) -> dict:
         if self.own_encoder:

@@ -117,7 +117,7 @@ if hasattr(trainer.family, "path_noise"):  # StyleGAN2's path-length noise: from
 # in both runs compared, so that the batch's captions rolled by one (the mismatched pairs, drawn per micro-batch)
 # are the same whatever the split. The runs compared set it alike: a default from each run's own micro-batch
 # would give two splits different captions. Other families read no captions.
-if config.model.arch == "dfgan":
+if trainer.family.captioned:
     assert "BIGAN_TEST_CAPTION_PERIOD" in os.environ, "text-to-image: set BIGAN_TEST_CAPTION_PERIOD in both runs"
 period = int(os.environ.get("BIGAN_TEST_CAPTION_PERIOD", 1))
 assert b % period == 0, f"BIGAN_TEST_CAPTION_PERIOD={period} must divide the micro-batch of {b}"
