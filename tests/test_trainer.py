@@ -640,8 +640,8 @@ def test_fake_classes_are_drawn_as_often_as_the_shards_hold_them(tmp_path, env):
          *tiny_args(shards, tmp_path / "run", **{"model.num_classes": 2, "loss.pack": 1, "train.kimg": 0.8,
                                                  "data.workers": 0})], env)
     ranks = [torch.load(draws / f"draws_rank{r}.pt", weights_only=False) for r in range(2)]
-    for key in ("d_latents", "g_latents"):  # 2 ranks x 50 iterations x 8: each rank its own draws, both as the data
-        y = [torch.cat([pair[1] for step in steps for pair in step[key]]) for steps in ranks]
+    for key in ("D", "G"):  # 2 ranks x 50 iterations x 8: each rank its own draws, both as the data
+        y = [torch.cat([pair[1] for run in runs if run["phase"] == key for pair in run["latents"]]) for runs in ranks]
         assert not torch.equal(y[0], y[1]), f"both ranks drew the same {key} classes"
         for rank in y:
             assert len(rank) == 400 and 0.09 < rank.float().mean() < 0.26, (key, rank.float().mean())  # 1/6; uniform 1/2
