@@ -341,7 +341,26 @@ def check_files(c: Config):
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file (nested sections), then `section.key=value` overrides."""
-    settings = []  # (key, value) in order: the file's, then the command line's
+    config = _apply(_settings(path, overrides))
+    resolve_auto(config)
+    _validate(config)
+    return config
+
+
+def peek(path: str | Path | None, overrides: typing.Sequence[str], key: str):
+    """The value the file and the overrides give one fixed-section key (`run.dir`), or its default, before the
+    rest is read or checked: a resume reads its run's own config.yaml, whose model.arch may differ from the
+    default's and have keys of its own (--stylegan2.style_mixing=0.5)."""
+    section, _, name = key.partition(".")
+    value = getattr(getattr(Config(), section), name)
+    for k, v in _settings(path, overrides):
+        value = v if k == key else value
+    return value
+
+
+def _settings(path: str | Path | None, overrides: typing.Sequence[str]) -> list[tuple[str, typing.Any]]:
+    """(key, value) in order: the file's, then the command line's."""
+    settings = []
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -363,10 +382,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not sep:
             raise ConfigError(f"override {item!r} must look like --section.key=value")
         settings.append((key, value))
-    config = _apply(settings)
-    resolve_auto(config)
-    _validate(config)
-    return config
+    return settings
 
 
 def _apply(settings) -> Config:

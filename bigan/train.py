@@ -12,7 +12,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not the fi
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bigan.cli import Parser  # noqa: E402
-from bigan.config import ConfigError, check_files, load_config  # noqa: E402
+from bigan.config import ConfigError, check_files, load_config, peek  # noqa: E402
 
 
 def make_accelerator(config):
@@ -38,10 +38,11 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     args, overrides = parser.parse_known_args(argv)
     try:
-        config = load_config(args.config, overrides)
-        run_config = Path(config.run.dir) / "config.yaml"
-        if config.run.resume and run_config.exists():  # the run's own settings, the command line on top
-            config = load_config(run_config, overrides)
+        run_config = Path(str(peek(args.config, overrides, "run.dir"))) / "config.yaml"
+        if peek(args.config, overrides, "run.resume") and run_config.exists():  # the run's own settings, the
+            config = load_config(run_config, overrides)  # command line on top (not the preset's: resumed as it ran)
+        else:
+            config = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"bigan: error: {exc}", file=sys.stderr)
         return 2

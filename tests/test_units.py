@@ -178,6 +178,26 @@ def test_dry_run_prints_the_resolved_config():
     assert "name: hinge" in out and "batch_size: 64" in out and "shards: demo" in out
 
 
+def test_a_resume_takes_its_family_keys_from_the_runs_own_config(tmp_path, capsys):
+    """--run.resume=latest with a key of the run's family (its config.yaml says model.arch=stylegan2) and a
+    resolution DCGAN, the default arch, refuses: read against the run's config, not the defaults (it was
+    "unknown config key 'stylegan2.style_mixing'")."""
+    from bigan.train import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(load_config(None, ["--model.arch=stylegan2"]).to_yaml())
+    assert main([f"--run.dir={run_dir}", "--run.resume=latest", "--stylegan2.style_mixing=0.5",
+                 "--data.resolution=512", "--dry-run"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["model"]["arch"], printed["stylegan2"]["style_mixing"], printed["data"]["resolution"]) == \
+        ("stylegan2", 0.5, 512)
+    # no config.yaml there (a first start with run.resume=latest): the defaults', which have no such section
+    assert main([f"--run.dir={tmp_path / 'new'}", "--run.resume=latest", "--stylegan2.style_mixing=0.5",
+                 "--dry-run"]) == 2
+    assert "unknown config key 'stylegan2.style_mixing'" in capsys.readouterr().err
+
+
 def test_a_stale_deepspeed_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch, capsys):
     """A killed JIT build leaves its lock, on which every later DeepSpeed launch would wait forever."""
     import os
