@@ -21,6 +21,7 @@ import torch
 
 from bigan import families, seeding
 from bigan.backends import make_backend
+from bigan.backends.precision import cpu_note
 from bigan.config import Config
 from bigan.ema import EMA
 from bigan.tracking import Tracker
@@ -136,7 +137,8 @@ class Trainer:
             print(f"bigan: {self.backend.describe()}", flush=True)
             if c.loss.pack > 1:
                 print(f"bigan: D judges packs of {c.loss.pack} samples (PacGAN; loss.pack=1 turns it off)", flush=True)
-            for note in [*self.family.notes(), *notes]:
+            precision = cpu_note(self.device, c.train.precision)
+            for note in [*([precision] if precision else []), *self.family.notes(), *notes]:
                 print(f"bigan: {note}", flush=True)
             print(f"bigan: {where}; run dir {self.run_dir}: TensorBoard logs in {self.run_dir / 'logs'}, "
                   f"checkpoints in {self.run_dir / 'checkpoints'}, samples in {self.run_dir / 'samples'}", flush=True)

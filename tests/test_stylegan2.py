@@ -107,10 +107,27 @@ def test_a_warning_where_d_minibatch_std_groups_hold_one_sample(settings, warned
 
 
 def test_the_trainer_prints_the_family_warnings_at_start_up(tiny_shards, tmp_path, env):
+    from bigan.backends.precision import cpu_note
+
     result = train(tiny_args(tiny_shards, tmp_path / "run", **{**SMALL, "train.batch_size": 4, "loss.pack": 4,
-                                                               "stylegan2.mbstd_group": 2, "train.kimg": 0.004}), env)
+                                                               "stylegan2.mbstd_group": 2, "train.kimg": 0.004,
+                                                               "train.precision": "bf16"}), env)
     assert "bigan: warning: D's minibatch-std groups hold one sample (train.batch_size=4 / loss.pack=4: one pack" \
         in result.stdout
+    slow_bf16 = cpu_note(torch.device("cpu"), "bf16")  # (this machine's: with or without bf16 instructions)
+    assert (f"bigan: {slow_bf16}" in result.stdout) if slow_bf16 else "train.precision=bf16" not in result.stdout
+
+
+def test_16_bit_autocast_on_a_cpu_without_16_bit_instructions_is_a_warning(monkeypatch):
+    from bigan.backends.precision import cpu_note
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    assert "train.precision=bf16 on this CPU" in cpu_note(torch.device("cpu"), "bf16")
+    assert "AMX-FP16" in cpu_note(torch.device("cpu"), "fp16")
+    assert cpu_note(torch.device("cpu"), "no") is None and cpu_note(torch.device("cuda"), "bf16") is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert cpu_note(torch.device("cpu"), "bf16") is None
 
 
 @pytest.mark.parametrize("kind", ["diffaugment", "ada"])
