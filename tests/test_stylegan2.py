@@ -96,7 +96,8 @@ def test_a_packed_d_trains_with_r1_through_ada(tiny_shards, tmp_path, env):
     (["--train.batch_size=4", "--loss.pack=4"], "train.batch_size=4 / loss.pack=4: one pack"),
     (["--train.batch_size=1", "--stylegan2.pl_batch_shrink=1"], "train.batch_size=1: one image"),
     (["--train.batch_size=4", "--loss.pack=4", "--stylegan2.auto=true"], "one pack"),  # (auto resolves the group to 1)
-    (["--train.batch_size=1", "--stylegan2.pl_batch_shrink=1", "--stylegan2.mbstd_group=1"], None),  # asked for
+    (["--stylegan2.mbstd_group=1"], "stylegan2.mbstd_group=1"),  # (asked for, as the equivalence tests do)
+    (["--train.batch_size=5", "--stylegan2.auto=true"], "stylegan2.mbstd_group=1"),  # (5 has no divisor 2-4)
     (["--train.batch_size=8", "--loss.pack=4"], None),
 ])
 def test_a_warning_where_d_minibatch_std_groups_hold_one_sample(settings, warned):
@@ -119,15 +120,22 @@ def test_the_trainer_prints_the_family_warnings_at_start_up(tiny_shards, tmp_pat
 
 
 def test_16_bit_autocast_on_a_cpu_without_16_bit_instructions_is_a_warning(monkeypatch):
-    from bigan.backends.precision import cpu_note
+    from bigan.backends import precision
 
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
-        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
-    assert "train.precision=bf16 on this CPU" in cpu_note(torch.device("cpu"), "bf16")
-    assert "AMX-FP16" in cpu_note(torch.device("cpu"), "fp16")
-    assert cpu_note(torch.device("cpu"), "no") is None and cpu_note(torch.device("cuda"), "bf16") is None
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert cpu_note(torch.device("cpu"), "bf16") is None
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert "train.precision=bf16 on this CPU" in precision.cpu_note(cpu, "bf16") and "AMX-BF16" in \
+        precision.cpu_note(cpu, "bf16")
+    assert "AVX512-FP16 or AMX-FP16" in precision.cpu_note(cpu, "fp16")
+    assert precision.cpu_note(cpu, "no") is None and precision.cpu_note(torch.device("cuda"), "bf16") is None
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert precision.cpu_note(cpu, "bf16") is None and precision.cpu_note(cpu, "fp16") is not None
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_fp16"})
+    assert precision.cpu_note(cpu, "fp16") is None
+    monkeypatch.setattr(precision, "cpu_flags", lambda: None)  # (not Linux: nothing known, nothing said)
+    assert precision.cpu_note(cpu, "bf16") is None
+    flags = precision.cpu_flags()  # this machine's, read for real
+    assert flags is None or "fpu" in flags
 
 
 @pytest.mark.parametrize("kind", ["diffaugment", "ada"])

@@ -192,6 +192,16 @@ def test_a_resume_takes_its_family_keys_from_the_runs_own_config(tmp_path, capsy
     printed = yaml.safe_load(capsys.readouterr().out)
     assert (printed["model"]["arch"], printed["stylegan2"]["style_mixing"], printed["data"]["resolution"]) == \
         ("stylegan2", 0.5, 512)
+    # run.dir and run.resume set in the preset (the run's config.yaml says another dir and no resume: it was
+    # moved, and resume was added to the preset after its first start): the preset's
+    moved = tmp_path / "moved"
+    run_dir.rename(moved)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(yaml.safe_dump({"run": {"dir": str(moved), "resume": "latest"}}))
+    assert main(["--config", str(preset), "--stylegan2.style_mixing=0.25", "--dry-run"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["run"]["dir"], printed["run"]["resume"], printed["stylegan2"]["style_mixing"]) == \
+        (str(moved), "latest", 0.25)
     # no config.yaml there (a first start with run.resume=latest): the defaults', which have no such section
     assert main([f"--run.dir={tmp_path / 'new'}", "--run.resume=latest", "--stylegan2.style_mixing=0.5",
                  "--dry-run"]) == 2

@@ -141,16 +141,20 @@ class StyleGAN2(NoiseFamily):
         config.family_options.auto = False  # config.yaml records the values, not the rule
 
     def notes(self) -> list[str]:
-        """A warning where D's minibatch-std groups hold one sample (the per-rank batch, or batch / loss.pack, is
-        1): its std feature is then constant, and D sees nothing of the spread of G's samples. Not where
-        stylegan2.mbstd_group=1 was asked for (the equivalence tests' setting)."""
+        """A warning where D's minibatch-std groups hold one sample: its std feature is then constant, and D
+        sees nothing of the spread of G's samples (the equivalence tests ask for that; a run seldom means it)."""
         o, batch, pack = self.config.family_options, self.config.train.batch_size, max(self.config.loss.pack, 1)
-        if batch // pack > 1 or (o.mbstd_group == 1 and "stylegan2.mbstd_group" in self.config.given):
+        if min(o.mbstd_group, batch // pack) > 1:
             return []
-        judged = f"train.batch_size={batch}" + (f" / loss.pack={pack}: one pack" if pack > 1 else ": one image")
-        return [f"warning: D's minibatch-std groups hold one sample ({judged} per rank and micro-batch), so its std "
-                f"feature is constant and D cannot see how alike G's samples are; raise train.batch_size"
-                + (" or lower loss.pack" if pack > 1 else "")]
+        if batch // pack > 1:
+            why, fix = "stylegan2.mbstd_group=1", "set stylegan2.mbstd_group to a divisor of " + (
+                f"the {batch // pack} packs of a batch" if pack > 1 else f"train.batch_size ({batch})")
+        else:
+            why = f"train.batch_size={batch}" + (f" / loss.pack={pack}: one pack" if pack > 1 else ": one image")
+            why, fix = why + " per rank and micro-batch", "raise train.batch_size" + (" or lower loss.pack" if pack > 1
+                                                                                       else "")
+        return [f"warning: D's minibatch-std groups hold one sample ({why}), so its std feature is constant and D "
+                f"cannot see how alike G's samples are; {fix}"]
 
     SHAPES = ("w_dim", "mapping_layers", "mapping_lr", "channel_base", "channel_max", "conv_clamp")
 
