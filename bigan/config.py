@@ -347,15 +347,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return config
 
 
-def peek(path: str | Path | None, overrides: typing.Sequence[str], key: str):
-    """The value the file and the overrides give one fixed-section key (`run.dir`), or its default, before the
+def peek(path: str | Path | None, overrides: typing.Sequence[str], *keys: str) -> tuple:
+    """The values the file and the overrides give fixed-section keys (`run.dir`), or their defaults, before the
     rest is read or checked: a resume reads its run's own config.yaml, whose model.arch may differ from the
     default's and have keys of its own (--stylegan2.style_mixing=0.5)."""
-    section, _, name = key.partition(".")
-    value = getattr(getattr(Config(), section), name)
-    for k, v in _settings(path, overrides):
-        value = v if k == key else value
-    return value
+    defaults = Config()
+    values = {key: getattr(getattr(defaults, key.partition(".")[0]), key.partition(".")[2]) for key in keys}
+    values.update((k, v) for k, v in _settings(path, overrides) if k in values)
+    return tuple(values[key] for key in keys)
 
 
 def _settings(path: str | Path | None, overrides: typing.Sequence[str]) -> list[tuple[str, typing.Any]]:

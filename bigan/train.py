@@ -38,7 +38,7 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     args, overrides = parser.parse_known_args(argv)
     try:
-        run_dir, resume = (peek(args.config, overrides, key) for key in ("run.dir", "run.resume"))
+        run_dir, resume = peek(args.config, overrides, "run.dir", "run.resume")
         run_config = Path(str(run_dir)) / "config.yaml"
         if resume and run_config.exists():  # the run's own settings, the command line on top (not the preset's:
             # resumed as it ran), and where it is and what to resume from as the preset or the command line say
