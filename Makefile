@@ -25,6 +25,6 @@ train: install
 	$(BIN)/accelerate launch --config_file launch_configs/accelerate/cpu.yaml bigan/train.py \
 		--config launch_configs/experiments/demo.yaml $(ARGS)
 
-# Tests run on every core (pytest-xdist), the Slurm ones and the DeepSpeed ones each on one worker.
+# Tests run on every core (pytest-xdist), the Slurm ones on one worker (one throwaway cluster).
 test: install
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup $(ARGS)

@@ -24,10 +24,8 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-from conftest import HELPERS, PIX2PIX, free_port, run, tiny_args, zero3_partitioned  # noqa: E402
+from conftest import HELPERS, PIX2PIX, free_port, run, straight_and_resumed, tiny_args, zero3_partitioned  # noqa: E402
 from test_trainer import STYLEGAN2, _assert_close, _params, ranks_draw_their_own_and_match_one_big_batch  # noqa: E402
-
-pytestmark = pytest.mark.xdist_group("deepspeed")  # one worker computes the plain-path references once
 
 PENALTIES = {
     "none": {"loss.name": "hinge", "loss.r1": 0},
@@ -47,8 +45,6 @@ BF16 = {"train.precision": "bf16"}
 PAIRED = {**PIX2PIX, "model.dropout": 0, "loss.l1": 100.0}  # U-Net G and PatchGAN D, GAN + L1 terms
 
 
-# session-scoped: with pytest-xdist a worker may run other modules' tests between these, and a module
-# fixture would then be made again (the references cost ~1 min)
 @pytest.fixture(scope="session")
 def env(env):
     """The session's environment with DeepSpeed's CUDA autocast rule emulated on the CPU."""
@@ -90,30 +86,53 @@ def accelerate_launch(stage, script, args, env):
     return result
 
 
+# The plain single-process path on the whole batch of 8: name -> (penalty, config, environment).
+# bf16: the same 4 micro-batches of 2 that 2 ranks x grad_accum 2 see (bf16 gradients of one batch of 8
+# round differently from those of 4 batches of 2, up to 8% of an update)
+WHOLE = {"train.batch_size": 8}
+REFERENCES = {
+    **{p: (p, WHOLE, {}) for p in PENALTIES},
+    "fp16_nan": ("none", {**WHOLE, **FP16_NAN}, {"BIGAN_TEST_NAN_D_STEP": "1"}),
+    "bf16_r1": ("r1", {**BF16, "train.batch_size": 2, "train.grad_accum": 4}, {}),
+    "r1_packed": ("r1", {**WHOLE, **PACKED}, {}),
+    "pix2pix": ("none", {**WHOLE, **PAIRED}, {}),
+    "stylegan2": ("none", {**WHOLE, **STYLEGAN2}, {}),
+    "stylegan2_d2": ("none", {**WHOLE, **STYLEGAN2, **D_STEPS_2}, {}),
+    "stylegan2_d1": ("none", {**WHOLE, **STYLEGAN2, **D_STEPS_2, "loss.d_steps": 1}, {}),
+    "stylegan2_packed": ("none", {**WHOLE, **STYLEGAN2, **PACKED}, {}),
+}
+
+
+class _References:
+    """references[name]: (parameters after the plain step, parameters before it), run when first asked for and
+    kept on disk for the whole session: the pytest-xdist workers share one folder (a lock per name), so each
+    reference runs once, by the first worker that needs it, and a worker runs only those its tests need."""
+
+    def __init__(self, root, env):
+        self.root, self.env, self.loaded = root, env, {}
+
+    def __getitem__(self, name):
+        if name not in self.loaded:
+            import fcntl
+
+            penalty, extra, extra_env = REFERENCES[name]
+            out = self.root / name
+            out.mkdir(parents=True, exist_ok=True)
+            with open(self.root / f"{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (out / "done").exists():
+                    run([sys.executable, str(HELPERS / "step_equivalence.py"), str(out / "after.pt"),
+                         *_args(out / "run", penalty, **extra)], {**self.env, **extra_env})
+                    (out / "done").touch()
+            self.loaded[name] = (_params(out / "after.pt"), _params(out / "initial.pt"))
+        return self.loaded[name]
+
+
 @pytest.fixture(scope="session")
-def references(tmp_path_factory, env):
-    """The plain single-process path on the whole batch of 8, per penalty (and fp16 with a NaN step)."""
-    out = tmp_path_factory.mktemp("reference")
-    refs = {}
-    whole = {"train.batch_size": 8}
-    # bf16: the same 4 micro-batches of 2 that 2 ranks x grad_accum 2 see (bf16 gradients of one
-    # batch of 8 round differently from those of 4 batches of 2, up to 8% of an update)
-    bf16_split = {**BF16, "train.batch_size": 2, "train.grad_accum": 4}
-    for name, penalty, extra, extra_env in [*((p, p, whole, {}) for p in PENALTIES),
-                                            ("fp16_nan", "none", {**whole, **FP16_NAN}, {"BIGAN_TEST_NAN_D_STEP": "1"}),
-                                            ("bf16_r1", "r1", bf16_split, {}),
-                                            ("r1_packed", "r1", {**whole, **PACKED}, {}),
-                                            ("pix2pix", "none", {**whole, **PAIRED}, {}),
-                                            ("stylegan2", "none", {**whole, **STYLEGAN2}, {}),
-                                            ("stylegan2_d2", "none", {**whole, **STYLEGAN2, **D_STEPS_2}, {}),
-                                            ("stylegan2_d1", "none", {**whole, **STYLEGAN2, **D_STEPS_2,
-                                                                      "loss.d_steps": 1}, {}),
-                                            ("stylegan2_packed", "none", {**whole, **STYLEGAN2, **PACKED}, {})]:
-        target = out / f"{name}.pt"
-        run([sys.executable, str(HELPERS / "step_equivalence.py"), str(target),
-             *_args(out / "run", penalty, **extra)], {**env, **extra_env})
-        refs[name] = (_params(target), _params(out / "initial.pt"))
-    return refs
+def references(tmp_path_factory, env, worker_id):
+    # under pytest-xdist, the parent of a worker's base temp is the session's, shared by all its workers
+    base = tmp_path_factory.getbasetemp()
+    return _References((base if worker_id == "master" else base.parent) / "deepspeed-references", env)
 
 
 # Every (stage, penalty) pair once, R1 at stages 2 and 3 in bf16 (test_bf16_...: R1, accumulation 2);
@@ -252,14 +271,11 @@ def test_bf16_runs_in_bf16_inside_the_engines_and_matches_the_plain_path(stage, 
 
 
 def _straight_and_resumed(stage, extra, tiny_shards, tmp_path, env):  # (tiny_shards: any shard set)
-    """The same 4-step run twice: straight, and as 2 steps + resume + 2 steps; both must agree exactly."""
+    """The same 4-step run twice: straight, and resumed from its checkpoint at step 2; both must agree exactly."""
     def train(run_dir, **more):
-        return accelerate_launch(stage, "bigan/train.py", tiny_args(tiny_shards, tmp_path / run_dir, **extra, **more), env)
+        return accelerate_launch(stage, "bigan/train.py", tiny_args(tiny_shards, run_dir, **extra, **more), env)
 
-    straight = train("straight", **{"train.kimg": 0.064})
-    train("split", **{"train.kimg": 0.032})
-    resumed = train("split", **{"train.kimg": 0.064, "run.resume": "latest"})
-    assert "resuming from" in resumed.stdout
+    straight, _ = straight_and_resumed(train, tmp_path, 0.064)
 
     for name in ("generator.safetensors", "generator_ema.safetensors"):
         a, b = (load_file(str(tmp_path / run_dir / "export" / name)) for run_dir in ("straight", "split"))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from bigan import checkpoint
 from bigan.augment import DiffAugment
 from bigan.config import ConfigError, load_config
-from conftest import PIX2PIX, run, tiny_args, train
+from conftest import PIX2PIX, run, straight_and_resumed, tiny_args, train
 from test_trainer import _events, assert_same_checkpoint
 
 SMALL = {"model.arch": "stylegan2", "model.z_dim": 16, "stylegan2.w_dim": 32, "stylegan2.mapping_layers": 2,
@@ -26,11 +26,8 @@ def test_trains_all_four_phases_with_ada_and_resumes_bit_for_bit(tiny_shards, tm
     """Gmain, Greg (path length), D and Dreg (R1) stepped on their intervals; ADA's p moves and is logged;
     2N iterations straight == N, resume, N: weights, optimizers, EMA (with w_avg), the path-length mean,
     ADA's p and sign counts, RNG and stream."""
-    common = {**SMALL, "train.kimg": 0.032}
-    train(tiny_args(tiny_shards, tmp_path / "straight", **common), env)
-    train(tiny_args(tiny_shards, tmp_path / "split", **{**common, "train.kimg": 0.016}), env)
-    resumed = train(tiny_args(tiny_shards, tmp_path / "split", **common, **{"run.resume": "latest"}), env)
-    assert "resuming from" in resumed.stdout
+    straight_and_resumed(lambda run_dir, **more: train(tiny_args(tiny_shards, run_dir, **SMALL, **more), env),
+                         tmp_path, 0.032)
     a, b = (checkpoint.checkpoints(tmp_path / name)[-1] for name in ("straight", "split"))
     assert a.name == b.name == "ckpt-000000008"
     states = checkpoint.states(a)

@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bigan import checkpoint
-from conftest import HELPERS, PIX2PIX, ROOT, descendants, free_port, kill_group, run, tiny_args, train
+from conftest import (HELPERS, PIX2PIX, ROOT, descendants, free_port, kill_group, run, straight_and_resumed, tiny_args,
+                      train)
 
 
 def _events(run_dir):
@@ -64,10 +65,8 @@ def test_resume_continues_bitwise(arch, tiny_shards, tiny_pairs, tmp_path, env):
     if arch == "pix2pix":
         tiny_shards, common = tiny_pairs, {**common, "model.norm": "batch", "data.crop_scale_min": 0.5,
                                            "augment.kind": "ada", "augment.p": 0.5, "augment.interval": 1}
-    train(tiny_args(tiny_shards, tmp_path / "straight", **common, **{"train.kimg": 0.048}), env)
-    train(tiny_args(tiny_shards, tmp_path / "split", **common, **{"train.kimg": 0.024}), env)
-    resumed = train(tiny_args(tiny_shards, tmp_path / "split", **common, **{"train.kimg": 0.048, "run.resume": "latest"}), env)
-    assert "resuming from" in resumed.stdout
+    straight_and_resumed(lambda run_dir, **more: train(tiny_args(tiny_shards, run_dir, **common, **more), env),
+                         tmp_path, 0.048)
 
     a, b = (checkpoint.checkpoints(tmp_path / name)[-1] for name in ("straight", "split"))
     assert a.name == b.name == "ckpt-000000006"
@@ -557,11 +556,8 @@ def odd_env(env):
 def test_a_family_of_ones_own_trains_resumes_bitwise_and_runs_on_ddp(tiny_shards, tmp_path, odd_env):
     """tests/helpers/odd_family.py: three networks (G, D and an encoder Q), Q stepped every 3 iterations, its
     own config section and checkpointed state, and nothing of it outside its file."""
-    train(tiny_args(tiny_shards, tmp_path / "straight", **ODD, **{"train.kimg": 0.048}), odd_env)
-    train(tiny_args(tiny_shards, tmp_path / "split", **ODD, **{"train.kimg": 0.024}), odd_env)
-    resumed = train(tiny_args(tiny_shards, tmp_path / "split", **ODD, **{"train.kimg": 0.048, "run.resume": "latest"}),
-                    odd_env)
-    assert "resuming from" in resumed.stdout
+    straight_and_resumed(lambda run_dir, **more: train(tiny_args(tiny_shards, run_dir, **ODD, **more), odd_env),
+                         tmp_path, 0.048)
     a, b = (checkpoint.checkpoints(tmp_path / name)[-1] for name in ("straight", "split"))
     for name in ("model.safetensors", "model_1.safetensors", "model_2.safetensors"):  # G, D, Q
         left, right = load_file(str(a / name)), load_file(str(b / name))
