@@ -13,27 +13,45 @@ ROOT = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).parent / "helpers"
 
 
-# The longest tests, started first so that the two CI workers finish together (pytest-xdist hands out
-# tests in collection order; a long one picked up last is the suite's tail)
+# The longest tests, collected first and in this order, so that the two CI workers finish together: pytest-xdist
+# hands out groups first (the Slurm tests), then one test at a time in collection order, and a long one picked up
+# last is the suite's tail. DeepSpeed training runs and the rest alternate (those runs go one at a time:
+# test_deepspeed.one_at_a_time).
 LONGEST_FIRST = ("test_readme.py::test_every_readme_command_works_as_written",
-                 "test_deepspeed.py::test_per_model_stages_train_resume_identically",
-                 "test_deepspeed.py::test_zero2_pix2pix_with_batchnorm", "test_deepspeed.py::test_zero1_dcgan",
-                 "test_trainer.py::test_a_family_of_ones_own", "test_deepspeed.py::test_a_family_of_ones_own")
+                 "test_deepspeed.py::test_per_model_stages_train_resume_identically_and_export_from_zero3[shadow]",
+                 "test_trainer.py::test_a_family_of_ones_own",
+                 "test_deepspeed.py::test_per_model_stages_train_resume_identically_and_export_from_zero3[no-shadow]",
+                 "test_trainer.py::test_resume_on_another_number_of_processes",
+                 "test_deepspeed.py::test_zero2_pix2pix_with_batchnorm",
+                 "test_trainer.py::test_compile_trains_with_r1",
+                 "test_deepspeed.py::test_zero1_dcgan",
+                 "test_deepspeed.py::test_a_family_of_ones_own")
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: not any(name in item.nodeid for name in LONGEST_FIRST))  # (a stable sort)
+    def rank(item):
+        return next((i for i, name in enumerate(LONGEST_FIRST) if name in item.nodeid), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # (a stable sort: the rest keep their order)
 
 
-@pytest.fixture(autouse=True)
+def _groups(item) -> str:
+    return "_".join(sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                            for m in item.iter_markers("xdist_group")}))
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _grouped(request):
-    """pytest-xdist's --dist loadgroup keeps an xdist_group on one worker by adding '@group' to its tests'
-    node ids; with a pytest it cannot do that with (9.2, whose ids moved to Node._id) the groups are split
-    over the workers without a word, and the Slurm tests then start two clusters at once."""
-    if getattr(request.config.option, "loadgroup", False) and request.node.get_closest_marker("xdist_group") \
-            and "@" not in request.node.nodeid:
-        pytest.fail(f"--dist loadgroup is ignored by this pytest {pytest.__version__} with this pytest-xdist "
-                    f"(no group in the id of {request.node.nodeid}); pyproject.toml pins pytest<9.2")
+    """pytest-xdist's --dist loadgroup keeps an xdist_group on one worker by adding '@group' to its tests' node
+    ids; with a pytest it cannot do that with (9.2, whose ids moved to Node._id) the groups are split over the
+    workers without a word, and the Slurm tests start two clusters at once. Checked before any other session
+    fixture is made (an autouse one is first of its scope), for every test the worker collected."""
+    if getattr(request.config.option, "loadgroup", False):
+        split = [item.nodeid for item in request.session.items
+                 if _groups(item) and not item.nodeid.endswith("@" + _groups(item))]
+        if split:
+            pytest.fail(f"--dist loadgroup is ignored by this pytest {pytest.__version__} with this pytest-xdist "
+                        f"(no group in the id of {split[0]}); pyproject.toml pins pytest<9.2")
 
 
 @pytest.fixture(scope="session")

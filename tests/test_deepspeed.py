@@ -13,9 +13,12 @@ which is about CUDA); ``helpers/cuda_autocast_rule`` makes that question answer 
 so DeepSpeed disables CPU autocast inside the engines exactly as it disables CUDA autocast on
 a GPU. Without it, every mixed-precision test here passed on CPU while every GPU run crashed.
 """
+import contextlib
+import fcntl
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,10 +49,14 @@ PAIRED = {**PIX2PIX, "model.dropout": 0, "loss.l1": 100.0}  # U-Net G and PatchG
 
 
 @pytest.fixture(scope="session")
-def env(env):
-    """The session's environment with DeepSpeed's CUDA autocast rule emulated on the CPU."""
+def env(env, tmp_path_factory):
+    """The session's environment with DeepSpeed's CUDA autocast rule emulated on the CPU, and SHARED: a folder
+    of this session that all its pytest-xdist workers share (the parent of a worker's base temp)."""
     rule = str(HELPERS / "cuda_autocast_rule")
-    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [rule, env.get("PYTHONPATH")]))}
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [rule, env.get("PYTHONPATH")])),
+            SHARED: str(shared / "deepspeed")}
 
 
 def _args(run_dir, penalty, **extra):
@@ -62,6 +69,17 @@ def _args(run_dir, penalty, **extra):
 # run (it starts from nothing and writes one file) is tried once more, on a fresh port and run dir; any
 # other failure, a second abort, or an abort of a training run, fails the test.
 CPU_ABORT = "terminate called without an active exception"
+SHARED = "BIGAN_TEST_SHARED"
+
+
+@contextlib.contextmanager
+def one_at_a_time(env, name):
+    """Held by one pytest-xdist worker at a time (an flock in the session's shared folder)."""
+    folder = Path(env[SHARED])
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def accelerate_launch(stage, script, args, env):
@@ -71,7 +89,11 @@ def accelerate_launch(stage, script, args, env):
                     "--config_file", f"launch_configs/accelerate/deepspeed_zero{stage}.yaml", "--num_processes", "2",
                     "--main_process_port", str(free_port()), script, *args], env, check=False)
 
-    result = launch()
+    if script.endswith("step_equivalence.py"):
+        result = launch()
+    else:  # a training run (no retry: it may resume a run) never beside another worker's DeepSpeed training
+        with one_at_a_time(env, "deepspeed-training"):
+            result = launch()
     if result.returncode != 0 and CPU_ABORT in result.stderr and script.endswith("step_equivalence.py"):
         import shutil
 
@@ -106,33 +128,35 @@ REFERENCES = {
 class _References:
     """references[name]: (parameters after the plain step, parameters before it), run when first asked for and
     kept on disk for the whole session: the pytest-xdist workers share one folder (a lock per name), so each
-    reference runs once, by the first worker that needs it, and a worker runs only those its tests need."""
+    reference runs once, by the first worker that needs it, and a worker runs only those its tests need. A
+    reference that failed fails every later test that asks for it with the same error, without running again."""
 
-    def __init__(self, root, env):
-        self.root, self.env, self.loaded = root, env, {}
+    def __init__(self, env):
+        self.root, self.env, self.loaded = Path(env[SHARED]) / "references", env, {}
 
     def __getitem__(self, name):
         if name not in self.loaded:
-            import fcntl
-
             penalty, extra, extra_env = REFERENCES[name]
             out = self.root / name
             out.mkdir(parents=True, exist_ok=True)
-            with open(self.root / f"{name}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not (out / "done").exists():
-                    run([sys.executable, str(HELPERS / "step_equivalence.py"), str(out / "after.pt"),
-                         *_args(out / "run", penalty, **extra)], {**self.env, **extra_env})
+            with one_at_a_time(self.env, f"reference-{name}"):
+                if not (out / "done").exists() and not (out / "failed").exists():
+                    try:
+                        run([sys.executable, str(HELPERS / "step_equivalence.py"), str(out / "after.pt"),
+                             *_args(out / "run", penalty, **extra)], {**self.env, **extra_env})
+                    except AssertionError as error:
+                        (out / "failed").write_text(str(error))
+                        raise
                     (out / "done").touch()
+            if (out / "failed").exists():
+                raise AssertionError(f"the reference {name!r} failed:\n{(out / 'failed').read_text()}")
             self.loaded[name] = (_params(out / "after.pt"), _params(out / "initial.pt"))
         return self.loaded[name]
 
 
 @pytest.fixture(scope="session")
-def references(tmp_path_factory, env, worker_id):
-    # under pytest-xdist, the parent of a worker's base temp is the session's, shared by all its workers
-    base = tmp_path_factory.getbasetemp()
-    return _References((base if worker_id == "master" else base.parent) / "deepspeed-references", env)
+def references(env):
+    return _References(env)
 
 
 # Every (stage, penalty) pair once, R1 at stages 2 and 3 in bf16 (test_bf16_...: R1, accumulation 2);
@@ -200,10 +224,11 @@ def test_stylegan2_d_steps_on_zero3_match_the_plain_path(references, tmp_path, e
 def test_zero_ranks_draw_their_own_latents_and_match_one_big_batch(stage, tiny_shards, tmp_path, env):
     """What the trainer itself draws and reads on 2 ranks in ZeRO engines, against one process on the
     concatenated batch (see test_trainer.py's DDP twin)."""
-    ranks_draw_their_own_and_match_one_big_batch(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         f"launch_configs/accelerate/deepspeed_zero{stage}.yaml", "--num_processes", "2",
-         "--main_process_port", str(free_port())], tiny_shards, tmp_path, env)
+    with one_at_a_time(env, "deepspeed-training"):
+        ranks_draw_their_own_and_match_one_big_batch(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             f"launch_configs/accelerate/deepspeed_zero{stage}.yaml", "--num_processes", "2",
+             "--main_process_port", str(free_port())], tiny_shards, tmp_path, env)
 
 
 @pytest.mark.parametrize("stage, penalty, extra, ref_name", [
@@ -367,10 +392,11 @@ def test_a_full_disk_on_one_rank_stops_every_rank_in_one_line(tiny_shards, tmp_p
     run_dir = tmp_path / "run"
     args = tiny_args(tiny_shards, run_dir, **{"train.kimg": 0.064, "run.ckpt_every_kimg": 0.016, "data.workers": 1,
                                               "train.deepspeed_d": "launch_configs/deepspeed/zero2.json"})
-    full = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                "launch_configs/accelerate/deepspeed_zero3.yaml", "--num_processes", "2", "--main_process_port",
-                str(free_port()), str(HELPERS / "train_with_faults.py"), "disk-full", "2:0", *args], env, check=False,
-               timeout=150)
+    with one_at_a_time(env, "deepspeed-training"):
+        full = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    "launch_configs/accelerate/deepspeed_zero3.yaml", "--num_processes", "2", "--main_process_port",
+                    str(free_port()), str(HELPERS / "train_with_faults.py"), "disk-full", "2:0", *args], env,
+                   check=False, timeout=150)
     assert full.returncode != 0
     lines = [line for line in full.stderr.splitlines() if "could not write checkpoint" in line]
     assert lines and all("No space left on device" in line for line in lines), full.stderr[-3000:]

@@ -24,8 +24,8 @@ SMALL = {"model.arch": "stylegan2", "model.z_dim": 16, "stylegan2.w_dim": 32, "s
 
 def test_trains_all_four_phases_with_ada_and_resumes_bit_for_bit(tiny_shards, tmp_path, env):
     """Gmain, Greg (path length), D and Dreg (R1) stepped on their intervals; ADA's p moves and is logged;
-    2N iterations straight == N, resume, N: weights, optimizers, EMA (with w_avg), the path-length mean,
-    ADA's p and sign counts, RNG and stream."""
+    2N iterations straight (a checkpoint at N) == resumed from it at N: weights, optimizers, EMA (with w_avg), the
+    path-length mean, ADA's p and sign counts, RNG and stream."""
     straight_and_resumed(lambda run_dir, **more: train(tiny_args(tiny_shards, run_dir, **SMALL, **more), env),
                          tmp_path, 0.032)
     a, b = (checkpoint.checkpoints(tmp_path / name)[-1] for name in ("straight", "split"))

@@ -59,7 +59,8 @@ def test_accelerate_launch_trains_logs_checkpoints_exports_and_samples(tiny_shar
 
 @pytest.mark.parametrize("arch", ["dcgan", "resnet", "pix2pix"])
 def test_resume_continues_bitwise(arch, tiny_shards, tiny_pairs, tmp_path, env):
-    """2N steps straight == N steps, stop, resume, N more: parameters, optimizers, EMA, RNG, data position
+    """2N steps straight (a checkpoint at N) == resumed from its checkpoint at N: parameters, optimizers, EMA, RNG,
+    data position
     (pix2pix: the pairs' position, G's dropout draws and ADA's p and paired draws too)."""
     common = {"model.arch": arch, "loss.name": "hinge" if arch == "resnet" else "bce"}
     if arch == "pix2pix":
