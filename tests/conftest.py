@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -157,8 +158,6 @@ def straight_and_resumed(launch, tmp_path, kimg):
     that checkpoint (later ones and the export removed: the copy has to write its own) and resumed to `kimg`
     (tmp_path/split): two runs where a stop, a resume and a straight run took three. launch(run_dir, **overrides)
     runs one; returns its results for the straight run and the resume."""
-    import shutil
-
     from bigan import checkpoint
 
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -89,12 +89,10 @@ def accelerate_launch(stage, script, args, env):
                     "--config_file", f"launch_configs/accelerate/deepspeed_zero{stage}.yaml", "--num_processes", "2",
                     "--main_process_port", str(free_port()), script, *args], env, check=False)
 
-    if script.endswith("step_equivalence.py"):
-        result = launch()
-    else:  # a training run (no retry: it may resume a run) never beside another worker's DeepSpeed training
-        with one_at_a_time(env, "deepspeed-training"):
-            result = launch()
-    if result.returncode != 0 and CPU_ABORT in result.stderr and script.endswith("step_equivalence.py"):
+    retried = script.endswith("step_equivalence.py")  # a training run (no retry: it may resume a run) never
+    with contextlib.nullcontext() if retried else one_at_a_time(env, "deepspeed-training"):  # runs beside another
+        result = launch()  # worker's DeepSpeed training
+    if result.returncode != 0 and CPU_ABORT in result.stderr and retried:
         import shutil
 
         print(f"accelerate_launch: a rank aborted ({CPU_ABORT!r}); once more", file=sys.stderr)
